@@ -1,0 +1,282 @@
+//! zbus benchmark: `cargo bench -p vmd-tests --bench zbus`.
+//!
+//! What it measures, all in one run on one machine, against a real
+//! `redis-server` on a unix socket:
+//!
+//! * **baseline**: a raw echo over Redis — a separate single-threaded process
+//!   that BLPOPs a list and RPUSHes the same bytes back (pipelined with
+//!   EXPIRE, as vmd replies), and a client that RPUSHes a request-sized payload and BLPOPs
+//!   its reply (pipelined, as vmd's client does). This is the floor of any
+//!   RPC over Redis lists: the same Redis commands, no msgpack, no dispatch.
+//! * **floor**: one client RPUSH+BLPOP of its own list, no server at all.
+//! * **vmd**: the real `vmd` binary (8 workers) answering `Exists` through
+//!   `VmdStub` (uuid, msgpack both ways, dispatch, status bookkeeping).
+//!
+//! Figures: p50 / mean of sequential round trips (one client), and calls/s
+//! with 8 concurrent clients for a fixed time. Ratios are vmd / baseline.
+//! Set `VMD_BENCH_SECS` to change the duration of each throughput phase.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmd::stub::VmdStub;
+use vmd::zbus::broker::Broker;
+use vmd_tests::{RedisServer, VmdProcess};
+
+const ECHO_QUEUE: &str = "bench.echo@1.0";
+/// As big as a zbus `Exists` request (154 bytes in the Go vectors).
+const PAYLOAD: usize = 154;
+const SEQUENTIAL: usize = 3000;
+const WARMUP: usize = 300;
+const CLIENTS: usize = 8;
+
+fn main() {
+    // Re-executed as the echo server process.
+    if let Ok(sock) = std::env::var("VMD_BENCH_ECHO_SERVER") {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(echo_server(Broker::unix(sock)));
+        return;
+    }
+    let secs: u64 = std::env::var("VMD_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(bench(Duration::from_secs(secs)));
+}
+
+/// The leanest echo over Redis lists: one thread, one connection, no
+/// decoding; the reply pipelined with its EXPIRE as vmd sends it.
+async fn echo_server(broker: Broker) {
+    let mut conn = broker.connect().await.unwrap();
+    loop {
+        let got: Option<(String, Vec<u8>)> = redis::cmd("BLPOP")
+            .arg(ECHO_QUEUE)
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let Some((_, payload)) = got else { continue };
+        // The reply list is named in the first 36 bytes, as a request's ID.
+        let key = String::from_utf8_lossy(&payload[..36]).into_owned();
+        let _: () = redis::pipe()
+            .cmd("RPUSH")
+            .arg(&key)
+            .arg(&payload)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(300)
+            .ignore()
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+struct EchoClient {
+    conn: redis::aio::MultiplexedConnection,
+    payload: Vec<u8>,
+    key: String,
+}
+
+impl EchoClient {
+    async fn new(broker: &Broker) -> Self {
+        let key = uuid::Uuid::new_v4().to_string();
+        let mut payload = key.clone().into_bytes();
+        payload.resize(PAYLOAD, b'x');
+        EchoClient {
+            conn: broker.connect().await.unwrap(),
+            payload,
+            key,
+        }
+    }
+    /// No server at all: push to our own list and pop it back.
+    async fn self_round_trip(&mut self) {
+        let (_, got): (i64, Option<(String, Vec<u8>)>) = redis::pipe()
+            .cmd("RPUSH")
+            .arg(&self.key)
+            .arg(&self.payload)
+            .cmd("BLPOP")
+            .arg(&self.key)
+            .arg(5)
+            .query_async(&mut self.conn)
+            .await
+            .unwrap();
+        assert_eq!(got.expect("own element").1.len(), PAYLOAD);
+    }
+
+    async fn call(&mut self) {
+        let (_, got): (i64, Option<(String, Vec<u8>)>) = redis::pipe()
+            .cmd("RPUSH")
+            .arg(ECHO_QUEUE)
+            .arg(&self.payload)
+            .cmd("BLPOP")
+            .arg(&self.key)
+            .arg(5)
+            .query_async(&mut self.conn)
+            .await
+            .unwrap();
+        assert_eq!(got.expect("echo reply").1.len(), PAYLOAD);
+    }
+}
+
+struct Latency {
+    p50: Duration,
+    p99: Duration,
+    mean: Duration,
+}
+
+fn summarise(mut v: Vec<Duration>) -> Latency {
+    v.sort();
+    let mean = v.iter().sum::<Duration>() / v.len() as u32;
+    Latency {
+        p50: v[v.len() / 2],
+        p99: v[v.len() * 99 / 100],
+        mean,
+    }
+}
+
+/// Latency of `SEQUENTIAL` sequential runs of `$call` after a warm-up.
+macro_rules! sequential {
+    ($call:expr) => {{
+        for _ in 0..WARMUP {
+            $call;
+        }
+        let mut v = Vec::with_capacity(SEQUENTIAL);
+        for _ in 0..SEQUENTIAL {
+            let t = Instant::now();
+            $call;
+            v.push(t.elapsed());
+        }
+        summarise(v)
+    }};
+}
+
+/// Calls/s of `CLIENTS` concurrent loops for `dur`.
+async fn throughput<F, Fut>(dur: Duration, make: F) -> f64
+where
+    F: Fn(Arc<AtomicBool>, Arc<AtomicU64>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|_| tokio::spawn(make(stop.clone(), count.clone())))
+        .collect();
+    // Warm up, then count over `dur`.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c0 = count.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(dur).await;
+    let n = count.load(Ordering::Relaxed) - c0;
+    let el = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / el.as_secs_f64()
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+async fn bench(dur: Duration) {
+    let redis = RedisServer::start();
+    let broker = redis.broker();
+
+    // Baseline server: this binary again, as its own process (like vmd).
+    let mut echo = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("VMD_BENCH_ECHO_SERVER", redis.socket())
+        .spawn()
+        .unwrap();
+    let vmd = VmdProcess::start(&redis, &["--workers", "8", "--log", "warn"]);
+    let stub = Arc::new(VmdStub::new(broker.clone()).with_timeout(Duration::from_secs(5)));
+    let t0 = Instant::now();
+    while stub.status().await.is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "vmd did not start");
+    }
+
+    let mut ec = EchoClient::new(&broker).await;
+    let raw = sequential!(ec.call().await);
+    let bare = sequential!(ec.self_round_trip().await);
+    let ours = sequential!(assert!(!stub.exists("bench-vm").await.unwrap()));
+
+    let raw_tput = {
+        let broker = broker.clone();
+        throughput(dur, move |stop, count| {
+            let broker = broker.clone();
+            async move {
+                let mut c = EchoClient::new(&broker).await;
+                while !stop.load(Ordering::Relaxed) {
+                    c.call().await;
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+        .await
+    };
+    let ours_tput = {
+        let stub = stub.clone();
+        throughput(dur, move |stop, count| {
+            let s = stub.clone();
+            async move {
+                while !stop.load(Ordering::Relaxed) {
+                    assert!(!s.exists("bench-vm").await.unwrap());
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+        .await
+    };
+    let _ = echo.kill();
+    let _ = echo.wait();
+    drop(vmd);
+
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("zbus benchmark — {cpus} CPUs, redis-server on a unix socket, vmd with 8 workers");
+    println!(
+        "sequential: {SEQUENTIAL} round trips after {WARMUP} warm-up; throughput: {CLIENTS} clients for {dur:?}"
+    );
+    println!();
+    println!("| figure | vmd | baseline (raw Redis echo) | ratio | goal |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| Exists round trip p50 | {} | {} | {:.2}× | ≤ 1.3× |",
+        us(ours.p50),
+        us(raw.p50),
+        ours.p50.as_secs_f64() / raw.p50.as_secs_f64()
+    );
+    println!(
+        "| (floor: one client RPUSH+BLPOP of its own list, no server) | | {} | {:.2}× | |",
+        us(bare.p50),
+        ours.p50.as_secs_f64() / bare.p50.as_secs_f64()
+    );
+    println!(
+        "| Exists round trip mean | {} | {} | {:.2}× | |",
+        us(ours.mean),
+        us(raw.mean),
+        ours.mean.as_secs_f64() / raw.mean.as_secs_f64()
+    );
+    println!(
+        "| Exists round trip p99 | {} | {} | {:.2}× | |",
+        us(ours.p99),
+        us(raw.p99),
+        ours.p99.as_secs_f64() / raw.p99.as_secs_f64()
+    );
+    println!(
+        "| calls/s, {CLIENTS} clients | {:.0} | {:.0} | {:.2}× | ≥ 20000/s |",
+        ours_tput,
+        raw_tput,
+        ours_tput / raw_tput
+    );
+}

@@ -1,0 +1,112 @@
+//! A real `redis-server` for one test, on a unix socket in a temp dir.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmd::zbus::broker::Broker;
+
+pub struct RedisServer {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+fn redis_binary() -> PathBuf {
+    std::env::var_os("VMD_TEST_REDIS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("redis-server"))
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("vmd-redis-")
+            .tempdir()
+            .expect("temp dir");
+        let mut s = RedisServer { dir, child: None };
+        s.spawn();
+        s
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    pub fn broker(&self) -> Broker {
+        Broker::unix(self.socket())
+    }
+
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn spawn(&mut self) {
+        let sock = self.socket();
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = Command::new(redis_binary());
+        cmd.args(["--port", "0", "--save", "", "--appendonly", "no"])
+            .arg("--unixsocket")
+            .arg(&sock)
+            .args(["--unixsocketperm", "700"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        // If the test process dies, Redis goes with it.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .expect("cannot start redis-server (apt-get install -y redis-server)");
+        self.child = Some(child);
+        wait_for_socket(&sock);
+    }
+
+    /// Kills Redis (SIGKILL: nothing is flushed, clients see the connection drop).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills and starts Redis again on the same socket, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+fn wait_for_socket(sock: &Path) {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) {
+            use std::io::{Read, Write};
+            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+            if s.write_all(b"PING\r\n").is_ok() {
+                let mut buf = [0u8; 7];
+                if s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n" {
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("redis-server did not come up on {}", sock.display());
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

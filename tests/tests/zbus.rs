@@ -1,0 +1,280 @@
+//! zbus client ↔ server over a real `redis-server` on a private unix socket.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmd::api::{Stream, Vm};
+use vmd::stub::VmdStub;
+use vmd::zbus::client::ClientError;
+use vmd::zbus::wire::{ObjectId, WorkerState};
+use vmd_tests::fixture::{Fixture, Serving};
+use vmd_tests::RedisServer;
+
+fn stub(redis: &RedisServer) -> VmdStub {
+    VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(10))
+}
+
+fn vm(name: &str) -> Vm {
+    Vm {
+        name: name.into(),
+        cpu: 1,
+        memory: 512 << 20,
+        kernel_image: "/k".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn every_method_round_trips() {
+    let redis = RedisServer::start();
+    let fixture = Arc::new(Fixture::with_vms(&["1-2-vm", "3-4-vm"]));
+    let server = Serving::start(redis.broker(), fixture.clone(), 4);
+    let c = stub(&redis);
+
+    let info = c.run(&vm("1-2-vm")).await.unwrap();
+    assert_eq!(info.console_url, "10.20.2.1:20001");
+    let err = c.run(&vm("boom")).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Method(m) if m == "boom"),
+        "{err}"
+    );
+
+    let i = c.inspect("1-2-vm").await.unwrap();
+    assert_eq!((i.memory, i.cpu, i.ht_enabled), (512, 1, false));
+    let err = c.inspect("nope").await.unwrap_err();
+    assert_eq!(err.to_string(), "machine 'nope' does not exist");
+
+    c.delete("1-2-vm").await.unwrap();
+    assert_eq!(
+        c.delete("x").await.unwrap_err().to_string(),
+        "machine 'x' does not exist"
+    );
+    assert!(c.exists("3-4-vm").await.unwrap());
+    assert!(!c.exists("5-6-vm").await.unwrap());
+    assert_eq!(c.logs("3-4-vm").await.unwrap(), "last lines of 3-4-vm\n");
+    assert_eq!(
+        c.logs_full("3-4-vm").await.unwrap(),
+        "all lines of 3-4-vm\n".repeat(3)
+    );
+    assert_eq!(c.list().await.unwrap(), ["1-2-vm", "3-4-vm"]);
+    assert_eq!(c.metrics().await.unwrap(), Fixture::metrics_two());
+    c.lock("3-4-vm", true).await.unwrap();
+    c.lock("3-4-vm", false).await.unwrap();
+    assert!(c.lock("nope", true).await.is_err());
+    let s = Stream {
+        id: "s1".into(),
+        namespace: "n-1".into(),
+        output: "redis://10.0.0.1:6379/ch".into(),
+    };
+    c.stream_create("3-4-vm", &s).await.unwrap();
+    c.stream_delete("s1").await.unwrap();
+
+    // A panic inside a method is a method error with a decodable zero value,
+    // never a protocol error (which would make a Go caller panic too).
+    let err = c.run(&vm("panic")).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Method(m) if m.contains("panicked")),
+        "{err}"
+    );
+
+    // The module's documented name is served too.
+    let alias = stub(&redis).with_object(ObjectId::new("vmd", "0.0.1"));
+    assert!(alias.exists("3-4-vm").await.unwrap());
+
+    let st = c.status().await.unwrap();
+    assert_eq!(st.objects, [ObjectId::new("manager", "0.0.1")]);
+    assert_eq!(st.workers.len(), 4);
+
+    let calls = fixture.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls,
+        [
+            "Run(1-2-vm)",
+            "Run(boom)",
+            "Inspect(1-2-vm)",
+            "Inspect(nope)",
+            "Delete(1-2-vm)",
+            "Delete(x)",
+            "Exists(3-4-vm)",
+            "Exists(5-6-vm)",
+            "Logs(3-4-vm)",
+            "LogsFull(3-4-vm)",
+            "List()",
+            "Metrics()",
+            "Lock(3-4-vm, true)",
+            "Lock(3-4-vm, false)",
+            "Lock(nope, true)",
+            "StreamCreate(3-4-vm, s1, n-1, redis://10.0.0.1:6379/ch)",
+            "StreamDelete(s1)",
+            "Run(panic)",
+            "Exists(3-4-vm)",
+        ]
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_calls_from_16_tasks() {
+    let redis = RedisServer::start();
+    let fixture = Arc::new(Fixture::default());
+    let server = Serving::start(redis.broker(), fixture.clone(), 8);
+    let c = Arc::new(stub(&redis));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            // 1000 calls in all: tasks 0..8 make 63, the others 62.
+            let n = if t < 8 { 63 } else { 62 };
+            for i in 0..n {
+                let name = format!("vm-{t}-{i}");
+                let got = c.logs(&name).await.unwrap();
+                // Each reply must be the answer to this very call.
+                assert_eq!(got, format!("last lines of {name}\n"));
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, 1000);
+    assert_eq!(fixture.calls.lock().unwrap().len(), 1000);
+    eprintln!("1000 calls from 16 tasks in {:?}", t0.elapsed());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_answered_while_every_worker_is_busy() {
+    let redis = RedisServer::start();
+    let fixture = Arc::new(Fixture::default());
+    let server = Serving::start(redis.broker(), fixture.clone(), 2);
+    let c = Arc::new(stub(&redis));
+    let mut slow = Vec::new();
+    for name in ["sleep-2000", "sleep-2001", "sleep-2002"] {
+        let c = c.clone();
+        slow.push(tokio::spawn(async move { c.run(&vm(name)).await }));
+    }
+    // Wait until both workers are taken.
+    let t0 = Instant::now();
+    while fixture.running_total.load(Ordering::SeqCst) < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "workers never got busy"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let asked = Instant::now();
+    let st = c.status().await.unwrap();
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "status took {took:?} while workers were busy"
+    );
+    let busy: Vec<_> = st
+        .workers
+        .iter()
+        .filter(|w| w.state == WorkerState::Busy)
+        .collect();
+    assert_eq!(busy.len(), 2, "{st:?}");
+    assert!(busy.iter().all(|w| w.action == "[manager@0.0.1].Run()"));
+    for s in slow {
+        s.await.unwrap().unwrap();
+    }
+    // Never more calls at once than workers.
+    assert_eq!(fixture.max_running_total.load(Ordering::SeqCst), 2);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_to_one_vm_are_serialised_others_run_alongside() {
+    let redis = RedisServer::start();
+    let fixture = Arc::new(Fixture::default());
+    let server = Serving::start(redis.broker(), fixture.clone(), 8);
+    let c = Arc::new(stub(&redis));
+    let mut tasks = Vec::new();
+    // Five Deletes of the same VM, and one Delete each of four others.
+    for name in ["slow-a"; 5]
+        .into_iter()
+        .chain(["slow-b", "slow-c", "slow-d", "slow-e"])
+    {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move { c.delete(name).await }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        fixture.max_concurrent("slow-a"),
+        1,
+        "same VM ran concurrently"
+    );
+    assert!(
+        fixture.max_running_total.load(Ordering::SeqCst) >= 2,
+        "different VMs never ran concurrently"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovers_by_itself_after_a_redis_restart() {
+    let mut redis = RedisServer::start();
+    let fixture = Arc::new(Fixture::with_vms(&["a"]));
+    let server = Serving::start(redis.broker(), fixture.clone(), 4);
+    let c = stub(&redis).with_timeout(Duration::from_secs(2));
+    for _ in 0..20 {
+        assert!(c.exists("a").await.unwrap());
+    }
+    redis.restart();
+    let restarted = Instant::now();
+    // The server reconnects with back-off; calls succeed again shortly.
+    let mut recovered = None;
+    while restarted.elapsed() < Duration::from_secs(15) {
+        if let Ok(true) = c.exists("a").await {
+            recovered = Some(restarted.elapsed());
+            break;
+        }
+    }
+    let recovered = recovered.expect("no successful call within 15 s of the restart");
+    eprintln!("first successful call {recovered:?} after the restart");
+    for _ in 0..100 {
+        assert!(c.exists("a").await.unwrap());
+    }
+    // And it survives a second one.
+    redis.restart();
+    let t0 = Instant::now();
+    loop {
+        if let Ok(true) = c.exists("a").await {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no recovery after second restart"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_broker_is_a_clear_client_error() {
+    let mut redis = RedisServer::start();
+    let c = stub(&redis);
+    redis.kill();
+    let err = c.list().await.unwrap_err();
+    assert!(
+        err.to_string().contains("cannot connect to the broker"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn no_server_is_a_timeout_not_a_hang() {
+    let redis = RedisServer::start();
+    let c = stub(&redis).with_timeout(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let err = c.exists("a").await.unwrap_err();
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+}

@@ -1,0 +1,227 @@
+//! `vmd ctl`: the operator's client. Human output by default, `--json` for
+//! scripts. Exit status 0 on success, 1 when the call failed, 2 on usage.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use vmd::api::{self, Vm};
+use vmd::stub::VmdStub;
+use vmd::zbus::broker::Broker;
+use vmd::zbus::client::ClientError;
+use vmd::zbus::wire::ObjectId;
+
+#[derive(Args)]
+pub struct CtlArgs {
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Seconds to wait for each reply.
+    #[arg(long, global = true, default_value_t = 30)]
+    timeout: u64,
+    /// Object to call (`manager`, or its alias `vmd`).
+    #[arg(long, global = true, default_value = api::OBJECT)]
+    object: String,
+    #[command(subcommand)]
+    op: Op,
+}
+
+#[derive(Subcommand)]
+enum Op {
+    /// Names of the VMs vmd manages.
+    List,
+    /// Details of one VM.
+    Inspect { name: String },
+    /// Whether a VM exists (exit status 0 if it does, 1 if not).
+    Exists { name: String },
+    /// Console log of a VM: the last 2 KiB, or all of it with --full.
+    Logs {
+        name: String,
+        #[arg(long)]
+        full: bool,
+    },
+    /// Network counters of every VM.
+    Metrics,
+    /// Start a VM described by a JSON file (the wire field names of `VM`).
+    Run { file: PathBuf },
+    /// Stop and remove a VM.
+    Delete { name: String },
+    /// Pause a VM.
+    Lock { name: String },
+    /// Resume a paused VM.
+    Unlock { name: String },
+    /// The zbus status object of vmd: objects and workers.
+    Status,
+}
+
+pub async fn run(broker: Broker, args: CtlArgs) -> ExitCode {
+    let stub = VmdStub::new(broker)
+        .with_object(ObjectId::new(args.object.clone(), api::VERSION))
+        .with_timeout(Duration::from_secs(args.timeout.max(1)));
+    match op(&stub, &args).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmd ctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<(), ClientError> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| ClientError::Method(e.to_string()))?;
+    println!("{s}");
+    Ok(())
+}
+
+async fn op(stub: &VmdStub, args: &CtlArgs) -> Result<ExitCode, ClientError> {
+    let json = args.json;
+    match &args.op {
+        Op::List => {
+            let names = stub.list().await?;
+            if json {
+                print_json(&names)?;
+            } else {
+                println!("NAME");
+                for n in names {
+                    println!("{n}");
+                }
+            }
+        }
+        Op::Inspect { name } => {
+            let info = stub.inspect(name).await?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!("name:      {name}");
+                println!("cpu:       {}", info.cpu);
+                println!("memory:    {} MiB", info.memory);
+                println!("ht:        {}", info.ht_enabled);
+                if let Some(s) = &info.state {
+                    println!("state:     {s}");
+                }
+                if let Some(r) = &info.reason {
+                    println!("reason:    {r}");
+                }
+                if let Some(n) = info.restarts {
+                    println!("restarts:  {n}");
+                }
+                if let Some(p) = info.pid {
+                    println!("pid:       {p}");
+                }
+                if let Some(u) = info.uptime_secs {
+                    println!("uptime:    {u}s");
+                }
+            }
+        }
+        Op::Exists { name } => {
+            let yes = stub.exists(name).await?;
+            if json {
+                print_json(&yes)?;
+            } else {
+                println!("{yes}");
+            }
+            return Ok(if yes {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        Op::Logs { name, full } => {
+            let text = if *full {
+                stub.logs_full(name).await?
+            } else {
+                stub.logs(name).await?
+            };
+            if json {
+                print_json(&text)?;
+            } else {
+                print!("{text}");
+                if !text.ends_with('\n') {
+                    println!();
+                }
+            }
+        }
+        Op::Metrics => {
+            let m = stub.metrics().await?;
+            if json {
+                print_json(&m)?;
+            } else {
+                println!(
+                    "{:<24} {:>14} {:>14} {:>14} {:>14}",
+                    "NAME", "PRIV RX B", "PRIV TX B", "PUB RX B", "PUB TX B"
+                );
+                for (name, v) in m {
+                    println!(
+                        "{:<24} {:>14} {:>14} {:>14} {:>14}",
+                        name,
+                        v.private.net_rx_bytes,
+                        v.private.net_tx_bytes,
+                        v.public.net_rx_bytes,
+                        v.public.net_tx_bytes
+                    );
+                }
+            }
+        }
+        Op::Run { file } => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| ClientError::Method(format!("cannot read {}: {e}", file.display())))?;
+            let vm: Vm = serde_json::from_str(&text).map_err(|e| {
+                ClientError::Method(format!("{} is not a VM description: {e}", file.display()))
+            })?;
+            let info = stub.run(&vm).await?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!("started {}", vm.name);
+                if !info.console_url.is_empty() {
+                    println!("console: {}", info.console_url);
+                }
+            }
+        }
+        Op::Delete { name } => {
+            stub.delete(name).await?;
+            if !json {
+                println!("deleted {name}");
+            }
+        }
+        Op::Lock { name } => {
+            stub.lock(name, true).await?;
+            if !json {
+                println!("paused {name}");
+            }
+        }
+        Op::Unlock { name } => {
+            stub.lock(name, false).await?;
+            if !json {
+                println!("resumed {name}");
+            }
+        }
+        Op::Status => {
+            let st = stub.status().await?;
+            if json {
+                print_json(&st)?;
+            } else {
+                let objects: Vec<String> = st.objects.iter().map(|o| o.to_string()).collect();
+                println!("objects: {}", objects.join(", "));
+                println!("{:<4} {:<5} {:<32} ACTION", "#", "STATE", "SINCE");
+                for (i, w) in st.workers.iter().enumerate() {
+                    let state = match w.state {
+                        vmd::zbus::wire::WorkerState::Free => "free",
+                        vmd::zbus::wire::WorkerState::Busy => "busy",
+                    };
+                    println!(
+                        "{:<4} {:<5} {:<32} {}",
+                        i,
+                        state,
+                        w.start_time.to_rfc3339(),
+                        w.action
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,11 @@
+//! vmd: the virtual-machine daemon of a Zero-OS style host.
+//!
+//! * [`zbus`] — the RPC transport (Redis lists + Go-flavoured msgpack).
+//! * [`api`] — the wire types of the `VMModule` interface.
+//! * [`module`] — the interface as a Rust trait and its dispatch table.
+//! * [`stub`] — a typed client, used by the operator CLI and the tests.
+
+pub mod api;
+pub mod module;
+pub mod stub;
+pub mod zbus;

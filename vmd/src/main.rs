@@ -1,0 +1,157 @@
+//! `vmd --broker unix:///var/run/redis.sock` runs the daemon (as the Zero-OS
+//! zinit unit does); `vmd ctl ...` is the operator client.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use vmd::api;
+use vmd::module::{ModuleService, Unimplemented};
+use vmd::zbus::broker::Broker;
+use vmd::zbus::server::{Server, ServerConfig};
+use vmd::zbus::wire::ObjectId;
+
+mod ctl;
+
+#[derive(Parser)]
+#[command(
+    name = "vmd",
+    version,
+    about = "Virtual-machine daemon, driven over zbus"
+)]
+struct Cli {
+    /// Redis broker: unix:///path or tcp://host:port.
+    #[arg(
+        long,
+        global = true,
+        env = "VMD_BROKER",
+        default_value = "unix:///var/run/redis.sock"
+    )]
+    broker: Broker,
+
+    #[command(flatten)]
+    daemon: DaemonArgs,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Args)]
+struct DaemonArgs {
+    /// Where vmd keeps VM descriptions, cloud-init images and console logs.
+    #[arg(long, default_value = "/var/cache/modules/vmd")]
+    root: PathBuf,
+    /// Runtime directory: API sockets, pids, per-VM runtime files.
+    #[arg(long, default_value = "/var/run/vmd")]
+    runtime_dir: PathBuf,
+    /// zinit control socket.
+    #[arg(long, default_value = "/var/run/zinit.sock")]
+    zinit_socket: PathBuf,
+    /// zinit configuration directory (service files).
+    #[arg(long, default_value = "/etc/zinit")]
+    zinit_dir: PathBuf,
+    /// Calls served at once. Changes to one VM are serialised whatever this is.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: u16,
+    /// Log filter (tracing syntax, e.g. `info`, `vmd=debug`); RUST_LOG wins.
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Operator client: talk to a running vmd.
+    Ctl(ctl::CtlArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Some(Command::Ctl(args)) => runtime.block_on(ctl::run(cli.broker, args)),
+        None => {
+            init_tracing(&cli.daemon.log);
+            match runtime.block_on(daemon(cli.broker, cli.daemon)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Under zinit stderr is a pipe into its ring: no colour codes there.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+async fn daemon(broker: Broker, args: DaemonArgs) -> anyhow::Result<()> {
+    info!(
+        root = %args.root.display(),
+        runtime_dir = %args.runtime_dir.display(),
+        zinit_socket = %args.zinit_socket.display(),
+        zinit_dir = %args.zinit_dir.display(),
+        "vmd starting"
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("signal received; stopping (a second signal exits at once)");
+        let _ = stop_tx.send(true);
+        wait_for_signal().await;
+        std::process::exit(130);
+    });
+
+    let mut config = ServerConfig::new(api::MODULE);
+    config.workers = usize::from(args.workers);
+    config.max_inflight = (config.workers * 32).max(64);
+    config.drain_timeout = Duration::from_secs(40);
+    let service = Arc::new(ModuleService(Arc::new(Unimplemented)));
+    let mut server = Server::new(broker, config);
+    server
+        .register(ObjectId::new(api::OBJECT, api::VERSION), service.clone())
+        .register(ObjectId::new(api::OBJECT_ALIAS, api::VERSION), service);
+    server.run(stop_rx).await.context("zbus server")?;
+    info!("vmd stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still dies on the default
+        // action; there is nothing to wait for.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
