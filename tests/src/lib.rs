@@ -3,12 +3,14 @@
 
 pub mod fixture;
 pub mod redis_server;
+pub mod supervisor;
 pub mod vmd_process;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 pub use redis_server::RedisServer;
+pub use supervisor::Supervisor;
 pub use vmd_process::VmdProcess;
 
 /// `shared/` beside the repository (override with `VMD_SHARED_DIR`).
