@@ -4,6 +4,7 @@
 pub mod fixture;
 pub mod redis_server;
 pub mod supervisor;
+pub mod vm;
 pub mod vmd_process;
 
 use std::collections::BTreeMap;

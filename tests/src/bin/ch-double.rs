@@ -1,0 +1,1012 @@
+//! A cloud-hypervisor double for tests: the command line of v53 (for the
+//! flags vmd uses), the REST API on `--api-socket` with the JSON of real
+//! replies, serial output with the markers of the test guest in
+//! `shared/guest/`, the event monitor, and the real exit codes.
+//!
+//! The guest is steered like the real test guest, by the kernel command line
+//! (`gaction=wait|poweroff|reboot|panic`, `gtick=N`), plus knobs of the double
+//! (a real guest ignores them):
+//!
+//! | knob | effect |
+//! |---|---|
+//! | `double.boot_ms=N` | time from start to `GUEST-READY` (default 300) |
+//! | `double.api_delay_ms=N` | bind the API socket only after N ms |
+//! | `double.crash_after_ms=N` | the guest dies after N ms: `VCPU generated error` on stderr, exit 0 (as v53) |
+//! | `double.crash_code=C` | with crash_after_ms: exit C instead, without the vCPU message |
+//! | `double.ignore_power_button=1` | the guest never reacts to the power button |
+//! | `double.flood_bps=N` | after GUEST-READY, print lines at N bytes/s (0: as fast as possible) |
+//! | `double.flood_bytes=N` | stop flooding after N bytes |
+//!
+//! Deviations: no real guest, no `--serial pty`, counters are zeros.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+const USAGE: &str = "Usage: cloud-hypervisor [OPTIONS]\n\nFor more information, try '--help'.";
+
+#[derive(Default, Debug)]
+struct Cli {
+    api_socket: Option<String>,
+    kernel: Option<PathBuf>,
+    initramfs: Option<PathBuf>,
+    cmdline: String,
+    cpus: String,
+    memory: String,
+    disks: Vec<String>,
+    nets: Vec<String>,
+    fs: Vec<String>,
+    devices: Vec<String>,
+    serial: String,
+    console: String,
+    event_monitor: Option<String>,
+}
+
+/// `flag` takes one value; `multi` flags take values up to the next flag.
+fn parse_cli(args: &[String]) -> Result<Cli, String> {
+    let mut cli = Cli {
+        cpus: "boot=1".into(),
+        memory: "size=512M".into(),
+        serial: "null".into(),
+        console: "tty".into(),
+        ..Default::default()
+    };
+    let mut i = 0;
+    let one = |i: &mut usize, flag: &str| -> Result<String, String> {
+        *i += 1;
+        args.get(*i)
+            .filter(|v| !v.starts_with("--"))
+            .cloned()
+            .ok_or_else(|| {
+                format!(
+                    "error: a value is required for '{flag} <{}>' but none was supplied",
+                    flag.trim_start_matches('-')
+                )
+            })
+    };
+    while i < args.len() {
+        let flag = args[i].as_str();
+        match flag {
+            "--api-socket" => cli.api_socket = Some(one(&mut i, flag)?),
+            "--kernel" => cli.kernel = Some(one(&mut i, flag)?.into()),
+            "--initramfs" => cli.initramfs = Some(one(&mut i, flag)?.into()),
+            "--cmdline" => cli.cmdline = one(&mut i, flag)?,
+            "--cpus" => cli.cpus = one(&mut i, flag)?,
+            "--memory" => cli.memory = one(&mut i, flag)?,
+            "--serial" => cli.serial = one(&mut i, flag)?,
+            "--console" => cli.console = one(&mut i, flag)?,
+            "--event-monitor" => cli.event_monitor = Some(one(&mut i, flag)?),
+            "--seccomp" | "--log-file" => {
+                one(&mut i, flag)?;
+            }
+            "-v" | "-vv" | "-vvv" => {}
+            "--disk" | "--net" | "--fs" | "--device" => {
+                let mut values = Vec::new();
+                while args.get(i + 1).is_some_and(|v| !v.starts_with("--")) {
+                    i += 1;
+                    values.push(args[i].clone());
+                }
+                if values.is_empty() {
+                    return Err(format!(
+                        "error: a value is required for '{flag}' but none was supplied"
+                    ));
+                }
+                match flag {
+                    "--disk" => cli.disks.extend(values),
+                    "--net" => cli.nets.extend(values),
+                    "--fs" => cli.fs.extend(values),
+                    _ => cli.devices.extend(values),
+                }
+            }
+            other => return Err(format!("error: unexpected argument '{other}' found")),
+        }
+        i += 1;
+    }
+    Ok(cli)
+}
+
+/// `k=v,k=v` as cloud-hypervisor's option parser reads it.
+fn options(flag: &str, s: &str, known: &[&str]) -> Result<HashMap<String, String>, Vec<String>> {
+    let mut m = HashMap::new();
+    for part in s.split(',') {
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        if !known.contains(&k) {
+            return Err(vec![
+                format!("Error parsing --{flag}"),
+                format!("unknown option: {k}"),
+            ]);
+        }
+        m.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(m)
+}
+
+fn parse_size(flag: &str, key: &str, v: &str) -> Result<u64, Vec<String>> {
+    let bad = || {
+        vec![
+            format!("Error parsing --{flag}"),
+            format!("unable to convert {v} for {key}"),
+        ]
+    };
+    let (num, mul) = match v.chars().last() {
+        Some('K') => (&v[..v.len() - 1], 1u64 << 10),
+        Some('M') => (&v[..v.len() - 1], 1 << 20),
+        Some('G') => (&v[..v.len() - 1], 1 << 30),
+        _ => (v, 1),
+    };
+    num.parse::<u64>().map(|n| n * mul).map_err(|_| bad())
+}
+
+fn on_off(flag: &str, key: &str, v: Option<&String>) -> Result<bool, Vec<String>> {
+    match v.map(String::as_str) {
+        None | Some("off") | Some("false") => Ok(false),
+        Some("on") | Some("true") | Some("") => Ok(true),
+        Some(x) => Err(vec![
+            format!("Error parsing --{flag}"),
+            format!("unable to convert {x} for {key}"),
+        ]),
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Config {
+    vcpus: u8,
+    memory: u64,
+    shared: bool,
+    disks: Vec<(String, bool)>,
+    nets: Vec<(String, String)>,
+    serial: Serial,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Serial {
+    Null,
+    Tty,
+    File(PathBuf),
+    Socket(PathBuf),
+}
+
+fn config(cli: &Cli) -> Result<Config, Vec<String>> {
+    let cpus = options(
+        "cpus",
+        &cli.cpus,
+        &[
+            "boot",
+            "max",
+            "topology",
+            "kvm_hyperv",
+            "max_phys_bits",
+            "affinity",
+            "features",
+            "nested",
+        ],
+    )?;
+    let boot = cpus.get("boot").map_or("1", String::as_str);
+    let vcpus: u8 = boot.parse().map_err(|_| {
+        vec![
+            "Error parsing --cpus".into(),
+            format!("unable to convert {boot} for boot"),
+        ]
+    })?;
+    let mem = options(
+        "memory",
+        &cli.memory,
+        &[
+            "size",
+            "shared",
+            "hugepages",
+            "mergeable",
+            "hotplug_method",
+            "hotplug_size",
+            "prefault",
+            "thp",
+        ],
+    )?;
+    let memory = parse_size(
+        "memory",
+        "size",
+        mem.get("size").map_or("512M", String::as_str),
+    )?;
+    let shared = on_off("memory", "shared", mem.get("shared"))?;
+    let mut disks = Vec::new();
+    for d in &cli.disks {
+        let o = options(
+            "disk",
+            d,
+            &[
+                "path",
+                "readonly",
+                "direct",
+                "iommu",
+                "num_queues",
+                "queue_size",
+                "id",
+                "serial",
+                "image_type",
+            ],
+        )?;
+        disks.push((
+            o.get("path").cloned().unwrap_or_default(),
+            on_off("disk", "readonly", o.get("readonly"))?,
+        ));
+    }
+    let mut nets = Vec::new();
+    for n in &cli.nets {
+        let o = options(
+            "net",
+            n,
+            &[
+                "tap",
+                "mac",
+                "ip",
+                "mask",
+                "num_queues",
+                "queue_size",
+                "id",
+                "host_mac",
+                "mtu",
+            ],
+        )?;
+        nets.push((
+            o.get("tap").cloned().unwrap_or_default(),
+            o.get("mac").cloned().unwrap_or_default(),
+        ));
+    }
+    for f in &cli.fs {
+        let o = options(
+            "fs",
+            f,
+            &["tag", "socket", "num_queues", "queue_size", "id"],
+        )?;
+        if !o.contains_key("tag") || !o.contains_key("socket") {
+            return Err(vec![
+                "Error parsing --fs".into(),
+                "missing tag or socket".into(),
+            ]);
+        }
+        if !shared {
+            return Err(vec![
+                "Error validating configuration".into(),
+                "Using fs requires shared memory".into(),
+            ]);
+        }
+    }
+    for d in &cli.devices {
+        options("device", d, &["path", "iommu", "id", "pci_segment"])?;
+    }
+    let serial = match cli.serial.as_str() {
+        "off" | "null" => Serial::Null,
+        "tty" => Serial::Tty,
+        s if s.starts_with("file=") => Serial::File(s[5..].into()),
+        s if s.starts_with("socket=") => Serial::Socket(s[7..].into()),
+        "pty" => {
+            return Err(vec![
+                "the cloud-hypervisor double has no --serial pty".into()
+            ])
+        }
+        other => {
+            return Err(vec![
+                "Error parsing --serial".into(),
+                format!("invalid value: {other}"),
+            ])
+        }
+    };
+    Ok(Config {
+        vcpus,
+        memory,
+        shared,
+        disks,
+        nets,
+        serial,
+    })
+}
+
+fn fail(chain: &[String]) -> ExitCode {
+    let mut e = std::io::stderr().lock();
+    let _ = writeln!(
+        e,
+        "Error: Cloud Hypervisor exited with the following chain of errors:"
+    );
+    for (i, c) in chain.iter().enumerate() {
+        let _ = writeln!(e, "  {i}: {c}");
+    }
+    ExitCode::from(1)
+}
+
+/// Knobs on the kernel command line.
+struct Knobs(HashMap<String, String>);
+
+impl Knobs {
+    fn parse(cmdline: &str) -> Self {
+        Knobs(
+            cmdline
+                .split_whitespace()
+                .filter_map(|w| w.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        )
+    }
+    fn num(&self, k: &str) -> Option<u64> {
+        self.0.get(k).and_then(|v| v.parse().ok())
+    }
+    fn str(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum VmState {
+    Created,
+    Running,
+    Paused,
+}
+
+struct Vmm {
+    state: Mutex<VmState>,
+    ready: Mutex<bool>,
+    started: Instant,
+    cli: Cli,
+    config: Config,
+    serial: mpsc::Sender<Vec<u8>>,
+    events: Mutex<Option<std::fs::File>>,
+    exit: mpsc::Sender<u8>,
+    knobs: Knobs,
+    api_path: Option<PathBuf>,
+}
+
+impl Vmm {
+    fn event(&self, source: &str, event: &str) {
+        let el = self.started.elapsed();
+        let doc = serde_json::json!({
+            "timestamp": {"secs": el.as_secs(), "nanos": el.subsec_nanos()},
+            "source": source,
+            "event": event,
+            "properties": null,
+        });
+        if let Some(f) = self.events.lock().unwrap().as_mut() {
+            let _ = write!(
+                f,
+                "{}\n\n",
+                serde_json::to_string_pretty(&doc).unwrap_or_default()
+            );
+        }
+    }
+
+    async fn print(&self, line: &str) {
+        let _ = self.serial.send(format!("{line}\n").into_bytes()).await;
+    }
+
+    fn state(&self) -> VmState {
+        *self.state.lock().unwrap()
+    }
+
+    /// The guest powers off: the VM reports its shutdown, the VMM exits 0.
+    async fn guest_poweroff(self: &Arc<Self>) {
+        *self.state.lock().unwrap() = VmState::Created;
+        self.event("vm", "shutdown");
+        // v53 exits about a second after the guest powered off.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        self.event("vmm", "shutdown");
+        let _ = self.exit.send(0).await;
+    }
+
+    // Boxed with a named type: a reboot spawns the next boot of itself.
+    fn boot(self: Arc<Self>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(async move { self.boot_once().await })
+    }
+
+    async fn boot_once(self: Arc<Self>) {
+        self.event("vm", "booting");
+        *self.state.lock().unwrap() = VmState::Running;
+        *self.ready.lock().unwrap() = false;
+        self.event("vm", "booted");
+        let action = self.knobs.str("gaction").unwrap_or("wait").to_owned();
+        let memkb = self.config.memory / 1024;
+        self.print(&format!(
+            "GUEST-HELLO kernel=double cpus={} online=0-{} memkb={memkb} action={action}",
+            self.config.vcpus,
+            self.config.vcpus.saturating_sub(1)
+        ))
+        .await;
+        for (i, (path, _)) in self.config.disks.iter().enumerate() {
+            let sectors = std::fs::metadata(path).map(|m| m.len() / 512).unwrap_or(0);
+            let name = format!("vd{}", (b'a' + i as u8) as char);
+            self.print(&format!("GUEST-DISK {name} sectors={sectors}"))
+                .await;
+        }
+        let boot_ms = self.knobs.num("double.boot_ms").unwrap_or(300);
+        tokio::time::sleep(Duration::from_millis(boot_ms)).await;
+        match action.as_str() {
+            "poweroff" => {
+                self.print("GUEST-POWEROFF").await;
+                self.guest_poweroff().await;
+            }
+            "reboot" => {
+                self.print("GUEST-REBOOT").await;
+                self.event("vm", "rebooting");
+                self.event("vm", "rebooted");
+                tokio::spawn(Arc::clone(&self).boot());
+            }
+            "panic" => {
+                self.print("GUEST-PANIC").await;
+                self.print("Kernel panic - not syncing: sysrq triggered crash")
+                    .await;
+            }
+            _ => {
+                *self.ready.lock().unwrap() = true;
+                self.print("GUEST-READY").await;
+                if let Some(tick) = self.knobs.num("gtick").filter(|t| *t > 0) {
+                    tokio::spawn(Arc::clone(&self).ticks(tick));
+                }
+                if let Some(bps) = self.knobs.num("double.flood_bps") {
+                    tokio::spawn(Arc::clone(&self).flood(bps));
+                }
+            }
+        }
+    }
+
+    async fn ticks(self: Arc<Self>, every: u64) {
+        let mut n = 0;
+        loop {
+            tokio::time::sleep(Duration::from_secs(every)).await;
+            if self.state() == VmState::Running {
+                n += 1;
+                self.print(&format!("GUEST-TICK {n}")).await;
+            }
+        }
+    }
+
+    async fn flood(self: Arc<Self>, bps: u64) {
+        let limit = self.knobs.num("double.flood_bytes").unwrap_or(u64::MAX);
+        let mut sent = 0u64;
+        let mut seq = 0u64;
+        let t0 = Instant::now();
+        while sent < limit {
+            if self.state() != VmState::Running {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            // 64-byte lines: "FLOOD <12-digit seq> xxx…\n".
+            let mut chunk = Vec::with_capacity(64 * 1024);
+            while chunk.len() < 64 * 1024 && sent + (chunk.len() as u64) < limit {
+                seq += 1;
+                let _ = write!(chunk, "FLOOD {seq:012} ");
+                chunk.extend_from_slice(&[b'x'; 44]);
+                chunk.push(b'\n');
+            }
+            sent += chunk.len() as u64;
+            if self.serial.send(chunk).await.is_err() {
+                return;
+            }
+            if bps > 0 {
+                let due = Duration::from_secs_f64(sent as f64 / bps as f64);
+                if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+}
+
+fn json_reply(status: u16, body: Option<String>) -> Vec<u8> {
+    let reason = match status {
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        500 => "Internal Server Error",
+        _ => "",
+    };
+    let _ = reason;
+    // micro_http: "HTTP/1.1 <code> \r\n", Server, Connection: keep-alive,
+    // and Content-Type/Length only with a body.
+    let mut out =
+        format!("HTTP/1.1 {status} \r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\n");
+    if let Some(b) = &body {
+        out.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    out.push_str("\r\n");
+    if let Some(b) = body {
+        out.push_str(&b);
+    }
+    out.into_bytes()
+}
+
+fn chain(status: u16, parts: &[&str]) -> Vec<u8> {
+    json_reply(
+        status,
+        Some(serde_json::to_string(parts).unwrap_or_default()),
+    )
+}
+
+async fn api(vmm: &Arc<Vmm>, method: &str, path: &str) -> Vec<u8> {
+    let Some(endpoint) = path.strip_prefix("/api/v1/") else {
+        return chain(404, &["Not Found"]);
+    };
+    let get = ["vmm.ping", "vm.info", "vm.counters"];
+    let put = [
+        "vm.power-button",
+        "vm.shutdown",
+        "vmm.shutdown",
+        "vm.pause",
+        "vm.resume",
+        "vm.reboot",
+        "vm.boot",
+    ];
+    if !get.contains(&endpoint) && !put.contains(&endpoint) {
+        return chain(404, &["Not Found"]);
+    }
+    if (get.contains(&endpoint) && method != "GET") || (put.contains(&endpoint) && method != "PUT")
+    {
+        return chain(400, &["Bad Request"]);
+    }
+    let state = vmm.state();
+    match endpoint {
+        "vmm.ping" => json_reply(
+            200,
+            Some(
+                serde_json::json!({
+                    "build_version": "v53.0-double",
+                    "version": "53.0.0",
+                    "pid": std::process::id(),
+                    "features": ["kvm"],
+                })
+                .to_string(),
+            ),
+        ),
+        "vm.info" => {
+            let c = &vmm.config;
+            let serial = match &c.serial {
+                Serial::Null => serde_json::json!({"mode": "Null"}),
+                Serial::Tty => serde_json::json!({"mode": "Tty"}),
+                Serial::File(p) => serde_json::json!({"mode": "File", "file": p}),
+                Serial::Socket(p) => serde_json::json!({"mode": "Socket", "socket": p}),
+            };
+            let state_name = match state {
+                VmState::Created => "Created",
+                VmState::Running => "Running",
+                VmState::Paused => "Paused",
+            };
+            let doc = serde_json::json!({
+                "config": {
+                    "cpus": {"boot_vcpus": c.vcpus, "max_vcpus": c.vcpus},
+                    "memory": {"size": c.memory, "shared": c.shared},
+                    "payload": {
+                        "kernel": vmm.cli.kernel,
+                        "cmdline": vmm.cli.cmdline,
+                        "initramfs": vmm.cli.initramfs,
+                    },
+                    "serial": serial,
+                    "console": {"mode": "Off"},
+                    "disks": c.disks.iter().map(|(p, ro)| serde_json::json!({"path": p, "readonly": ro})).collect::<Vec<_>>(),
+                    "net": c.nets.iter().map(|(t, m)| serde_json::json!({"tap": t, "mac": m})).collect::<Vec<_>>(),
+                },
+                "state": state_name,
+                "memory_actual_size": c.memory,
+            });
+            json_reply(200, Some(doc.to_string()))
+        }
+        "vm.counters" => {
+            if state == VmState::Created {
+                return chain(
+                    500,
+                    &[
+                        "Error from API",
+                        "The VM info is not available",
+                        "VM is not running",
+                    ],
+                );
+            }
+            let mut doc = serde_json::Map::new();
+            for i in 0..vmm.config.disks.len() {
+                doc.insert(
+                    format!("_disk{i}"),
+                    serde_json::json!({"read_bytes": 0, "write_bytes": 0, "read_ops": 0, "write_ops": 0}),
+                );
+            }
+            for i in 0..vmm.config.nets.len() {
+                doc.insert(
+                    format!("_net{i}"),
+                    serde_json::json!({"rx_bytes": 0, "rx_frames": 0, "tx_bytes": 0, "tx_frames": 0}),
+                );
+            }
+            json_reply(200, Some(serde_json::Value::Object(doc).to_string()))
+        }
+        "vm.power-button" => match state {
+            VmState::Created => chain(
+                500,
+                &[
+                    "Error from API",
+                    "Error triggering power button",
+                    "VM is not running",
+                ],
+            ),
+            VmState::Paused => json_reply(204, None),
+            VmState::Running => {
+                let armed = *vmm.ready.lock().unwrap();
+                let ignore = vmm.knobs.num("double.ignore_power_button").unwrap_or(0) != 0;
+                // Before the guest armed its ACPI handler, a press is lost.
+                if armed && !ignore {
+                    let v = Arc::clone(vmm);
+                    tokio::spawn(async move {
+                        v.print("GUEST-POWER-BUTTON: powering off").await;
+                        v.guest_poweroff().await;
+                    });
+                }
+                json_reply(204, None)
+            }
+        },
+        "vm.shutdown" => match state {
+            VmState::Created => chain(
+                500,
+                &[
+                    "Error from API",
+                    "The VM could not shutdown",
+                    "VM is not running",
+                ],
+            ),
+            _ => {
+                *vmm.state.lock().unwrap() = VmState::Created;
+                vmm.event("vm", "shutdown");
+                json_reply(204, None)
+            }
+        },
+        "vmm.shutdown" => {
+            vmm.event("vmm", "shutdown");
+            let _ = vmm.exit.send(0).await;
+            json_reply(200, None)
+        }
+        "vm.pause" => match state {
+            VmState::Running => {
+                *vmm.state.lock().unwrap() = VmState::Paused;
+                vmm.event("vm", "pausing");
+                vmm.event("vm", "paused");
+                json_reply(204, None)
+            }
+            VmState::Paused => chain(
+                500,
+                &[
+                    "Error from API",
+                    "The VM could not be paused",
+                    "Cannot pause VM",
+                    "Failed to pause migratable component",
+                    "Invalid transition: InvalidStateTransition(Paused, Paused)",
+                ],
+            ),
+            VmState::Created => chain(
+                500,
+                &[
+                    "Error from API",
+                    "The VM could not be paused",
+                    "VM is not running",
+                ],
+            ),
+        },
+        "vm.resume" => match state {
+            VmState::Paused => {
+                *vmm.state.lock().unwrap() = VmState::Running;
+                vmm.event("vm", "resuming");
+                vmm.event("vm", "resumed");
+                json_reply(204, None)
+            }
+            VmState::Running => chain(
+                500,
+                &[
+                    "Error from API",
+                    "The VM could not resume",
+                    "Cannot resume VM",
+                    "Failed to resume migratable component",
+                    "Invalid transition: InvalidStateTransition(Running, Running)",
+                ],
+            ),
+            VmState::Created => chain(
+                500,
+                &[
+                    "Error from API",
+                    "The VM could not resume",
+                    "VM is not running",
+                ],
+            ),
+        },
+        "vm.reboot" => {
+            if state == VmState::Created {
+                return chain(
+                    500,
+                    &[
+                        "Error from API",
+                        "The VM could not reboot",
+                        "VM is not running",
+                    ],
+                );
+            }
+            vmm.event("vm", "rebooting");
+            tokio::spawn(Arc::clone(vmm).boot());
+            json_reply(204, None)
+        }
+        "vm.boot" => {
+            if state != VmState::Created {
+                return chain(
+                    500,
+                    &[
+                        "Error from API",
+                        "The VM could not boot",
+                        "VM is already running",
+                    ],
+                );
+            }
+            tokio::spawn(Arc::clone(vmm).boot());
+            json_reply(204, None)
+        }
+        _ => chain(404, &["Not Found"]),
+    }
+}
+
+/// HTTP/1.1 with keep-alive, as micro_http serves it.
+async fn serve_conn(vmm: Arc<Vmm>, mut s: UnixStream) {
+    let mut buf = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut words = head.split_whitespace();
+        let (method, path) = (
+            words.next().unwrap_or("").to_owned(),
+            words.next().unwrap_or("").to_owned(),
+        );
+        let len = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + 4 + len {
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..head_end + 4 + len);
+        let reply = api(&vmm, &method, &path).await;
+        if s.write_all(&reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Serial output: to the socket client, or a replay ring while none is connected.
+async fn serial_sink(mode: Serial, mut rx: mpsc::Receiver<Vec<u8>>) {
+    match mode {
+        Serial::Null => while rx.recv().await.is_some() {},
+        Serial::Tty => {
+            let mut out = tokio::io::stdout();
+            while let Some(b) = rx.recv().await {
+                let _ = out.write_all(&b).await;
+            }
+        }
+        Serial::File(p) => {
+            let Ok(mut f) = tokio::fs::File::create(&p).await else {
+                return;
+            };
+            while let Some(b) = rx.recv().await {
+                let _ = f.write_all(&b).await;
+            }
+        }
+        Serial::Socket(p) => {
+            let _ = std::fs::remove_file(&p);
+            let Ok(listener) = UnixListener::bind(&p) else {
+                return;
+            };
+            let ring: Arc<Mutex<std::collections::VecDeque<u8>>> = Arc::default();
+            const RING: usize = 64 * 1024;
+            let mut client: Option<UnixStream> = None;
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        if let Ok((mut c, _)) = accepted {
+                            let pending: Vec<u8> = ring.lock().unwrap().drain(..).collect();
+                            if c.write_all(&pending).await.is_ok() {
+                                client = Some(c);
+                            }
+                        }
+                    }
+                    b = rx.recv() => {
+                        let Some(b) = b else { return };
+                        let sent = match client.as_mut() {
+                            Some(c) => c.write_all(&b).await.is_ok(),
+                            None => false,
+                        };
+                        if !sent {
+                            client = None;
+                            let mut r = ring.lock().unwrap();
+                            r.extend(b);
+                            let over = r.len().saturating_sub(RING);
+                            r.drain(..over);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--version" || a == "-V") {
+        println!("cloud-hypervisor v53.0.0\nMigration Protocol Versions: 0");
+        return ExitCode::SUCCESS;
+    }
+    let cli = match parse_cli(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match config(&cli) {
+        Ok(c) => c,
+        Err(chain) => return fail(&chain),
+    };
+    unsafe {
+        libc::umask(0o077);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(run(cli, config))
+}
+
+fn api_path(spec: &str) -> Result<Option<PathBuf>, Vec<String>> {
+    if let Some(p) = spec.strip_prefix("path=") {
+        return Ok(Some(p.into()));
+    }
+    if spec.starts_with("fd=") {
+        return Err(vec![
+            "the cloud-hypervisor double has no --api-socket fd=".into()
+        ]);
+    }
+    Ok(Some(spec.into()))
+}
+
+async fn run(cli: Cli, config: Config) -> ExitCode {
+    let knobs = Knobs::parse(&cli.cmdline);
+    let api_path = match cli.api_socket.as_deref().map(api_path).transpose() {
+        Ok(p) => p.flatten(),
+        Err(chain) => return fail(&chain),
+    };
+    let events = match &cli.event_monitor {
+        None => None,
+        Some(spec) => {
+            if let Some(fd) = spec.strip_prefix("fd=") {
+                match fd.parse::<i32>() {
+                    Ok(fd) => Some(unsafe { std::fs::File::from_raw_fd(fd) }),
+                    Err(_) => return fail(&["Error parsing --event-monitor".into()]),
+                }
+            } else {
+                let p = spec.strip_prefix("path=").unwrap_or(spec);
+                match std::fs::File::create(p) {
+                    Ok(f) => Some(f),
+                    Err(e) => return fail(&["Error creating event monitor".into(), e.to_string()]),
+                }
+            }
+        }
+    };
+    let (serial_tx, serial_rx) = mpsc::channel(16);
+    let (exit_tx, mut exit_rx) = mpsc::channel(4);
+    let vmm = Arc::new(Vmm {
+        state: Mutex::new(VmState::Created),
+        ready: Mutex::new(false),
+        started: Instant::now(),
+        config: config.clone(),
+        serial: serial_tx,
+        events: Mutex::new(events),
+        exit: exit_tx,
+        knobs,
+        api_path: api_path.clone(),
+        cli,
+    });
+    vmm.event("vmm", "starting");
+
+    if let Some(p) = &api_path {
+        if let Some(ms) = vmm.knobs.num("double.api_delay_ms") {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        // A live instance on this socket: refuse, as v53 does.
+        if UnixStream::connect(p).await.is_ok() {
+            return fail(&["Error starting the VMM".into(), "ApiSocketInUse".into()]);
+        }
+        let _ = std::fs::remove_file(p);
+        let listener = match UnixListener::bind(p) {
+            Ok(l) => l,
+            Err(e) => return fail(&["Error creating API socket".into(), e.to_string()]),
+        };
+        let mut lock = p.clone().into_os_string();
+        lock.push(".lock");
+        let _ = std::fs::File::create(PathBuf::from(lock));
+        let v = Arc::clone(&vmm);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(serve_conn(Arc::clone(&v), s));
+            }
+        });
+    }
+    tokio::spawn(serial_sink(config.serial.clone(), serial_rx));
+
+    if let Some(k) = vmm.cli.kernel.clone() {
+        if let Err(e) = std::fs::File::open(&k).and_then(|f| f.metadata().map(|m| m.ino())) {
+            eprintln!(
+                "cloud-hypervisor: {:>11.6}s: <main> ERROR:cloud-hypervisor/src/lib.rs:24 -- Fatal error: VmBoot(KernelFile({e}))",
+                vmm.started.elapsed().as_secs_f64()
+            );
+            // A failed boot leaves the API socket behind, as v53 does.
+            return fail(&[
+                "Error booting VM".into(),
+                "The VM could not boot".into(),
+                "Cannot open kernel file".into(),
+                e.to_string(),
+            ]);
+        }
+        tokio::spawn(Arc::clone(&vmm).boot());
+    }
+    if let Some(ms) = vmm.knobs.num("double.crash_after_ms") {
+        let v = Arc::clone(&vmm);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            match v.knobs.num("double.crash_code") {
+                Some(code) => {
+                    let _ = v.exit.send(code as u8).await;
+                }
+                None => {
+                    eprintln!(
+                        "cloud-hypervisor: {:>11.6}s: <vcpu0> ERROR:vmm/src/cpu.rs:1460 -- VCPU generated error: VcpuUnhandledKvmExit",
+                        v.started.elapsed().as_secs_f64()
+                    );
+                    let _ = v.exit.send(0).await;
+                }
+            }
+        });
+    }
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal");
+    let mut int = signal(SignalKind::interrupt()).expect("signal");
+    let code = tokio::select! {
+        c = exit_rx.recv() => c.unwrap_or(0),
+        _ = term.recv() => 0,
+        _ = int.recv() => 0,
+    };
+    // Let the last serial lines and events out.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    if code == 0 {
+        if let Some(p) = &vmm.api_path {
+            let _ = std::fs::remove_file(p);
+        }
+        if let Serial::Socket(p) = &vmm.config.serial {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    ExitCode::from(code)
+}

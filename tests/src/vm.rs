@@ -1,0 +1,225 @@
+//! One VM under a zinit for tests: a runtime description, a zinit service
+//! `vm:<name>` running `vmd-shim`, and helpers to watch it.
+//!
+//! The hypervisor is the double unless `VMD_TEST_CH` names a real
+//! cloud-hypervisor; then `VMD_TEST_KERNEL` (and `VMD_TEST_INITRD`) must name
+//! a guest that boots there (see `shared/guest/`), and `VMD_TEST_CMDLINE`
+//! may give its base command line.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vmd_shim::spec::{ConsoleSpec, RestartPolicy, RunDir, VmSpec, SPEC_VERSION};
+use vmd_shim::state::ShimState;
+use zinit::{Command, Service, ServiceName};
+
+use crate::{bin, Supervisor};
+
+/// Whether a real cloud-hypervisor runs the tests.
+pub fn real_ch() -> bool {
+    std::env::var_os("VMD_TEST_CH").is_some()
+}
+
+pub fn ch_binary() -> PathBuf {
+    std::env::var_os("VMD_TEST_CH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin("ch-double"))
+}
+
+/// How long a guest may take to print GUEST-READY (a real one on an
+/// emulated KVM takes about 40 s).
+pub fn boot_timeout() -> Duration {
+    if real_ch() {
+        Duration::from_secs(240)
+    } else {
+        Duration::from_secs(15)
+    }
+}
+
+/// The guest knobs go after the base command line of the guest.
+fn base_cmdline() -> String {
+    std::env::var("VMD_TEST_CMDLINE").unwrap_or_else(|_| {
+        "console=ttyS0 clearcpuid=141,151,158,306,308,145,298,59,534 noxsave nofsgsbase panic=0"
+            .into()
+    })
+}
+
+pub struct TestVm {
+    pub name: String,
+    pub run: RunDir,
+    pub spec: VmSpec,
+    pub service: ServiceName,
+}
+
+impl TestVm {
+    /// A VM description for `name` with guest knobs `knobs` (e.g. `gaction=wait`).
+    pub fn new(z: &Supervisor, name: &str, knobs: &str) -> Self {
+        let root = z.dir.path();
+        let run = RunDir(root.join("run").join(name));
+        std::fs::create_dir_all(&run.0).unwrap();
+        let kernel = match std::env::var_os("VMD_TEST_KERNEL") {
+            Some(k) => PathBuf::from(k),
+            None => {
+                let k = root.join("vmlinux");
+                if !k.exists() {
+                    std::fs::write(&k, b"not a kernel: the double only opens it").unwrap();
+                }
+                k
+            }
+        };
+        let initramfs = std::env::var_os("VMD_TEST_INITRD").map(PathBuf::from);
+        let spec = VmSpec {
+            version: SPEC_VERSION,
+            name: name.into(),
+            hypervisor: ch_binary(),
+            vcpus: 1,
+            memory_mib: 256,
+            kernel,
+            initramfs,
+            cmdline: format!("{} {knobs}", base_cmdline()).trim().to_owned(),
+            disks: vec![],
+            nets: vec![],
+            shares: vec![],
+            devices: vec![],
+            keep_alive: true,
+            grace_secs: 30,
+            restart: RestartPolicy::default(),
+            console: ConsoleSpec {
+                log: root.join("logs").join(name),
+                rotate_bytes: ConsoleSpec::ZOS_ROTATE,
+                keep_bytes: ConsoleSpec::ZOS_KEEP,
+            },
+        };
+        TestVm {
+            name: name.into(),
+            service: format!("vm:{name}").parse().unwrap(),
+            run,
+            spec,
+        }
+    }
+
+    pub fn write_spec(&self) {
+        std::fs::write(
+            self.run.spec(),
+            serde_json::to_vec_pretty(&self.spec).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// Writes the description and the service, and asks zinit to monitor it.
+    pub async fn start(&self, z: &Supervisor) {
+        self.write_spec();
+        let exec = Command::new([
+            bin("vmd-shim").to_string_lossy().into_owned(),
+            "--dir".into(),
+            self.run.0.to_string_lossy().into_owned(),
+        ])
+        .unwrap();
+        z.config_dir()
+            .install(&self.service, &Service::new(exec))
+            .unwrap();
+        z.client().monitor(&self.service).await.unwrap();
+    }
+
+    pub fn state(&self) -> ShimState {
+        ShimState::load(&self.run.state())
+    }
+
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.spec.console.log).unwrap_or_default())
+            .into_owned()
+    }
+
+    /// Waits until the console log contains `marker` `times` times.
+    pub async fn wait_console(&self, marker: &str, times: usize, limit: Duration) {
+        let t0 = Instant::now();
+        loop {
+            if self.console().matches(marker).count() >= times {
+                return;
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "{marker:?} x{times} not on the console within {limit:?}; console:\n{}",
+                tail(&self.console(), 2000)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `f(state)` holds.
+    pub async fn wait_state(
+        &self,
+        what: &str,
+        limit: Duration,
+        f: impl Fn(&ShimState) -> bool,
+    ) -> ShimState {
+        let t0 = Instant::now();
+        loop {
+            let st = self.state();
+            if f(&st) {
+                return st;
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "{what}: not within {limit:?}; state: {st:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The running VMM's pid (identity-checked).
+    pub async fn vmm_pid(&self, limit: Duration) -> i32 {
+        let st = self
+            .wait_state("a running VMM", limit, |s| s.vmm.is_some_and(|v| v.alive()))
+            .await;
+        st.vmm.unwrap().pid
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> &str {
+    let start = s.len().saturating_sub(n);
+    let mut i = start;
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    &s[i..]
+}
+
+/// Whether `pid` exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// A field of `/proc/<pid>/status`, e.g. `NoNewPrivs`.
+pub fn proc_status(pid: i32, field: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines().find_map(|l| {
+        l.strip_prefix(&format!("{field}:"))
+            .map(|v| v.trim().to_owned())
+    })
+}
+
+/// user + system CPU time of `pid`, in clock ticks.
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split(' ').collect();
+    f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// Resident memory of `pid` in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    proc_status(pid, "VmRSS")
+        .and_then(|v| v.trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}

@@ -1,0 +1,396 @@
+//! vmd-shim under a zinit (double or real) with a cloud-hypervisor (double
+//! or real: `VMD_TEST_CH`, `VMD_TEST_KERNEL`, `VMD_TEST_INITRD`).
+
+use std::time::{Duration, Instant};
+
+use vmd_shim::control;
+use vmd_shim::state::Phase;
+use vmd_tests::vm::{alive, boot_timeout, cpu_ticks, proc_status, real_ch, rss_kib, tail, TestVm};
+use vmd_tests::Supervisor;
+use zinit::State;
+
+const SHORT: Duration = Duration::from_secs(10);
+
+async fn shim_pid(z: &Supervisor, vm: &TestVm) -> i32 {
+    let c = z.client();
+    let t0 = Instant::now();
+    loop {
+        let st = c.status(&vm.service).await.unwrap();
+        if st.pid > 0 {
+            return st.pid as i32;
+        }
+        assert!(t0.elapsed() < SHORT, "no shim process");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_the_vmm_hardened_with_the_console_in_the_log() {
+    let z = Supervisor::start();
+    let vm = TestVm::new(&z, "start", "gaction=wait");
+    vm.start(&z).await;
+    vm.wait_console("GUEST-READY", 1, boot_timeout()).await;
+    let pid = vm.vmm_pid(SHORT).await;
+    let shim = shim_pid(&z, &vm).await;
+    assert_eq!(vm.state().phase, Phase::Running);
+    // Its own process group, child of the shim, dying with it, no new privileges.
+    assert_eq!(unsafe { libc::getpgid(pid) }, pid);
+    let ppid: i32 = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap()
+        .rsplit_once(") ")
+        .unwrap()
+        .1
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(ppid, shim);
+    assert_eq!(proc_status(pid, "NoNewPrivs").as_deref(), Some("1"));
+    if unsafe { libc::geteuid() } == 0 {
+        // No taps, no devices: no capability at all.
+        assert_eq!(
+            proc_status(pid, "CapBnd").as_deref(),
+            Some("0000000000000000")
+        );
+        assert_eq!(
+            proc_status(pid, "CapEff").as_deref(),
+            Some("0000000000000000")
+        );
+    }
+    // Lifecycle lines are in zinit's ring, console bytes are not.
+    let ring = z.client().service_log(&vm.service).await.unwrap();
+    assert!(
+        ring.iter().any(|l| l.contains("vmm running pid=")),
+        "{ring:?}"
+    );
+    assert!(
+        !ring.iter().any(|l| l.contains("GUEST-READY")),
+        "console in the ring: {ring:?}"
+    );
+    // The API answers.
+    let ping = vmd_shim::api::expect_ok(&vm.run.api_socket(), "GET", "vmm.ping", SHORT)
+        .await
+        .unwrap();
+    let ping: serde_json::Value = serde_json::from_slice(&ping).unwrap();
+    assert_eq!(ping["pid"].as_i64(), Some(pid as i64));
+    let info = vmd_shim::api::expect_ok(&vm.run.api_socket(), "GET", "vm.info", SHORT)
+        .await
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info).unwrap();
+    assert_eq!(info["state"], "Running");
+    assert_eq!(info["config"]["memory"]["size"].as_u64(), Some(256 << 20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_vmm_is_restarted_with_back_off() {
+    let z = Supervisor::start();
+    let vm = TestVm::new(&z, "vmmkill", "gaction=wait");
+    vm.start(&z).await;
+    vm.wait_console("GUEST-READY", 1, boot_timeout()).await;
+    let first = vm.vmm_pid(SHORT).await;
+    let shim = shim_pid(&z, &vm).await;
+    let killed = Instant::now();
+    unsafe {
+        libc::kill(first, libc::SIGKILL);
+    }
+    let st = vm
+        .wait_state("a new VMM", SHORT, |s| {
+            s.vmm.is_some_and(|v| v.pid != first && v.alive())
+        })
+        .await;
+    let took = killed.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "restarted after {took:?}: no back-off"
+    );
+    assert_eq!(st.restarts, 1);
+    assert_eq!(st.exits.len(), 1);
+    assert!(st.exits[0].status.contains("SIGKILL"), "{:?}", st.exits);
+    // Same shim: the VMM was restarted by the shim, not by zinit.
+    assert_eq!(shim_pid(&z, &vm).await, shim);
+    vm.wait_console("GUEST-READY", 2, boot_timeout()).await;
+    let ring = z.client().service_log(&vm.service).await.unwrap();
+    assert!(
+        ring.iter()
+            .any(|l| l.contains("vmm exited: signal 9 (SIGKILL)")),
+        "{ring:?}"
+    );
+    assert!(
+        ring.iter().any(|l| l.contains("restarting in 1 s")),
+        "{ring:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_shim_leaves_no_orphan_and_the_vm_comes_back() {
+    let z = Supervisor::start();
+    let vm = TestVm::new(&z, "shimkill", "gaction=wait");
+    vm.start(&z).await;
+    vm.wait_console("GUEST-READY", 1, boot_timeout()).await;
+    let vmm = vm.vmm_pid(SHORT).await;
+    let shim = shim_pid(&z, &vm).await;
+    unsafe {
+        libc::kill(shim, libc::SIGKILL);
+    }
+    // The VMM dies with its shim (death signal), at once.
+    let t0 = Instant::now();
+    while alive(vmm) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "orphan VMM {vmm} outlived its shim"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // zinit respawns the shim, which starts the VM again.
+    let st = vm
+        .wait_state("the VM back", SHORT, |s| {
+            s.vmm.is_some_and(|v| v.pid != vmm && v.alive())
+        })
+        .await;
+    assert_ne!(shim_pid(&z, &vm).await, shim);
+    assert_eq!(st.restarts, 1, "{st:?}");
+    vm.wait_console("GUEST-READY", 2, boot_timeout()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_gives_up_with_the_reason_and_burns_no_cpu() {
+    if real_ch() {
+        eprintln!("skipped: needs the double's crash knob");
+        return;
+    }
+    let z = Supervisor::start();
+    let mut vm = TestVm::new(&z, "loop", "gaction=wait double.crash_after_ms=150");
+    vm.spec.restart.max_exits = 3;
+    vm.spec.restart.max_backoff_secs = 1;
+    vm.start(&z).await;
+    let st = vm
+        .wait_state("failed", Duration::from_secs(20), |s| {
+            s.phase == Phase::Failed
+        })
+        .await;
+    let reason = st.reason.clone().unwrap();
+    assert!(reason.contains("3 times"), "{reason}");
+    assert!(reason.contains("vCPU error"), "{reason}");
+    assert!(
+        st.last_console
+            .as_deref()
+            .unwrap_or("")
+            .contains("GUEST-HELLO"),
+        "{st:?}"
+    );
+    assert!(st.vmm.is_none());
+    // Idle: no VMM, no CPU, and zinit sees a running (not respawning) shim.
+    let shim = shim_pid(&z, &vm).await;
+    let before = cpu_ticks(shim);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(cpu_ticks(shim), before, "an idle failed shim used CPU");
+    assert_eq!(shim_pid(&z, &vm).await, shim);
+    assert_eq!(vm.state().exits.len(), 3);
+    let ring = z.client().service_log(&vm.service).await.unwrap();
+    assert!(ring.iter().any(|l| l.contains("gave up:")), "{ring:?}");
+    // A shim restarted by zinit stays failed (the state is on disk).
+    unsafe {
+        libc::kill(shim, libc::SIGKILL);
+    }
+    let t0 = Instant::now();
+    while shim_pid(&z, &vm).await == shim {
+        assert!(t0.elapsed() < SHORT);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let st = vm.state();
+    assert_eq!(st.phase, Phase::Failed);
+    assert!(st.vmm.is_none(), "a failed VM was started again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cooperating_guest_stops_gracefully_before_the_grace_period() {
+    let z = Supervisor::start();
+    let vm = TestVm::new(&z, "graceful", "gaction=wait");
+    vm.start(&z).await;
+    vm.wait_console("GUEST-READY", 1, boot_timeout()).await;
+    let vmm = vm.vmm_pid(SHORT).await;
+    let t0 = Instant::now();
+    // zinit stop = SIGTERM to the shim's group; the VMM is in its own group.
+    z.client()
+        .stop_and_wait(&vm.service, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(vm.spec.grace_secs),
+        "took {took:?}"
+    );
+    assert!(!alive(vmm));
+    let st = z.client().status(&vm.service).await.unwrap();
+    assert_eq!(st.state, State::Success, "the shim did not exit 0");
+    assert!(vm.console().contains("GUEST-POWER-BUTTON: powering off"));
+    let s = vm.state();
+    assert_eq!(s.phase, Phase::Stopped);
+    assert!(s.reason.unwrap().contains("guest powered off"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_ignoring_the_power_button_is_forced_after_the_grace_period() {
+    if real_ch() {
+        eprintln!("skipped: needs the double's ignore_power_button knob");
+        return;
+    }
+    let z = Supervisor::start();
+    let mut vm = TestVm::new(&z, "stubborn", "gaction=wait double.ignore_power_button=1");
+    vm.spec.grace_secs = 2;
+    vm.start(&z).await;
+    vm.wait_console("GUEST-READY", 1, boot_timeout()).await;
+    let vmm = vm.vmm_pid(SHORT).await;
+    // The way vmd stops a VM: through the shim's control socket first.
+    let t0 = Instant::now();
+    let reply = control::request(&vm.run.control_socket(), "stop", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let took = t0.elapsed();
+    assert_eq!(reply, "stopped");
+    assert!(
+        took >= Duration::from_secs(2),
+        "forced before the grace period: {took:?}"
+    );
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    assert!(!alive(vmm));
+    let s = vm.state();
+    assert_eq!(s.phase, Phase::Stopped);
+    assert!(
+        s.reason
+            .as_deref()
+            .unwrap()
+            .contains("forced after the grace period"),
+        "{s:?}"
+    );
+    // After a control stop the shim idles: nothing restarts the VM.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(vm.state().vmm.is_none());
+    let st = z.client().status(&vm.service).await.unwrap();
+    assert_eq!(st.state, State::Running, "the shim should idle, not exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_powered_off_guest_is_restarted_unless_not_kept_alive() {
+    let z = Supervisor::start();
+    let vm = TestVm::new(&z, "keep", "gaction=poweroff");
+    vm.start(&z).await;
+    vm.wait_console("GUEST-POWEROFF", 2, boot_timeout() * 2)
+        .await;
+    let st = vm.state();
+    assert!(st.restarts >= 1);
+    assert!(st.exits.iter().all(|e| e.clean), "{st:?}");
+
+    let mut off = TestVm::new(&z, "nokeep", "gaction=poweroff");
+    off.spec.keep_alive = false;
+    off.start(&z).await;
+    let st = off
+        .wait_state("powered off", boot_timeout(), |s| {
+            s.phase == Phase::PoweredOff
+        })
+        .await;
+    assert_eq!(st.restarts, 0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        off.console().matches("GUEST-POWEROFF").count(),
+        1,
+        "restarted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shim_for_a_deleted_vm_starts_nothing() {
+    let z = Supervisor::start();
+    let vm = TestVm::new(&z, "gone", "gaction=wait");
+    std::fs::write(vm.run.deleted_mark(), "").unwrap();
+    vm.start(&z).await;
+    let c = z.client();
+    let t0 = Instant::now();
+    loop {
+        let st = c.status(&vm.service).await.unwrap();
+        if st.state == State::Success {
+            break;
+        }
+        assert!(t0.elapsed() < SHORT, "{st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!vm.run.state().exists(), "the shim did something");
+    assert!(!vm.run.api_socket().exists());
+    let ring = c.service_log(&vm.service).await.unwrap();
+    assert!(ring.iter().any(|l| l.contains("being deleted")), "{ring:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_api_socket_does_not_prevent_the_start() {
+    let z = Supervisor::start();
+    let vm = TestVm::new(&z, "stale", "gaction=wait");
+    // What a SIGKILLed VMM leaves: a socket file nobody listens on, and its lock.
+    let stale = std::os::unix::net::UnixListener::bind(vm.run.api_socket()).unwrap();
+    drop(stale);
+    std::fs::write(vm.run.0.join("api.sock.lock"), "").unwrap();
+    vm.start(&z).await;
+    vm.wait_console("GUEST-READY", 1, boot_timeout()).await;
+    vm.vmm_pid(SHORT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_flood_stays_within_bounds() {
+    if real_ch() {
+        eprintln!("skipped: needs the double's flood knob");
+        return;
+    }
+    let z = Supervisor::start();
+    let vm = TestVm::new(&z, "flood", "gaction=wait double.flood_bps=0");
+    vm.start(&z).await;
+    vm.wait_console("GUEST-READY", 1, boot_timeout()).await;
+    let shim = shim_pid(&z, &vm).await;
+    let mut rss = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        rss.push(rss_kib(shim));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let log = std::fs::read(&vm.spec.console.log).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(vmd_shim::console::meta_path(&vm.spec.console.log)).unwrap(),
+    )
+    .unwrap();
+    let total = meta["base"].as_u64().unwrap() + log.len() as u64;
+    eprintln!(
+        "flood: {} MB through the shim in 10 s ({:.0} MB/s), log {} bytes, shim RSS {:?} KiB",
+        total / 1_000_000,
+        total as f64 / 1e6 / 10.0,
+        log.len(),
+        (rss.iter().min().unwrap(), rss.iter().max().unwrap())
+    );
+    assert!(
+        total > 8 << 20,
+        "the flood never reached rotation ({total} bytes)"
+    );
+    assert!(
+        log.len() as u64 <= (8 << 20) + (64 << 10),
+        "log of {} bytes",
+        log.len()
+    );
+    assert!(!log.contains(&0), "NUL bytes in the log");
+    // The kept tail is whole lines, in order, with no gap.
+    let text = String::from_utf8(log).unwrap();
+    let seqs: Vec<u64> = text
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("FLOOD ")
+                .and_then(|r| r.get(..12))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    assert!(seqs.len() > 1000);
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "gap or disorder in the kept tail"
+    );
+    let (lo, hi) = (*rss.iter().min().unwrap(), *rss.iter().max().unwrap());
+    assert!(hi - lo < 2048, "shim memory grew from {lo} to {hi} KiB");
+    assert!(!tail(&text, 100).is_empty());
+}

@@ -1,0 +1,274 @@
+//! From a [`VmSpec`] to cloud-hypervisor's command line. Pure: same spec,
+//! same argv, so it is unit-tested field by field.
+
+use std::path::Path;
+
+use crate::spec::{RunDir, VmSpec};
+
+/// The fd the event monitor pipe is handed to the VMM on.
+pub const EVENT_FD: i32 = 3;
+
+/// The argv (without the program) for `spec`, with sockets in `run`.
+pub fn hypervisor_args(spec: &VmSpec, run: &RunDir) -> Vec<String> {
+    let p = |p: &Path| p.display().to_string();
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |flag: &str, value: String| {
+        a.push(flag.to_owned());
+        a.push(value);
+    };
+    push("--api-socket", format!("path={}", p(&run.api_socket())));
+    push("--kernel", p(&spec.kernel));
+    if let Some(i) = &spec.initramfs {
+        push("--initramfs", p(i));
+    }
+    push("--cmdline", spec.cmdline.clone());
+    push("--cpus", format!("boot={}", spec.vcpus));
+    // virtio-fs needs guest memory the vhost-user daemon can map.
+    let shared = if spec.shares.is_empty() {
+        ""
+    } else {
+        ",shared=on"
+    };
+    push("--memory", format!("size={}M{shared}", spec.memory_mib));
+    // Serial over a socket the shim reads: the shim owns the byte stream
+    // (`file=` truncates on every reboot and breaks rotation).
+    push("--serial", format!("socket={}", p(&run.serial_socket())));
+    // The virtio console would go to stdout: off, the serial is the console.
+    push("--console", "off".into());
+    push("--event-monitor", format!("fd={EVENT_FD}"));
+    let mut multi = |flag: &str, values: Vec<String>| {
+        if !values.is_empty() {
+            a.push(flag.to_owned());
+            a.extend(values);
+        }
+    };
+    multi(
+        "--disk",
+        spec.disks
+            .iter()
+            .map(|d| {
+                let ro = if d.readonly { ",readonly=on" } else { "" };
+                format!("path={}{ro}", p(&d.path))
+            })
+            .collect(),
+    );
+    multi(
+        "--net",
+        spec.nets
+            .iter()
+            .map(|n| format!("tap={},mac={}", n.tap, n.mac))
+            .collect(),
+    );
+    multi(
+        "--fs",
+        spec.shares
+            .iter()
+            .map(|s| format!("tag={},socket={}", s.tag, p(&s.socket)))
+            .collect(),
+    );
+    multi(
+        "--device",
+        spec.devices
+            .iter()
+            .map(|d| format!("path=/sys/bus/pci/devices/{d}"))
+            .collect(),
+    );
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::*;
+    use std::path::PathBuf;
+
+    fn base() -> VmSpec {
+        VmSpec {
+            version: SPEC_VERSION,
+            name: "web".into(),
+            hypervisor: "/usr/bin/cloud-hypervisor".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            kernel: "/k/vmlinux".into(),
+            initramfs: None,
+            cmdline: "console=ttyS0 root=/dev/vda rw".into(),
+            disks: vec![],
+            nets: vec![],
+            shares: vec![],
+            devices: vec![],
+            keep_alive: true,
+            grace_secs: 30,
+            restart: RestartPolicy::default(),
+            console: ConsoleSpec {
+                log: "/logs/web".into(),
+                rotate_bytes: 8 << 20,
+                keep_bytes: 4 << 20,
+            },
+        }
+    }
+
+    fn run() -> RunDir {
+        RunDir(PathBuf::from("/run/vmd/web"))
+    }
+
+    fn value_of<'a>(a: &'a [String], flag: &str) -> Vec<&'a str> {
+        let Some(i) = a.iter().position(|x| x == flag) else {
+            return vec![];
+        };
+        a[i + 1..]
+            .iter()
+            .take_while(|x| !x.starts_with("--"))
+            .map(String::as_str)
+            .collect()
+    }
+
+    #[test]
+    fn minimal_vm() {
+        let a = hypervisor_args(&base(), &run());
+        assert_eq!(
+            a,
+            [
+                "--api-socket",
+                "path=/run/vmd/web/api.sock",
+                "--kernel",
+                "/k/vmlinux",
+                "--cmdline",
+                "console=ttyS0 root=/dev/vda rw",
+                "--cpus",
+                "boot=2",
+                "--memory",
+                "size=512M",
+                "--serial",
+                "socket=/run/vmd/web/serial.sock",
+                "--console",
+                "off",
+                "--event-monitor",
+                "fd=3",
+            ]
+        );
+    }
+
+    #[test]
+    fn initramfs() {
+        let mut s = base();
+        s.initramfs = Some("/k/initrd".into());
+        assert_eq!(
+            value_of(&hypervisor_args(&s, &run()), "--initramfs"),
+            ["/k/initrd"]
+        );
+    }
+
+    #[test]
+    fn cmdline_is_one_argument() {
+        let mut s = base();
+        s.cmdline = "a=1 b=\"two words\" c".into();
+        assert_eq!(
+            value_of(&hypervisor_args(&s, &run()), "--cmdline"),
+            [s.cmdline.as_str()]
+        );
+    }
+
+    #[test]
+    fn disks_in_order_with_readonly_seed() {
+        let mut s = base();
+        s.disks = vec![
+            Disk {
+                path: "/d/root".into(),
+                readonly: false,
+            },
+            Disk {
+                path: "/d/data".into(),
+                readonly: false,
+            },
+            Disk {
+                path: "/d/seed.img".into(),
+                readonly: true,
+            },
+        ];
+        assert_eq!(
+            value_of(&hypervisor_args(&s, &run()), "--disk"),
+            [
+                "path=/d/root",
+                "path=/d/data",
+                "path=/d/seed.img,readonly=on"
+            ]
+        );
+    }
+
+    #[test]
+    fn nets_with_tap_and_mac() {
+        let mut s = base();
+        s.nets = vec![
+            Net {
+                tap: "t-abc".into(),
+                mac: "de:ad:be:ef:00:01".into(),
+            },
+            Net {
+                tap: "p-abc".into(),
+                mac: "de:ad:be:ef:00:02".into(),
+            },
+        ];
+        assert_eq!(
+            value_of(&hypervisor_args(&s, &run()), "--net"),
+            [
+                "tap=t-abc,mac=de:ad:be:ef:00:01",
+                "tap=p-abc,mac=de:ad:be:ef:00:02"
+            ]
+        );
+    }
+
+    #[test]
+    fn shares_need_shared_memory() {
+        let mut s = base();
+        s.shares = vec![Share {
+            tag: "vroot".into(),
+            socket: "/run/vmd/web/fs-vroot.sock".into(),
+            source: "/mnt/root".into(),
+        }];
+        let a = hypervisor_args(&s, &run());
+        assert_eq!(value_of(&a, "--memory"), ["size=512M,shared=on"]);
+        assert_eq!(
+            value_of(&a, "--fs"),
+            ["tag=vroot,socket=/run/vmd/web/fs-vroot.sock"]
+        );
+    }
+
+    #[test]
+    fn pci_devices() {
+        let mut s = base();
+        s.devices = vec!["0000:01:00.0".into()];
+        assert_eq!(
+            value_of(&hypervisor_args(&s, &run()), "--device"),
+            ["path=/sys/bus/pci/devices/0000:01:00.0"]
+        );
+    }
+
+    #[test]
+    fn unrepresentable_values_are_refused() {
+        let mut s = base();
+        s.disks = vec![Disk {
+            path: "/d/a,b".into(),
+            readonly: false,
+        }];
+        assert!(s.validate().is_err());
+        let mut s = base();
+        s.kernel = "relative/vmlinux".into();
+        assert!(s.validate().is_err());
+        let mut s = base();
+        s.nets = vec![Net {
+            tap: "t-a".into(),
+            mac: "aa,bb".into(),
+        }];
+        assert!(s.validate().is_err());
+        let mut s = base();
+        s.cmdline = "a\nb".into();
+        assert!(s.validate().is_err());
+        let mut s = base();
+        s.devices = vec!["../../x".into()];
+        assert!(s.validate().is_err());
+        let mut s = base();
+        s.version = 2;
+        assert_eq!(s.validate(), Err(SpecError::Version(2)));
+        assert!(base().validate().is_ok());
+    }
+}

@@ -1,0 +1,121 @@
+//! How the VMM is started: least privilege and no orphans.
+//!
+//! * own process group: zinit's `stop` signals the shim's group; the VMM
+//!   must not get that SIGTERM (it would hard-stop the guest) — the shim
+//!   stops it gracefully instead;
+//! * `PR_SET_PDEATHSIG(SIGKILL)` and a parent check: if the shim dies, the
+//!   VMM dies with it and never lingers holding a tap. The death signal is
+//!   tied to the *thread* that forked, so the shim forks from its main
+//!   thread (single-threaded runtime);
+//! * `no_new_privs`, and every capability the VM does not need dropped
+//!   from the bounding set (as root that is what the VMM ends up with);
+//! * no shell: the argv is executed directly.
+//!
+//! Everything in [`Hardening::apply`] runs between fork and exec, so it only
+//! makes raw system calls on data prepared beforehand.
+
+use caps::{CapSet, Capability};
+
+use crate::spec::VmSpec;
+
+pub struct Hardening {
+    parent: libc::pid_t,
+    drop: Vec<libc::c_ulong>,
+    event_fd: Option<libc::c_int>,
+}
+
+/// The capabilities the VMM keeps for `spec`, with the reason.
+pub fn needed_caps(spec: &VmSpec) -> Vec<(Capability, &'static str)> {
+    let mut keep = Vec::new();
+    if !spec.nets.is_empty() {
+        // Attaching to a pre-created tap not owned by our uid (TUNSETIFF).
+        keep.push((Capability::CAP_NET_ADMIN, "attach to the VM's taps"));
+    }
+    if !spec.devices.is_empty() {
+        // VFIO pins all guest memory.
+        keep.push((
+            Capability::CAP_IPC_LOCK,
+            "lock guest memory for PCI passthrough",
+        ));
+        keep.push((
+            Capability::CAP_SYS_RESOURCE,
+            "raise RLIMIT_MEMLOCK for VFIO",
+        ));
+    }
+    keep
+}
+
+impl Hardening {
+    /// Prepares the hardening of a VMM for `spec`. `event_fd` is handed to
+    /// the VMM as fd 3 (its event monitor).
+    pub fn new(spec: &VmSpec, event_fd: Option<libc::c_int>) -> Self {
+        let keep: Vec<Capability> = needed_caps(spec).into_iter().map(|(c, _)| c).collect();
+        // Without CAP_SETPCAP (an unprivileged shim) nothing can be dropped,
+        // and nothing needs to be: the VMM has no capabilities to begin with.
+        let can_drop =
+            caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).unwrap_or(false);
+        let drop = if can_drop {
+            caps::all()
+                .into_iter()
+                .filter(|c| !keep.contains(c))
+                .map(|c| libc::c_ulong::from(c.index()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Hardening {
+            parent: std::process::id() as libc::pid_t,
+            drop,
+            event_fd,
+        }
+    }
+
+    /// # Safety
+    /// To be called only in the child between fork and exec.
+    pub unsafe fn apply(&self) -> std::io::Result<()> {
+        let err = std::io::Error::last_os_error;
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            return Err(err());
+        }
+        // The shim may have died between fork and prctl: then the death
+        // signal will never come, so do not run at all.
+        if libc::getppid() != self.parent {
+            return Err(std::io::Error::other("parent died before exec"));
+        }
+        for &cap in &self.drop {
+            // EINVAL: a capability this kernel does not know; nothing to drop.
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
+                && *libc::__errno_location() != libc::EINVAL
+            {
+                return Err(err());
+            }
+        }
+        if !self.drop.is_empty()
+            && libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ) != 0
+        {
+            return Err(err());
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(err());
+        }
+        if let Some(fd) = self.event_fd {
+            const TARGET: libc::c_int = crate::args::EVENT_FD;
+            if fd == TARGET {
+                // dup2 onto itself keeps close-on-exec: clear it instead.
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(err());
+                }
+            } else if libc::dup2(fd, TARGET) < 0 {
+                return Err(err());
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,249 @@
+//! The runtime description of one VM: what vmd writes and vmd-shim reads.
+//!
+//! It lives at `<runtime dir>/<vm>/vm.json`. Everything the shim needs is in
+//! it, already validated and resolved by vmd (kernel command line, memory in
+//! MiB, paths); the shim still checks what would break the hypervisor's
+//! command line. A `deleted` file beside it tells a shim respawned by zinit
+//! that the VM is being removed: exit at once, start nothing.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The format of `vm.json`. Bumped on incompatible changes; the shim refuses
+/// what it does not understand rather than guessing.
+pub const SPEC_VERSION: u32 = 1;
+
+pub const SPEC_FILE: &str = "vm.json";
+pub const DELETED_MARK: &str = "deleted";
+pub const API_SOCKET: &str = "api.sock";
+pub const SERIAL_SOCKET: &str = "serial.sock";
+pub const CONTROL_SOCKET: &str = "shim.sock";
+pub const STATE_FILE: &str = "state.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub version: u32,
+    pub name: String,
+    /// The cloud-hypervisor binary.
+    pub hypervisor: PathBuf,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+    #[serde(default)]
+    pub nets: Vec<Net>,
+    #[serde(default)]
+    pub shares: Vec<Share>,
+    /// PCI addresses, `0000:01:00.0`.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Restart the VM when the guest powers off (Zero-OS: not `NoKeepAlive`).
+    pub keep_alive: bool,
+    /// How long a stop waits for the guest to power off before forcing it.
+    pub grace_secs: u64,
+    pub restart: RestartPolicy,
+    pub console: ConsoleSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Net {
+    pub tap: String,
+    pub mac: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    /// virtio-fs tag the guest mounts.
+    pub tag: String,
+    /// virtiofsd's vhost-user socket.
+    pub socket: PathBuf,
+    /// Host directory served.
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    /// This many VMM exits within `window_secs` and the shim gives up.
+    pub max_exits: u32,
+    pub window_secs: u64,
+    /// Back-off between restarts doubles from 1 s up to this.
+    pub max_backoff_secs: u64,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            max_exits: 5,
+            window_secs: 300,
+            max_backoff_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleSpec {
+    /// The console log (Zero-OS: `/var/cache/modules/vmd/logs/<name>`).
+    pub log: PathBuf,
+    /// Rotate when the log grows past this many bytes…
+    pub rotate_bytes: u64,
+    /// …keeping this many bytes of its tail.
+    pub keep_bytes: u64,
+}
+
+impl ConsoleSpec {
+    pub const ZOS_ROTATE: u64 = 8 << 20;
+    pub const ZOS_KEEP: u64 = 4 << 20;
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("unsupported vm.json version {0} (this shim reads {SPEC_VERSION})")]
+    Version(u32),
+    #[error("{what} {value:?} cannot be passed to cloud-hypervisor: {why}")]
+    Unrepresentable {
+        what: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn plain(what: &'static str, value: &str) -> Result<(), SpecError> {
+    // cloud-hypervisor splits option values on ',' and '='-pairs: neither
+    // may occur inside a value, nor may control characters.
+    let bad = |why| SpecError::Unrepresentable {
+        what,
+        value: value.to_owned(),
+        why,
+    };
+    if value.is_empty() {
+        return Err(bad("empty"));
+    }
+    if value.contains(',') {
+        return Err(bad("contains ','"));
+    }
+    if value.chars().any(|c| c.is_control()) {
+        return Err(bad("contains a control character"));
+    }
+    Ok(())
+}
+
+fn plain_path(what: &'static str, p: &Path) -> Result<(), SpecError> {
+    let s = p.to_str().ok_or_else(|| SpecError::Unrepresentable {
+        what,
+        value: p.display().to_string(),
+        why: "not UTF-8",
+    })?;
+    if !p.is_absolute() {
+        return Err(SpecError::Unrepresentable {
+            what,
+            value: s.to_owned(),
+            why: "not an absolute path",
+        });
+    }
+    plain(what, s)
+}
+
+impl VmSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.version != SPEC_VERSION {
+            return Err(SpecError::Version(self.version));
+        }
+        if self.vcpus == 0 {
+            return Err(SpecError::Invalid("vcpus must be at least 1".into()));
+        }
+        if self.memory_mib == 0 {
+            return Err(SpecError::Invalid("memory must be at least 1 MiB".into()));
+        }
+        plain_path("kernel", &self.kernel)?;
+        if let Some(i) = &self.initramfs {
+            plain_path("initramfs", i)?;
+        }
+        if self.cmdline.contains('\0') || self.cmdline.contains('\n') {
+            return Err(SpecError::Invalid(
+                "kernel command line holds a NUL or newline".into(),
+            ));
+        }
+        for d in &self.disks {
+            plain_path("disk", &d.path)?;
+        }
+        for n in &self.nets {
+            plain("tap", &n.tap)?;
+            plain("mac", &n.mac)?;
+            if n.tap.contains('=') || n.mac.contains('=') {
+                return Err(SpecError::Invalid(format!("net {}: '=' in a value", n.tap)));
+            }
+        }
+        for s in &self.shares {
+            plain("share tag", &s.tag)?;
+            plain_path("share socket", &s.socket)?;
+        }
+        for d in &self.devices {
+            plain("device", d)?;
+            if d.contains('/') {
+                return Err(SpecError::Invalid(format!(
+                    "device {d:?} is not a PCI address"
+                )));
+            }
+        }
+        if self.console.keep_bytes >= self.console.rotate_bytes {
+            return Err(SpecError::Invalid(
+                "console keep_bytes must be below rotate_bytes".into(),
+            ));
+        }
+        if self.restart.max_exits == 0 {
+            return Err(SpecError::Invalid(
+                "restart.max_exits must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let spec: VmSpec = serde_json::from_str(&text)
+            .map_err(|e| format!("{} is not a VM description: {e}", path.display()))?;
+        spec.validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(spec)
+    }
+}
+
+/// Files of one VM's runtime directory.
+#[derive(Debug, Clone)]
+pub struct RunDir(pub PathBuf);
+
+impl RunDir {
+    pub fn spec(&self) -> PathBuf {
+        self.0.join(SPEC_FILE)
+    }
+    pub fn deleted_mark(&self) -> PathBuf {
+        self.0.join(DELETED_MARK)
+    }
+    pub fn api_socket(&self) -> PathBuf {
+        self.0.join(API_SOCKET)
+    }
+    pub fn serial_socket(&self) -> PathBuf {
+        self.0.join(SERIAL_SOCKET)
+    }
+    pub fn control_socket(&self) -> PathBuf {
+        self.0.join(CONTROL_SOCKET)
+    }
+    pub fn state(&self) -> PathBuf {
+        self.0.join(STATE_FILE)
+    }
+}
