@@ -78,6 +78,7 @@ impl Fixture {
             MachineMetric {
                 private: m(10, 1000, 20, 2000),
                 public: m(30, 3000, 40, 4000),
+                ..Default::default()
             },
         );
         out.insert(
@@ -85,6 +86,7 @@ impl Fixture {
             MachineMetric {
                 private: m(1, 1 << 40, 2, 1 << 33),
                 public: m(0, 0, 0, 0),
+                ..Default::default()
             },
         );
         out

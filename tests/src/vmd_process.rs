@@ -11,21 +11,83 @@ pub struct VmdProcess {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     broker: String,
+    /// Flags of every start (the paths and `extra`).
+    args: Vec<String>,
 }
 
 impl VmdProcess {
+    /// vmd with its own (dead) zinit socket: for tests of the zbus side.
     pub fn start(redis: &RedisServer, extra: &[&str]) -> Self {
+        Self::start_with(redis, None, extra)
+    }
+
+    /// vmd talking to `zinit` (socket and config dir), with
+    /// `extra` flags after the path flags.
+    pub fn start_with(
+        redis: &RedisServer,
+        zinit: Option<&crate::Supervisor>,
+        extra: &[&str],
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("vmd-daemon-")
             .tempdir()
             .expect("temp dir");
+        let d = dir.path();
+        let (zsock, zdir) = match zinit {
+            Some(z) => (z.socket(), z.config_path()),
+            None => (d.join("zinit.sock"), d.join("zinit")),
+        };
+        let mut args: Vec<String> = vec![
+            "--root".into(),
+            d.join("root").to_string_lossy().into_owned(),
+            "--runtime-dir".into(),
+            d.join("run").to_string_lossy().into_owned(),
+            "--zinit-socket".into(),
+            zsock.to_string_lossy().into_owned(),
+            "--zinit-dir".into(),
+            zdir.to_string_lossy().into_owned(),
+            "--cloud-hypervisor".into(),
+            crate::vm::ch_binary().to_string_lossy().into_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
         let mut p = VmdProcess {
             dir,
             child: None,
             broker: redis.url(),
+            args,
         };
-        p.spawn(extra);
+        p.spawn();
         p
+    }
+
+    /// SIGKILL, then start again with the same flags (a crash and a restart).
+    pub fn crash_and_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn();
+    }
+
+    /// SIGKILL, no restart.
+    pub fn crash(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again after [`VmdProcess::crash`].
+    pub fn restart(&mut self) {
+        self.spawn();
+    }
+
+    pub fn root(&self) -> std::path::PathBuf {
+        self.dir.path().join("root")
+    }
+
+    pub fn runtime(&self) -> std::path::PathBuf {
+        self.dir.path().join("run")
     }
 
     pub fn stderr_path(&self) -> PathBuf {
@@ -36,8 +98,7 @@ impl VmdProcess {
         std::fs::read_to_string(self.stderr_path()).unwrap_or_default()
     }
 
-    fn spawn(&mut self, extra: &[&str]) {
-        let d = self.dir.path();
+    fn spawn(&mut self) {
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -46,15 +107,7 @@ impl VmdProcess {
         let mut cmd = Command::new(bin("vmd"));
         cmd.arg("--broker")
             .arg(&self.broker)
-            .arg("--root")
-            .arg(d.join("root"))
-            .arg("--runtime-dir")
-            .arg(d.join("run"))
-            .arg("--zinit-socket")
-            .arg(d.join("zinit.sock"))
-            .arg("--zinit-dir")
-            .arg(d.join("zinit"))
-            .args(extra)
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -227,10 +227,10 @@ async fn operator_cli_and_clean_shutdown() {
     assert_eq!(out.matches(" free ").count(), 3, "{out}");
     let (code, out, _) = vmd.ctl(&["--object", "vmd", "exists", "web"]);
     assert_eq!((code, out.trim()), (1, "false"));
-    // Until VMs land, methods answer a clear method error, never a protocol one.
+    // A failing method is a clear method error, never a protocol one.
     let (code, _, err) = vmd.ctl(&["inspect", "web"]);
     assert_eq!(code, 1);
-    assert!(err.contains("Inspect is not implemented yet"), "{err}");
+    assert!(err.contains("machine 'web' does not exist"), "{err}");
 
     let t0 = Instant::now();
     vmd.signal(libc::SIGTERM);

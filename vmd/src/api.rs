@@ -179,13 +179,47 @@ pub struct VmInfo {
 /// Key: VM name. Sorted, so the same metrics always encode the same way.
 pub type MachineMetrics = BTreeMap<String, MachineMetric>;
 
-wire_struct! {
-    pub struct MachineMetric {
-        /// Sum of the VM's private taps (`t-*`).
-        "Private" => pub private: NetMetric,
-        /// Sum of the VM's public taps (`p-*`).
-        "Public" => pub public: NetMetric,
-    }
+/// Per VM. `Private` and `Public` are Zero-OS's; the rest are vmd's
+/// additions, left off the wire when unknown (Go decoders ignore them).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MachineMetric {
+    /// Sum of the VM's private taps (all but `p-*`).
+    #[serde(rename = "Private", deserialize_with = "nil_default")]
+    pub private: NetMetric,
+    /// Sum of the VM's public taps (`p-*`).
+    #[serde(rename = "Public", deserialize_with = "nil_default")]
+    pub public: NetMetric,
+    #[serde(
+        rename = "CPUTimeMs",
+        deserialize_with = "nil_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_time_ms: Option<u64>,
+    #[serde(
+        rename = "MemoryRSS",
+        deserialize_with = "nil_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory_rss: Option<u64>,
+    #[serde(
+        rename = "DiskReadBytes",
+        deserialize_with = "nil_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub disk_read_bytes: Option<u64>,
+    #[serde(
+        rename = "DiskWriteBytes",
+        deserialize_with = "nil_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub disk_write_bytes: Option<u64>,
+    #[serde(
+        rename = "Restarts",
+        deserialize_with = "nil_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub restarts: Option<u64>,
 }
 
 wire_struct! {

@@ -4,8 +4,10 @@
 //! * [`api`] — the wire types of the `VMModule` interface.
 //! * [`module`] — the interface as a Rust trait and its dispatch table.
 //! * [`stub`] — a typed client, used by the operator CLI and the tests.
+//! * [`vm`] — the VM module itself: VMs as zinit services running vmd-shim.
 
 pub mod api;
 pub mod module;
 pub mod stub;
+pub mod vm;
 pub mod zbus;

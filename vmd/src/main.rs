@@ -12,7 +12,9 @@ use tokio::sync::watch;
 use tracing::{error, info};
 
 use vmd::api;
-use vmd::module::{ModuleService, Unimplemented};
+use vmd::module::ModuleService;
+use vmd::vm::layout::resolve_program;
+use vmd::vm::{Layout, Manager, Settings};
 use vmd::zbus::broker::Broker;
 use vmd::zbus::server::{Server, ServerConfig};
 use vmd::zbus::wire::ObjectId;
@@ -56,6 +58,32 @@ struct DaemonArgs {
     /// zinit configuration directory (service files).
     #[arg(long, default_value = "/etc/zinit")]
     zinit_dir: PathBuf,
+    /// The vmd-shim binary (default: next to vmd, else on PATH).
+    #[arg(long)]
+    shim: Option<PathBuf>,
+    /// The cloud-hypervisor binary the shims run.
+    #[arg(long, default_value = "cloud-hypervisor")]
+    cloud_hypervisor: PathBuf,
+    /// Seconds a stopping guest gets to power off before it is forced.
+    #[arg(long, default_value_t = 30)]
+    grace_secs: u64,
+    /// A VM that stops this many times within --restart-window-secs is
+    /// marked failed instead of being restarted.
+    #[arg(long, default_value_t = 5)]
+    restart_max: u32,
+    #[arg(long, default_value_t = 300)]
+    restart_window_secs: u64,
+    /// Rotate a console log past this size, keeping --log-keep-bytes of it.
+    #[arg(long, default_value_t = 8 << 20)]
+    log_rotate_bytes: u64,
+    #[arg(long, default_value_t = 4 << 20)]
+    log_keep_bytes: u64,
+    /// Where tap devices are looked up.
+    #[arg(long, default_value = "/sys/class/net")]
+    sys_net: PathBuf,
+    /// Where PCI devices are looked up.
+    #[arg(long, default_value = "/sys/bus/pci/devices")]
+    sys_pci: PathBuf,
     /// Calls served at once. Changes to one VM are serialised whatever this is.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
     workers: u16,
@@ -125,11 +153,62 @@ async fn daemon(broker: Broker, args: DaemonArgs) -> anyhow::Result<()> {
         std::process::exit(130);
     });
 
+    let shim = match &args.shim {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("vmd-shim")))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("vmd-shim")),
+    };
+    let shim = resolve_program(&shim)
+        .with_context(|| format!("vmd-shim not found ({})", shim.display()))?;
+    let hypervisor = resolve_program(&args.cloud_hypervisor).unwrap_or_else(|| {
+        tracing::warn!(
+            hypervisor = %args.cloud_hypervisor.display(),
+            "cloud-hypervisor not found: VMs will fail to start until it is installed"
+        );
+        args.cloud_hypervisor.clone()
+    });
+    if args.log_keep_bytes >= args.log_rotate_bytes {
+        anyhow::bail!("--log-keep-bytes must be below --log-rotate-bytes");
+    }
+    let layout = Layout {
+        root: args.root.clone(),
+        runtime: args.runtime_dir.clone(),
+        zinit_dir: args.zinit_dir.clone(),
+        zinit_socket: args.zinit_socket.clone(),
+        shim,
+        hypervisor,
+    };
+    let settings = Settings {
+        grace_secs: args.grace_secs,
+        restart: vmd_shim::spec::RestartPolicy {
+            max_exits: args.restart_max.max(1),
+            window_secs: args.restart_window_secs,
+            ..Default::default()
+        },
+        log_rotate_bytes: args.log_rotate_bytes,
+        log_keep_bytes: args.log_keep_bytes,
+        sys_net: args.sys_net.clone(),
+        sys_pci: args.sys_pci.clone(),
+    };
+    let manager = Manager::new(layout, settings).context("cannot prepare vmd's directories")?;
+    let report = vmd::vm::reconcile::reconcile(&manager).await;
+    info!(
+        adopted = report.adopted.len(),
+        completed_deletes = ?report.completed_deletes,
+        rolled_back = ?report.rolled_back,
+        orphans_removed = ?report.orphans_removed,
+        remonitored = ?report.remonitored,
+        "reconciled"
+    );
+
     let mut config = ServerConfig::new(api::MODULE);
     config.workers = usize::from(args.workers);
     config.max_inflight = (config.workers * 32).max(64);
-    config.drain_timeout = Duration::from_secs(40);
-    let service = Arc::new(ModuleService(Arc::new(Unimplemented)));
+    config.drain_timeout = Duration::from_secs(args.grace_secs + 10);
+    let service = Arc::new(ModuleService(Arc::new(manager)));
     let mut server = Server::new(broker, config);
     server
         .register(ObjectId::new(api::OBJECT, api::VERSION), service.clone())

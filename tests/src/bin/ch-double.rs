@@ -11,6 +11,7 @@
 //! |---|---|
 //! | `double.boot_ms=N` | time from start to `GUEST-READY` (default 300) |
 //! | `double.api_delay_ms=N` | bind the API socket only after N ms |
+//! | `double.boot_fail=1` | the kernel cannot be loaded: error chain on stderr, exit 1 (API socket left behind, as v53) |
 //! | `double.crash_after_ms=N` | the guest dies after N ms: `VCPU generated error` on stderr, exit 0 (as v53) |
 //! | `double.crash_code=C` | with crash_after_ms: exit C instead, without the vCPU message |
 //! | `double.ignore_power_button=1` | the guest never reacts to the power button |
@@ -967,6 +968,15 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
                 "The VM could not boot".into(),
                 "Cannot open kernel file".into(),
                 e.to_string(),
+            ]);
+        }
+        if vmm.knobs.num("double.boot_fail").unwrap_or(0) != 0 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            return fail(&[
+                "Error booting VM".into(),
+                "The VM could not boot".into(),
+                "Cannot load the kernel into memory".into(),
+                "Kernel Loader: failed to load bzImage kernel image: Kernel Loader: Invalid bzImage".into(),
             ]);
         }
         tokio::spawn(Arc::clone(&vmm).boot());

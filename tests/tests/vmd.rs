@@ -1,0 +1,719 @@
+//! vmd end to end: the zbus client → a real Redis → the `vmd` binary →
+//! zinit (double or real) → vmd-shim → cloud-hypervisor (double or real).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vmd::api::{Vm, VmDisk, VmIface};
+use vmd::stub::VmdStub;
+use vmd::zbus::client::ClientError;
+use vmd_tests::supervisor::processes_with;
+use vmd_tests::vm::{alive, boot_timeout, real_ch};
+use vmd_tests::{RedisServer, Supervisor, VmdProcess};
+
+struct Env {
+    redis: RedisServer,
+    zinit: Supervisor,
+    vmd: VmdProcess,
+    stub: VmdStub,
+    sys: tempfile::TempDir,
+}
+
+impl Env {
+    async fn start(extra: &[&str]) -> Env {
+        let redis = RedisServer::start();
+        let zinit = Supervisor::start();
+        let sys = tempfile::tempdir().unwrap();
+        let sys_net = sys.path().join("net").to_string_lossy().into_owned();
+        let mut flags = vec!["--sys-net", &sys_net];
+        flags.extend_from_slice(extra);
+        let vmd = VmdProcess::start_with(&redis, Some(&zinit), &flags);
+        let stub = VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(90));
+        let env = Env {
+            redis,
+            zinit,
+            vmd,
+            stub,
+            sys,
+        };
+        env.wait_ready().await;
+        env
+    }
+
+    async fn wait_ready(&self) {
+        let quick = VmdStub::new(self.redis.broker()).with_timeout(Duration::from_millis(500));
+        let t0 = Instant::now();
+        while quick.status().await.is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "vmd did not come up:\n{}",
+                self.vmd.stderr()
+            );
+        }
+    }
+
+    fn kernel(&self) -> String {
+        match std::env::var("VMD_TEST_KERNEL") {
+            Ok(k) => k,
+            Err(_) => {
+                let k = self.sys.path().join("vmlinux");
+                if !k.exists() {
+                    std::fs::write(&k, "not a kernel").unwrap();
+                }
+                k.to_string_lossy().into_owned()
+            }
+        }
+    }
+
+    /// A VM whose guest is steered by `knobs` (`gaction=wait`, double knobs…).
+    fn vm(&self, name: &str, knobs: &[(&str, &str)]) -> Vm {
+        let mut args: BTreeMap<String, String> = BTreeMap::new();
+        if real_ch() {
+            // The test guest's needs on an emulated KVM (shared/guest).
+            args.insert(
+                "clearcpuid".into(),
+                "141,151,158,306,308,145,298,59,534".into(),
+            );
+            args.insert("noxsave".into(), String::new());
+            args.insert("nofsgsbase".into(), String::new());
+        }
+        for (k, v) in knobs {
+            args.insert((*k).into(), (*v).into());
+        }
+        Vm {
+            name: name.into(),
+            cpu: 1,
+            memory: 256 << 20,
+            kernel_image: self.kernel(),
+            initrd_image: std::env::var("VMD_TEST_INITRD").unwrap_or_default(),
+            kernel_args: args,
+            ..Default::default()
+        }
+    }
+
+    /// A fake tap in the sysfs vmd looks at, with its counters.
+    fn tap(&self, name: &str, c: [u64; 4]) {
+        let dir = self.sys.path().join("net").join(name);
+        std::fs::create_dir_all(dir.join("statistics")).unwrap();
+        std::fs::write(dir.join("tun_flags"), "0x1002\n").unwrap();
+        for (f, v) in ["rx_bytes", "rx_packets", "tx_bytes", "tx_packets"]
+            .iter()
+            .zip(c)
+        {
+            std::fs::write(dir.join("statistics").join(f), format!("{v}\n")).unwrap();
+        }
+    }
+
+    fn run_dir(&self, name: &str) -> PathBuf {
+        self.vmd.runtime().join("vms").join(name)
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.vmd.root().join("logs").join(name)
+    }
+
+    async fn wait_logs(&self, name: &str, marker: &str) {
+        let t0 = Instant::now();
+        loop {
+            let logs = self.stub.logs_full(name).await.unwrap();
+            if logs.contains(marker) {
+                return;
+            }
+            assert!(
+                t0.elapsed() < boot_timeout(),
+                "{marker} never on {name}'s console:\n{logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Nothing of VM `name` is left: files, service, processes.
+    async fn assert_gone(&self, name: &str) {
+        assert!(!self.run_dir(name).exists(), "run dir of {name} left");
+        assert!(!self.log(name).exists(), "log of {name} left");
+        let svc = format!("vm:{name}");
+        assert!(
+            !self
+                .zinit
+                .config_path()
+                .join(format!("{svc}.yaml"))
+                .exists(),
+            "service file left"
+        );
+        let list = self.zinit.client().list().await.unwrap();
+        assert!(!list.contains_key(&svc), "zinit still has {svc}");
+        let marker = self.run_dir(name).to_string_lossy().into_owned();
+        assert!(
+            processes_with(&marker).is_empty(),
+            "processes of {name} left"
+        );
+    }
+
+    fn vms_dir_is_empty(&self) -> bool {
+        std::fs::read_dir(self.vmd.runtime().join("vms")).map_or(true, |mut d| d.next().is_none())
+    }
+}
+
+fn method_err(e: ClientError) -> String {
+    match e {
+        ClientError::Method(m) => m,
+        other => panic!("expected a method error, got {other}"),
+    }
+}
+
+async fn vmm_pid(env: &Env, name: &str) -> i64 {
+    let t0 = Instant::now();
+    loop {
+        if let Some(pid) = env.stub.inspect(name).await.unwrap().pid {
+            return pid;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no VMM pid for {name}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_full_lifecycle() {
+    let env = Env::start(&[]).await;
+    let s = &env.stub;
+    env.tap("t-web", [1000, 10, 2000, 20]);
+    env.tap("p-web", [3000, 30, 4000, 40]);
+    let mut vm = env.vm("12-345-web", &[("gaction", "wait")]);
+    for (tap, mac) in [
+        ("t-web", "de:ad:be:ef:00:01"),
+        ("p-web", "DE:AD:BE:EF:00:02"),
+    ] {
+        vm.network.ifaces.push(VmIface {
+            tap: tap.into(),
+            mac: mac.into(),
+            ..Default::default()
+        });
+    }
+    let disk = env.sys.path().join("data.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    vm.disks.push(VmDisk {
+        path: disk.to_string_lossy().into_owned(),
+        target: "/data".into(),
+    });
+    let t0 = Instant::now();
+    let info = s.run(&vm).await.unwrap();
+    eprintln!("Run returned after {:?}", t0.elapsed());
+    assert_eq!(info.console_url, "");
+    assert!(s.exists("12-345-web").await.unwrap());
+    assert_eq!(s.list().await.unwrap(), ["12-345-web"]);
+    // A retried Run of the same VM is answered like the first; a different
+    // VM under the same name is refused.
+    s.run(&vm).await.unwrap();
+    let mut other = vm.clone();
+    other.cpu = 2.min(std::thread::available_parallelism().map_or(1, |n| n.get()) as u8);
+    other.memory += 1 << 20;
+    assert_eq!(
+        method_err(s.run(&other).await.unwrap_err()),
+        "a vm with same name already exists"
+    );
+
+    // zinit sees it, and its ring has the shim's lifecycle lines.
+    let z = env.zinit.client();
+    assert!(z.list().await.unwrap().contains_key("vm:12-345-web"));
+    let ring = z
+        .service_log(&"vm:12-345-web".parse().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        ring.iter().any(|l| l.contains("vmm running pid=")),
+        "{ring:?}"
+    );
+
+    let i = s.inspect("12-345-web").await.unwrap();
+    assert_eq!((i.cpu, i.memory, i.ht_enabled), (1, 256, false));
+    assert_eq!(i.state.as_deref(), Some("running"));
+    assert_eq!(i.restarts, Some(0));
+    let pid = i.pid.unwrap();
+    assert!(alive(pid as i32));
+    env.wait_logs("12-345-web", "GUEST-READY").await;
+    let tail = s.logs("12-345-web").await.unwrap();
+    assert!(tail.len() <= 2048 && tail.contains("GUEST-READY"), "{tail}");
+    assert!(s
+        .logs_full("12-345-web")
+        .await
+        .unwrap()
+        .contains("GUEST-HELLO"));
+    assert!(s
+        .logs_full("12-345-web")
+        .await
+        .unwrap()
+        .contains("GUEST-DISK vda"));
+
+    // Lock pauses, unlock resumes; both idempotent.
+    s.lock("12-345-web", true).await.unwrap();
+    s.lock("12-345-web", true).await.unwrap();
+    assert_eq!(
+        s.inspect("12-345-web").await.unwrap().state.as_deref(),
+        Some("paused")
+    );
+    s.lock("12-345-web", false).await.unwrap();
+    s.lock("12-345-web", false).await.unwrap();
+    assert_eq!(
+        s.inspect("12-345-web").await.unwrap().state.as_deref(),
+        Some("running")
+    );
+
+    // Metrics: taps summed by kind, extras present, never going backwards.
+    let m = &s.metrics().await.unwrap()["12-345-web"];
+    assert_eq!(
+        (m.private.net_rx_bytes, m.private.net_tx_packets),
+        (1000, 20)
+    );
+    assert_eq!((m.public.net_rx_bytes, m.public.net_tx_bytes), (3000, 4000));
+    assert!(m.memory_rss.unwrap() > 0);
+    assert_eq!(m.restarts, Some(0));
+    env.tap("t-web", [1500, 15, 2500, 25]);
+    assert_eq!(
+        s.metrics().await.unwrap()["12-345-web"]
+            .private
+            .net_rx_bytes,
+        1500
+    );
+    // The tap is re-created: its counters restart from zero.
+    env.tap("t-web", [100, 1, 200, 2]);
+    let m = &s.metrics().await.unwrap()["12-345-web"];
+    assert_eq!(m.private.net_rx_bytes, 1600, "went backwards");
+    assert_eq!(m.private.net_tx_packets, 27);
+
+    let t0 = Instant::now();
+    s.delete("12-345-web").await.unwrap();
+    eprintln!("Delete (graceful) took {:?}", t0.elapsed());
+    assert!(!alive(pid as i32));
+    assert!(!s.exists("12-345-web").await.unwrap());
+    assert!(s.list().await.unwrap().is_empty());
+    assert_eq!(s.logs("12-345-web").await.unwrap(), "no logs available");
+    assert_eq!(
+        method_err(s.inspect("12-345-web").await.unwrap_err()),
+        "machine '12-345-web' does not exist"
+    );
+    env.assert_gone("12-345-web").await;
+    // Idempotent.
+    s.delete("12-345-web").await.unwrap();
+    assert!(s.metrics().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_that_cannot_start_leaves_nothing_and_says_why() {
+    if real_ch() {
+        eprintln!("skipped: needs the double's crash knobs");
+        return;
+    }
+    let env = Env::start(&[]).await;
+    // What a kernel cloud-hypervisor cannot load does: an error chain, exit 1.
+    let vm = env.vm("broken", &[("double.boot_fail", "1")]);
+    let e = method_err(env.stub.run(&vm).await.unwrap_err());
+    assert!(
+        e.starts_with("failed to start vm broken: the VM stopped right after its start: exit 1"),
+        "{e}"
+    );
+    assert!(
+        e.contains("Cannot load the kernel"),
+        "no console tail in: {e}"
+    );
+    assert!(!env.stub.exists("broken").await.unwrap());
+    env.assert_gone("broken").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_vms_and_hostile_names_are_refused_and_nothing_is_written() {
+    let env = Env::start(&[]).await;
+    let s = &env.stub;
+    let ok = env.vm("valid", &[]);
+    let mut cases: Vec<(Vm, &str)> = Vec::new();
+    for name in [
+        "",
+        "../x",
+        "a/b",
+        "a b",
+        "a\"b",
+        "a\nb",
+        "$(id)",
+        ".hidden",
+        &"x".repeat(300),
+    ] {
+        cases.push((
+            Vm {
+                name: name.into(),
+                ..ok.clone()
+            },
+            "name",
+        ));
+    }
+    cases.push((
+        Vm {
+            cpu: 0,
+            ..ok.clone()
+        },
+        "cpu 0",
+    ));
+    cases.push((
+        Vm {
+            cpu: 255,
+            ..ok.clone()
+        },
+        "cpu 255",
+    ));
+    cases.push((
+        Vm {
+            memory: 100 << 20,
+            ..ok.clone()
+        },
+        "below the minimum",
+    ));
+    cases.push((
+        Vm {
+            kernel_image: String::new(),
+            ..ok.clone()
+        },
+        "kernel image is required",
+    ));
+    cases.push((
+        Vm {
+            kernel_image: "/no/such/kernel".into(),
+            ..ok.clone()
+        },
+        "kernel image",
+    ));
+    cases.push((
+        Vm {
+            kernel_image: "relative/kernel".into(),
+            ..ok.clone()
+        },
+        "absolute",
+    ));
+    cases.push((
+        Vm {
+            initrd_image: "/no/initrd".into(),
+            ..ok.clone()
+        },
+        "initrd",
+    ));
+    let mut v = ok.clone();
+    v.disks.push(VmDisk {
+        path: env.kernel(),
+        target: "/".into(),
+    });
+    cases.push((v, "target cannot be '/'"));
+    let mut v = ok.clone();
+    v.disks.push(VmDisk {
+        path: "/no/disk,x".into(),
+        target: String::new(),
+    });
+    cases.push((v, "disk"));
+    let mut v = ok.clone();
+    v.kernel_args.insert("init".into(), "/bin/sh -c x".into());
+    cases.push((v, "cannot be put on the command line"));
+    let mut v = ok.clone();
+    v.network.ifaces.push(VmIface {
+        tap: "t-missing".into(),
+        mac: "de:ad:be:ef:00:01".into(),
+        ..Default::default()
+    });
+    cases.push((v, "does not exist"));
+    env.tap("t-ok", [0; 4]);
+    let mut v = ok.clone();
+    v.network.ifaces.push(VmIface {
+        tap: "t-ok".into(),
+        mac: "not-a-mac".into(),
+        ..Default::default()
+    });
+    cases.push((v, "invalid MAC"));
+    let mut v = ok.clone();
+    v.network.ifaces.push(VmIface {
+        tap: "t-ok; rm".into(),
+        mac: "de:ad:be:ef:00:01".into(),
+        ..Default::default()
+    });
+    cases.push((v, "invalid tap name"));
+    let mut v = ok.clone();
+    v.devices.push("0000:01:00.0; x".into());
+    cases.push((v, "invalid PCI address"));
+    let mut v = ok.clone();
+    v.environment.insert("BAD-NAME".into(), "x".into());
+    cases.push((v, "environment variable"));
+    let mut v = ok.clone();
+    v.boot.kind = 7;
+    cases.push((v, "unknown boot type"));
+    for (vm, want) in cases {
+        let e = method_err(s.run(&vm).await.unwrap_err());
+        assert!(
+            e.starts_with("machine configuration validation failed: "),
+            "{e}"
+        );
+        assert!(e.contains(want), "{:?}: {e:?} lacks {want:?}", vm.name);
+    }
+    assert!(env.vms_dir_is_empty(), "something was written");
+    assert!(
+        env.zinit.config_dir().list().unwrap().is_empty(),
+        "a service file was written"
+    );
+    for bad in ["../x", "a b", "a\nb", ""] {
+        assert!(!s.exists(bad).await.unwrap());
+        assert!(s.inspect(bad).await.is_err());
+        assert!(s.lock(bad, true).await.is_err());
+        assert_eq!(s.logs(bad).await.unwrap(), "no logs available");
+    }
+    assert!(s.delete("../x").await.is_err());
+    assert!(s.list().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_shim_and_vmm_come_back_and_inspect_counts_restarts() {
+    let env = Env::start(&[]).await;
+    let s = &env.stub;
+    s.run(&env.vm("phoenix", &[("gaction", "wait")]))
+        .await
+        .unwrap();
+    let first = vmm_pid(&env, "phoenix").await;
+    unsafe {
+        libc::kill(first as i32, libc::SIGKILL);
+    }
+    let t0 = Instant::now();
+    loop {
+        let i = s.inspect("phoenix").await.unwrap();
+        if i.pid.is_some_and(|p| p != first) {
+            assert_eq!(i.restarts, Some(1));
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "VMM not restarted: {i:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Now the shim.
+    let st = env
+        .zinit
+        .client()
+        .status(&"vm:phoenix".parse().unwrap())
+        .await
+        .unwrap();
+    let vmm = vmm_pid(&env, "phoenix").await;
+    unsafe {
+        libc::kill(st.pid as i32, libc::SIGKILL);
+    }
+    let t0 = Instant::now();
+    loop {
+        let i = s.inspect("phoenix").await.unwrap();
+        if i.pid.is_some_and(|p| p != vmm) {
+            assert_eq!(i.restarts, Some(2));
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "VM not back after the shim died: {i:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!alive(vmm as i32), "orphan VMM");
+    s.delete("phoenix").await.unwrap();
+    env.assert_gone("phoenix").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_is_reported_failed_listed_and_deletable() {
+    if real_ch() {
+        eprintln!("skipped: needs the double's crash knob");
+        return;
+    }
+    let env = Env::start(&["--restart-max", "3"]).await;
+    let s = &env.stub;
+    // Up long enough for Run to succeed, then dying again and again.
+    s.run(&env.vm("looper", &[("double.crash_after_ms", "400")]))
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    let info = loop {
+        let i = s.inspect("looper").await.unwrap();
+        if i.state.as_deref() == Some("failed") {
+            break i;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "never failed: {i:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let reason = info.reason.unwrap();
+    assert!(
+        reason.contains("3 times") && reason.contains("vCPU error"),
+        "{reason}"
+    );
+    assert_eq!(s.list().await.unwrap(), ["looper"]);
+    // The console of a failed VM is kept until it is deleted.
+    assert!(s.logs("looper").await.unwrap().contains("GUEST-HELLO"));
+    s.delete("looper").await.unwrap();
+    env.assert_gone("looper").await;
+}
+
+/// Starts a Run in the background and kills vmd `after` into it.
+async fn kill_vmd_during_run(env: &mut Env, vm: Vm, after: Duration) {
+    let stub = VmdStub::new(env.redis.broker()).with_timeout(Duration::from_secs(60));
+    let call = tokio::spawn(async move { stub.run(&vm).await });
+    tokio::time::sleep(after).await;
+    env.vmd.crash();
+    call.abort();
+    let _ = call.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmd_killed_during_run_leaves_the_vm_fully_there_or_fully_gone() {
+    if real_ch() {
+        eprintln!("skipped: needs the double's api delay knob");
+        return;
+    }
+    let mut env = Env::start(&[]).await;
+    // The VMM's API comes up late: vmd is killed while it waits for it.
+    for (i, at) in [10u64, 150, 600].iter().enumerate() {
+        let name = format!("half-{i}");
+        let vm = env.vm(&name, &[("double.api_delay_ms", "1500")]);
+        kill_vmd_during_run(&mut env, vm, Duration::from_millis(*at)).await;
+        env.vmd.restart();
+        env.wait_ready().await;
+        // The caller got no answer: the Run is rolled back, completely.
+        assert!(!env.stub.exists(&name).await.unwrap(), "killed at {at} ms");
+        env.assert_gone(&name).await;
+    }
+    // Killed right after Run answered: the VM is there and adopted.
+    env.stub.run(&env.vm("whole", &[])).await.unwrap();
+    let pid = vmm_pid(&env, "whole").await;
+    env.vmd.crash_and_restart();
+    env.wait_ready().await;
+    assert!(env.stub.exists("whole").await.unwrap());
+    assert_eq!(
+        vmm_pid(&env, "whole").await,
+        pid,
+        "the VM was restarted instead of adopted"
+    );
+    assert!(
+        env.vmd.stderr().contains("adopted=1"),
+        "{}",
+        env.vmd.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmd_killed_during_delete_finishes_the_delete_on_restart() {
+    if real_ch() {
+        eprintln!("skipped: needs the double's ignore_power_button knob");
+        return;
+    }
+    let mut env = Env::start(&["--grace-secs", "3"]).await;
+    for (i, at) in [50u64, 1500].iter().enumerate() {
+        let name = format!("doomed-{i}");
+        env.stub
+            .run(&env.vm(&name, &[("double.ignore_power_button", "1")]))
+            .await
+            .unwrap();
+        let pid = vmm_pid(&env, &name).await;
+        let stub = VmdStub::new(env.redis.broker()).with_timeout(Duration::from_secs(60));
+        let n = name.clone();
+        let call = tokio::spawn(async move { stub.delete(&n).await });
+        tokio::time::sleep(Duration::from_millis(*at)).await;
+        env.vmd.crash();
+        call.abort();
+        env.vmd.restart();
+        env.wait_ready().await;
+        assert!(!env.stub.exists(&name).await.unwrap());
+        env.assert_gone(&name).await;
+        assert!(!alive(pid as i32));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_removed_at_start_up() {
+    let mut env = Env::start(&[]).await;
+    env.stub.run(&env.vm("keeper", &[])).await.unwrap();
+    env.vmd.crash();
+    // A service without a VM, and a VM directory without a service.
+    let dir = env.zinit.config_dir();
+    let ghost: zinit::ServiceName = "vm:ghost".parse().unwrap();
+    let sleeper = zinit::Command::new(["/bin/sleep", "1000"]).unwrap();
+    dir.install(&ghost, &zinit::Service::new(sleeper)).unwrap();
+    env.zinit.client().monitor(&ghost).await.unwrap();
+    let stray = env.run_dir("stray");
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::write(stray.join("vm.json"), "{}").unwrap();
+    env.vmd.restart();
+    env.wait_ready().await;
+    assert!(!env
+        .zinit
+        .client()
+        .list()
+        .await
+        .unwrap()
+        .contains_key("vm:ghost"));
+    assert!(!dir.exists(&ghost));
+    assert!(!stray.exists());
+    assert_eq!(env.stub.list().await.unwrap(), ["keeper"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_run_delete_cycles_leave_nothing_behind() {
+    if real_ch() {
+        eprintln!("skipped: 200 real guests take hours");
+        return;
+    }
+    let env = Env::start(&["--workers", "16"]).await;
+    // Shims and VMMs name their run dir (`<runtime>/vms/<name>`); vmd does not.
+    let marker = format!("{}/vms/", env.vmd.runtime().display());
+    let t0 = Instant::now();
+    for round in 0..20 {
+        let mut calls = Vec::new();
+        for i in 0..10 {
+            let stub = VmdStub::new(env.redis.broker()).with_timeout(Duration::from_secs(60));
+            let vm = env.vm(&format!("cycle-{round}-{i}"), &[]);
+            calls.push(tokio::spawn(async move {
+                stub.run(&vm).await.unwrap();
+                stub.delete(&vm.name).await.unwrap();
+            }));
+        }
+        for c in calls {
+            c.await.unwrap();
+        }
+    }
+    eprintln!("200 Run/Delete cycles in {:?}", t0.elapsed());
+    assert!(env.stub.list().await.unwrap().is_empty());
+    assert!(env.vms_dir_is_empty(), "VM directories left");
+    let procs: Vec<String> = processes_with(&marker)
+        .iter()
+        .map(|p| {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            format!(
+                "{p}: {} [{}]",
+                String::from_utf8_lossy(&cmd).replace('\0', " "),
+                stat.split(' ').nth(2).unwrap_or("?")
+            )
+        })
+        .collect();
+    assert!(procs.is_empty(), "processes left: {procs:#?}");
+    let left: Vec<_> = env
+        .zinit
+        .client()
+        .list()
+        .await
+        .unwrap()
+        .into_keys()
+        .filter(|k| k.starts_with("vm:"))
+        .collect();
+    assert!(left.is_empty(), "services left: {left:?}");
+    assert!(
+        env.zinit.config_dir().list().unwrap().is_empty(),
+        "service files left"
+    );
+    let logs = std::fs::read_dir(env.vmd.root().join("logs"))
+        .unwrap()
+        .count();
+    assert_eq!(logs, 0, "console logs left");
+    let _ = Path::new("");
+}

@@ -1,0 +1,83 @@
+//! Where vmd keeps what: every path derives from the flags, so tests (and
+//! several vmds) run side by side in temp dirs.
+//!
+//! ```text
+//! <runtime-dir>/vms/<name>/request.json   the VM as the caller asked for it (wire fields)
+//!                          vm.json        the shim's runtime description (desired state)
+//!                          creating       a Run in progress: rolled back if vmd dies
+//!                          deleted        a Delete in progress: completed if vmd dies
+//!                          state.json     the shim's state; api.sock serial.sock shim.sock
+//!                          metrics.json   tap counter offsets (metrics never go backwards)
+//! <root>/logs/<name>                      console log (+ .meta), kept until Delete
+//! <zinit-dir>/vm:<name>.yaml              the zinit service running vmd-shim
+//! ```
+
+use std::path::PathBuf;
+
+use vmd_shim::spec::RunDir;
+
+use super::name::VmName;
+
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub root: PathBuf,
+    pub runtime: PathBuf,
+    pub zinit_dir: PathBuf,
+    pub zinit_socket: PathBuf,
+    /// The vmd-shim binary zinit runs for each VM.
+    pub shim: PathBuf,
+    /// The cloud-hypervisor binary the shims run.
+    pub hypervisor: PathBuf,
+}
+
+pub const REQUEST_FILE: &str = "request.json";
+pub const CREATING_MARK: &str = "creating";
+pub const METRICS_FILE: &str = "metrics.json";
+
+impl Layout {
+    pub fn vms(&self) -> PathBuf {
+        self.runtime.join("vms")
+    }
+
+    pub fn run_dir(&self, name: &VmName) -> RunDir {
+        RunDir(self.vms().join(name.as_str()))
+    }
+
+    pub fn request(&self, name: &VmName) -> PathBuf {
+        self.run_dir(name).0.join(REQUEST_FILE)
+    }
+
+    pub fn creating_mark(&self, name: &VmName) -> PathBuf {
+        self.run_dir(name).0.join(CREATING_MARK)
+    }
+
+    pub fn metrics(&self, name: &VmName) -> PathBuf {
+        self.run_dir(name).0.join(METRICS_FILE)
+    }
+
+    pub fn logs(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+
+    pub fn log(&self, name: &VmName) -> PathBuf {
+        self.logs().join(name.as_str())
+    }
+}
+
+/// Finds `program` the way a shell would (absolute, or on PATH), so that the
+/// service files name an absolute path and do not depend on zinit's PATH.
+pub fn resolve_program(program: &std::path::Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.components().count() > 1 {
+        let p = std::fs::canonicalize(program).ok()?;
+        return executable(&p).then_some(p);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| executable(p))
+}

@@ -1,0 +1,13 @@
+//! The VM module: VMs as zinit services running vmd-shim.
+
+pub mod cmdline;
+pub mod layout;
+pub mod manager;
+pub mod metrics;
+pub mod name;
+pub mod reconcile;
+pub mod validate;
+
+pub use layout::Layout;
+pub use manager::Manager;
+pub use validate::Settings;

@@ -1,0 +1,284 @@
+//! From a `Vm` as a caller sent it to what the shim will run — or a clear
+//! reason why not, before anything is written.
+
+use std::path::{Path, PathBuf};
+
+use vmd_shim::spec::{ConsoleSpec, Disk, Net, RestartPolicy, VmSpec, SPEC_VERSION};
+
+use super::cmdline::{kernel_cmdline, DISK_DEFAULTS};
+use super::layout::Layout;
+use super::name::VmName;
+use crate::api::{Ip, Vm};
+
+/// Zero-OS's minimum.
+pub const MIN_MEMORY: u64 = 250 << 20;
+
+/// Operator settings that shape every VM.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub grace_secs: u64,
+    pub restart: RestartPolicy,
+    pub log_rotate_bytes: u64,
+    pub log_keep_bytes: u64,
+    /// Where tap devices are looked up (`/sys/class/net`).
+    pub sys_net: PathBuf,
+    /// Where PCI devices are looked up (`/sys/bus/pci/devices`).
+    pub sys_pci: PathBuf,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            grace_secs: 30,
+            restart: RestartPolicy::default(),
+            log_rotate_bytes: ConsoleSpec::ZOS_ROTATE,
+            log_keep_bytes: ConsoleSpec::ZOS_KEEP,
+            sys_net: "/sys/class/net".into(),
+            sys_pci: "/sys/bus/pci/devices".into(),
+        }
+    }
+}
+
+pub struct Valid {
+    pub name: VmName,
+    pub spec: VmSpec,
+}
+
+fn host_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn plain_path(what: &str, p: &str) -> Result<PathBuf, String> {
+    if p.is_empty() {
+        return Err(format!("{what} is required"));
+    }
+    if !p.starts_with('/') {
+        return Err(format!("{what} {p:?} must be an absolute path"));
+    }
+    if let Some(c) = p.chars().find(|c| c.is_control() || *c == ',') {
+        return Err(format!("{what} {p:?} contains {c:?}"));
+    }
+    Ok(PathBuf::from(p))
+}
+
+fn existing_file(what: &str, p: &str) -> Result<PathBuf, String> {
+    let path = plain_path(what, p)?;
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_dir() => Err(format!("{what} {p:?} is a directory")),
+        Ok(_) => Ok(path),
+        Err(e) => Err(format!("{what} {p:?}: {e}")),
+    }
+}
+
+fn target(what: &str, t: &str) -> Result<(), String> {
+    if t.is_empty() {
+        return Ok(());
+    }
+    if t == "/" {
+        return Err(format!("{what} target cannot be '/'"));
+    }
+    if !t.starts_with('/') || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{what} target {t:?} must be an absolute path without spaces"
+        ));
+    }
+    Ok(())
+}
+
+fn mac(m: &str) -> Result<(), String> {
+    let parts: Vec<&str> = m.split(':').collect();
+    let ok = parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
+    if !ok {
+        return Err(format!("invalid MAC address {m:?}"));
+    }
+    Ok(())
+}
+
+fn tap(t: &str, sys_net: &Path) -> Result<(), String> {
+    if t.is_empty()
+        || t.len() > 15
+        || !t
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+    {
+        return Err(format!("invalid tap name {t:?}"));
+    }
+    let dev = sys_net.join(t);
+    if !dev.exists() {
+        return Err(format!("tap device {t:?} does not exist"));
+    }
+    if !dev.join("tun_flags").exists() {
+        return Err(format!("network device {t:?} is not a tap"));
+    }
+    Ok(())
+}
+
+fn ip(what: &str, i: &Ip, required: bool) -> Result<(), String> {
+    if i.is_nil() {
+        return if required {
+            Err(format!("{what} is missing"))
+        } else {
+            Ok(())
+        };
+    }
+    i.addr()
+        .map(drop)
+        .ok_or_else(|| format!("{what} has {} bytes: not an IP address", i.0.len()))
+}
+
+fn pci(id: &str, sys_pci: &Path) -> Result<(), String> {
+    let b = id.as_bytes();
+    let hex = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_hexdigit);
+    let shape = b.len() == 12
+        && hex(0..4)
+        && b[4] == b':'
+        && hex(5..7)
+        && b[7] == b':'
+        && hex(8..10)
+        && b[10] == b'.'
+        && (b'0'..=b'7').contains(&b[11]);
+    if !shape {
+        return Err(format!(
+            "invalid PCI address {id:?} (expected 0000:01:00.0)"
+        ));
+    }
+    if !sys_pci.join(id).exists() {
+        return Err(format!("PCI device {id} does not exist"));
+    }
+    Ok(())
+}
+
+/// Validates `vm` against Zero-OS's rules and stricter ones of vmd.
+pub fn validate(vm: &Vm, layout: &Layout, settings: &Settings) -> Result<Valid, String> {
+    let name = VmName::new(&vm.name)?;
+    if vm.memory < MIN_MEMORY {
+        return Err(format!(
+            "memory {} bytes is below the minimum of 250 MiB",
+            vm.memory
+        ));
+    }
+    let cpus = host_cpus();
+    if vm.cpu == 0 || usize::from(vm.cpu) > cpus {
+        return Err(format!(
+            "cpu {} must be between 1 and {cpus} (host cpus)",
+            vm.cpu
+        ));
+    }
+    let kernel = existing_file("kernel image", &vm.kernel_image)?;
+    let initramfs = match vm.initrd_image.as_str() {
+        "" => None,
+        p => Some(existing_file("initrd image", p)?),
+    };
+    let mut disks = Vec::new();
+    match vm.boot.kind {
+        0 => {
+            if !vm.boot.path.is_empty() {
+                disks.push(Disk {
+                    path: existing_file("boot disk", &vm.boot.path)?,
+                    readonly: false,
+                });
+            }
+        }
+        1 => {
+            return Err("virtio-fs boot is not supported by this vmd yet".into());
+        }
+        k => return Err(format!("unknown boot type {k} (0: disk, 1: virtio-fs)")),
+    }
+    for d in &vm.disks {
+        target("disk", &d.target)?;
+        disks.push(Disk {
+            path: existing_file("disk", &d.path)?,
+            readonly: false,
+        });
+    }
+    if !vm.shared.is_empty() {
+        for s in &vm.shared {
+            target("share", &s.target)?;
+        }
+        return Err("virtio-fs shares are not supported by this vmd yet".into());
+    }
+    let mut nets = Vec::new();
+    for (i, nic) in vm.network.ifaces.iter().enumerate() {
+        tap(&nic.tap, &settings.sys_net)?;
+        mac(&nic.mac)?;
+        for (j, n) in nic.ips.iter().enumerate() {
+            ip(&format!("interface {i} address {j}"), &n.ip, true)?;
+            ip(&format!("interface {i} address {j} mask"), &n.mask, true)?;
+        }
+        for (j, r) in nic.routes.iter().enumerate() {
+            ip(&format!("interface {i} route {j}"), &r.net.ip, true)?;
+            ip(
+                &format!("interface {i} route {j} gateway"),
+                &r.gateway,
+                false,
+            )?;
+        }
+        ip(
+            &format!("interface {i} IPv4 gateway"),
+            &nic.ip4_default_gateway,
+            false,
+        )?;
+        ip(
+            &format!("interface {i} IPv6 gateway"),
+            &nic.ip6_default_gateway,
+            false,
+        )?;
+        nets.push(Net {
+            tap: nic.tap.clone(),
+            mac: nic.mac.to_ascii_lowercase(),
+        });
+    }
+    for (i, n) in vm.network.nameservers.iter().enumerate() {
+        ip(&format!("nameserver {i}"), n, true)?;
+    }
+    for d in &vm.devices {
+        pci(d, &settings.sys_pci)?;
+    }
+    for k in vm.environment.keys() {
+        let ok = k.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(format!("invalid environment variable name {k:?}"));
+        }
+    }
+    if !vm.hostname.is_empty()
+        && (vm.hostname.len() > 63
+            || !vm
+                .hostname
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+            || vm.hostname.starts_with('-'))
+    {
+        return Err(format!("invalid hostname {:?}", vm.hostname));
+    }
+    let cmdline = kernel_cmdline(DISK_DEFAULTS, &vm.kernel_args)?;
+    let run = layout.run_dir(&name);
+    let spec = VmSpec {
+        version: SPEC_VERSION,
+        name: name.as_str().to_owned(),
+        hypervisor: layout.hypervisor.clone(),
+        vcpus: vm.cpu,
+        memory_mib: vm.memory >> 20,
+        kernel,
+        initramfs,
+        cmdline,
+        disks,
+        nets,
+        shares: Vec::new(),
+        devices: vm.devices.clone(),
+        keep_alive: !vm.no_keep_alive,
+        grace_secs: settings.grace_secs,
+        restart: settings.restart,
+        console: ConsoleSpec {
+            log: layout.log(&name),
+            rotate_bytes: settings.log_rotate_bytes,
+            keep_bytes: settings.log_keep_bytes,
+        },
+    };
+    spec.validate().map_err(|e| e.to_string())?;
+    let _ = run;
+    Ok(Valid { name, spec })
+}
