@@ -10,6 +10,8 @@ use vmd::zbus::broker::Broker;
 pub struct RedisServer {
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// A loopback TCP port, for tests that need `redis://host:port`.
+    tcp_port: Option<u16>,
 }
 
 fn redis_binary() -> PathBuf {
@@ -24,9 +26,36 @@ impl RedisServer {
             .prefix("vmd-redis-")
             .tempdir()
             .expect("temp dir");
-        let mut s = RedisServer { dir, child: None };
+        let mut s = RedisServer {
+            dir,
+            child: None,
+            tcp_port: None,
+        };
         s.spawn();
         s
+    }
+
+    /// A Redis that also listens on 127.0.0.1:<port>.
+    pub fn start_tcp() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("vmd-redis-")
+            .tempdir()
+            .expect("temp dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut s = RedisServer {
+            dir,
+            child: None,
+            tcp_port: Some(port),
+        };
+        s.spawn();
+        s
+    }
+
+    pub fn tcp_port(&self) -> u16 {
+        self.tcp_port.expect("started with start_tcp")
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -49,15 +78,25 @@ impl RedisServer {
         let sock = self.socket();
         let _ = std::fs::remove_file(&sock);
         let mut cmd = Command::new(redis_binary());
-        cmd.args(["--port", "0", "--save", "", "--appendonly", "no"])
-            .arg("--unixsocket")
-            .arg(&sock)
-            .args(["--unixsocketperm", "700"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+        let port = self.tcp_port.unwrap_or(0).to_string();
+        cmd.args([
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--unixsocket")
+        .arg(&sock)
+        .args(["--unixsocketperm", "700"])
+        .arg("--dir")
+        .arg(self.dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
         // If the test process dies, Redis goes with it.
         unsafe {
             cmd.pre_exec(|| {

@@ -174,6 +174,31 @@ pub struct VmInfo {
         skip_serializing_if = "Option::is_none"
     )]
     pub uptime_secs: Option<u64>,
+    /// The VM's log streams and how they fare.
+    #[serde(
+        rename = "Streams",
+        deserialize_with = "nil_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub streams: Option<Vec<StreamStatus>>,
+}
+
+/// A log stream of a VM as `Inspect` shows it (vmd's addition).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StreamStatus {
+    #[serde(rename = "ID", deserialize_with = "nil_default")]
+    pub id: String,
+    #[serde(rename = "Output", deserialize_with = "nil_default")]
+    pub output: String,
+    #[serde(rename = "Connected", deserialize_with = "nil_default")]
+    pub connected: bool,
+    /// Console bytes sent (before compression).
+    #[serde(rename = "SentBytes", deserialize_with = "nil_default")]
+    pub sent_bytes: u64,
+    /// Console bytes lost: rotated away while the receiver was unreachable.
+    #[serde(rename = "DroppedBytes", deserialize_with = "nil_default")]
+    pub dropped_bytes: u64,
 }
 
 /// Key: VM name. Sorted, so the same metrics always encode the same way.

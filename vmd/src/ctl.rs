@@ -37,11 +37,14 @@ enum Op {
     Inspect { name: String },
     /// Whether a VM exists (exit status 0 if it does, 1 if not).
     Exists { name: String },
-    /// Console log of a VM: the last 2 KiB, or all of it with --full.
+    /// Console log of a VM: the last 2 KiB, or all of it with --full;
+    /// -f keeps printing what the VM prints.
     Logs {
         name: String,
         #[arg(long)]
         full: bool,
+        #[arg(short = 'f', long)]
+        follow: bool,
     },
     /// Network counters of every VM.
     Metrics,
@@ -55,6 +58,19 @@ enum Op {
     Unlock { name: String },
     /// The zbus status object of vmd: objects and workers.
     Status,
+    /// The log streams of a VM.
+    Streams { name: String },
+    /// Ship a VM's console to redis://host:port/channel, ws://… or wss://….
+    StreamCreate {
+        name: String,
+        id: String,
+        output: String,
+        /// Network namespace to send from.
+        #[arg(long, default_value = "")]
+        namespace: String,
+    },
+    /// Stop a log stream.
+    StreamDelete { id: String },
 }
 
 pub async fn run(broker: Broker, args: CtlArgs) -> ExitCode {
@@ -74,6 +90,36 @@ fn print_json<T: Serialize>(v: &T) -> Result<(), ClientError> {
     let s = serde_json::to_string_pretty(v).map_err(|e| ClientError::Method(e.to_string()))?;
     println!("{s}");
     Ok(())
+}
+
+/// Polls `Logs` and prints what is new: the last 256 bytes seen anchor the
+/// next tail. A VM printing more than 2 KiB between two polls leaves a gap,
+/// which is marked.
+async fn follow(stub: &VmdStub, name: &str) -> Result<(), ClientError> {
+    use std::io::Write;
+    let mut seen = String::new();
+    loop {
+        let cur = stub.logs(name).await?;
+        let new = if seen.is_empty() {
+            cur.as_str()
+        } else {
+            let anchor = &seen[seen.len().saturating_sub(256)..];
+            match cur.rfind(anchor) {
+                Some(i) => &cur[i + anchor.len()..],
+                None if cur == seen => "",
+                None => {
+                    println!("[… vmd ctl: output skipped …]");
+                    cur.as_str()
+                }
+            }
+        };
+        if !new.is_empty() {
+            print!("{new}");
+            let _ = std::io::stdout().flush();
+            seen = cur.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 async fn op(stub: &VmdStub, args: &CtlArgs) -> Result<ExitCode, ClientError> {
@@ -129,7 +175,12 @@ async fn op(stub: &VmdStub, args: &CtlArgs) -> Result<ExitCode, ClientError> {
                 ExitCode::FAILURE
             });
         }
-        Op::Logs { name, full } => {
+        Op::Logs {
+            name, follow: true, ..
+        } => {
+            follow(stub, name).await?;
+        }
+        Op::Logs { name, full, .. } => {
             let text = if *full {
                 stub.logs_full(name).await?
             } else {
@@ -197,6 +248,45 @@ async fn op(stub: &VmdStub, args: &CtlArgs) -> Result<ExitCode, ClientError> {
             stub.lock(name, false).await?;
             if !json {
                 println!("resumed {name}");
+            }
+        }
+        Op::Streams { name } => {
+            let streams = stub.inspect(name).await?.streams.unwrap_or_default();
+            if json {
+                print_json(&streams)?;
+            } else {
+                println!(
+                    "{:<20} {:<9} {:>12} {:>12} OUTPUT",
+                    "ID", "CONNECTED", "SENT B", "DROPPED B"
+                );
+                for s in streams {
+                    println!(
+                        "{:<20} {:<9} {:>12} {:>12} {}",
+                        s.id, s.connected, s.sent_bytes, s.dropped_bytes, s.output
+                    );
+                }
+            }
+        }
+        Op::StreamCreate {
+            name,
+            id,
+            output,
+            namespace,
+        } => {
+            let stream = vmd::api::Stream {
+                id: id.clone(),
+                namespace: namespace.clone(),
+                output: output.clone(),
+            };
+            stub.stream_create(name, &stream).await?;
+            if !json {
+                println!("streaming {name} to {output} as {id}");
+            }
+        }
+        Op::StreamDelete { id } => {
+            stub.stream_delete(id).await?;
+            if !json {
+                println!("deleted stream {id}");
             }
         }
         Op::Status => {

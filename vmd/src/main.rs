@@ -64,6 +64,15 @@ struct DaemonArgs {
     /// The cloud-hypervisor binary the shims run.
     #[arg(long, default_value = "cloud-hypervisor")]
     cloud_hypervisor: PathBuf,
+    /// The vmd-logstream binary (default: next to vmd, else on PATH).
+    #[arg(long)]
+    logstream: Option<PathBuf>,
+    /// Where named network namespaces are (for streams with a Namespace).
+    #[arg(long, default_value = "/var/run/netns")]
+    netns_dir: PathBuf,
+    /// Extra CA certificates (PEM) trusted for wss stream receivers.
+    #[arg(long)]
+    stream_ca_file: Option<PathBuf>,
     /// Seconds a stopping guest gets to power off before it is forced.
     #[arg(long, default_value_t = 30)]
     grace_secs: u64,
@@ -153,16 +162,19 @@ async fn daemon(broker: Broker, args: DaemonArgs) -> anyhow::Result<()> {
         std::process::exit(130);
     });
 
-    let shim = match &args.shim {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .ok()
-            .and_then(|e| e.parent().map(|d| d.join("vmd-shim")))
-            .filter(|p| p.exists())
-            .unwrap_or_else(|| PathBuf::from("vmd-shim")),
+    let sibling = |given: &Option<PathBuf>, name: &str| -> anyhow::Result<PathBuf> {
+        let p = match given {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(|d| d.join(name)))
+                .filter(|p| p.exists())
+                .unwrap_or_else(|| PathBuf::from(name)),
+        };
+        resolve_program(&p).with_context(|| format!("{name} not found ({})", p.display()))
     };
-    let shim = resolve_program(&shim)
-        .with_context(|| format!("vmd-shim not found ({})", shim.display()))?;
+    let shim = sibling(&args.shim, "vmd-shim")?;
+    let logstream = sibling(&args.logstream, "vmd-logstream")?;
     let hypervisor = resolve_program(&args.cloud_hypervisor).unwrap_or_else(|| {
         tracing::warn!(
             hypervisor = %args.cloud_hypervisor.display(),
@@ -180,6 +192,9 @@ async fn daemon(broker: Broker, args: DaemonArgs) -> anyhow::Result<()> {
         zinit_socket: args.zinit_socket.clone(),
         shim,
         hypervisor,
+        logstream,
+        netns_dir: args.netns_dir.clone(),
+        stream_ca_file: args.stream_ca_file.clone(),
     };
     let settings = Settings {
         grace_secs: args.grace_secs,

@@ -17,6 +17,7 @@
 //! | `double.ignore_power_button=1` | the guest never reacts to the power button |
 //! | `double.flood_bps=N` | after GUEST-READY, print lines at N bytes/s (0: as fast as possible) |
 //! | `double.flood_bytes=N` | stop flooding after N bytes |
+//! | `double.exec_log=PATH` | append `<pid> <unix ns>` to PATH first thing (benchmarks time the exec) |
 //!
 //! Deviations: no real guest, no `--serial pty`, counters are zeros.
 
@@ -854,6 +855,24 @@ async fn serial_sink(mode: Serial, mut rx: mpsc::Receiver<Vec<u8>>) {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Before anything else: when this process came to life.
+    if let Some(path) = args
+        .iter()
+        .position(|a| a == "--cmdline")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|c| Knobs::parse(c).str("double.exec_log").map(str::to_owned))
+    {
+        let ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{} {ns}", std::process::id());
+        }
+    }
     if args.iter().any(|a| a == "--version" || a == "-V") {
         println!("cloud-hypervisor v53.0.0\nMigration Protocol Versions: 0");
         return ExitCode::SUCCESS;
@@ -872,8 +891,8 @@ fn main() -> ExitCode {
     unsafe {
         libc::umask(0o077);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: benchmarks run a thousand of these.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");

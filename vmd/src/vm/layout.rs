@@ -9,6 +9,7 @@
 //!                          state.json     the shim's state; api.sock serial.sock shim.sock
 //!                          metrics.json   tap counter offsets (metrics never go backwards)
 //! <root>/logs/<name>                      console log (+ .meta), kept until Delete
+//! <runtime-dir>/streams/<id>.json         a log stream (see `streams`)
 //! <zinit-dir>/vm:<name>.yaml              the zinit service running vmd-shim
 //! ```
 
@@ -28,6 +29,12 @@ pub struct Layout {
     pub shim: PathBuf,
     /// The cloud-hypervisor binary the shims run.
     pub hypervisor: PathBuf,
+    /// The vmd-logstream binary zinit runs per stream.
+    pub logstream: PathBuf,
+    /// Named network namespaces (`ip netns` keeps them in /var/run/netns).
+    pub netns_dir: PathBuf,
+    /// An extra CA for wss receivers (besides the system's roots).
+    pub stream_ca_file: Option<PathBuf>,
 }
 
 pub const REQUEST_FILE: &str = "request.json";

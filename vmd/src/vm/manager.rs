@@ -152,6 +152,7 @@ impl Manager {
     /// Removes every trace of `name`: graceful stop through the shim, the
     /// zinit service, the files, the log. Safe to repeat at any point.
     pub async fn remove(&self, name: &VmName, graceful: bool) -> Result<(), MethodError> {
+        self.remove_streams_of(name.as_str()).await?;
         let run = self.layout.run_dir(name);
         let service = name.service();
         if run.0.exists() {
@@ -389,6 +390,7 @@ impl VmModule for Manager {
             restarts: Some(live.restarts),
             pid: live.pid,
             uptime_secs: live.uptime,
+            streams: Some(self.stream_statuses(n.as_str())).filter(|s| !s.is_empty()),
         })
     }
 
@@ -469,11 +471,11 @@ impl VmModule for Manager {
             })
     }
 
-    async fn stream_create(&self, _name: String, _stream: Stream) -> MethodResult<()> {
-        Err(MethodError::not_implemented("StreamCreate"))
+    async fn stream_create(&self, name: String, stream: Stream) -> MethodResult<()> {
+        Manager::stream_create(self, &name, &stream).await
     }
 
-    async fn stream_delete(&self, _id: String) -> MethodResult<()> {
-        Err(MethodError::not_implemented("StreamDelete"))
+    async fn stream_delete(&self, id: String) -> MethodResult<()> {
+        self.remove_stream(&id).await
     }
 }

@@ -6,6 +6,7 @@ pub mod manager;
 pub mod metrics;
 pub mod name;
 pub mod reconcile;
+pub mod streams;
 pub mod validate;
 
 pub use layout::Layout;

@@ -62,6 +62,7 @@ pub async fn reconcile(m: &Manager) -> Report {
             tracing::error!(vm = %name, error = %e, "reconciliation failed for this VM");
         }
     }
+    r.orphans_removed.extend(m.reconcile_streams().await);
     // Services of VMs that are not (or no longer) there.
     let mut services: Vec<String> = m
         .services()

@@ -1,0 +1,519 @@
+//! Log streams: vmd-logstream workers shipping a VM's console to a real
+//! Redis subscriber, a WebSocket server and a wss server with its own CA.
+
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use vmd::api::{Stream, Vm};
+use vmd::stub::VmdStub;
+use vmd::zbus::client::ClientError;
+use vmd_tests::vm::real_ch;
+use vmd_tests::{RedisServer, Supervisor, VmdProcess};
+
+/// 10 MB of console output: 64-byte lines.
+const FLOOD: u64 = 10_000_000;
+
+struct Env {
+    _redis: RedisServer,
+    zinit: Supervisor,
+    vmd: VmdProcess,
+    stub: VmdStub,
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    async fn start(extra: &[&str]) -> Env {
+        let redis = RedisServer::start();
+        let zinit = Supervisor::start();
+        // Big enough logs that nothing is rotated away during a test.
+        let mut flags = vec![
+            "--log-rotate-bytes",
+            "67108864",
+            "--log-keep-bytes",
+            "33554432",
+        ];
+        flags.extend_from_slice(extra);
+        let vmd = VmdProcess::start_with(&redis, Some(&zinit), &flags);
+        let stub = VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(60));
+        let t0 = Instant::now();
+        while VmdStub::new(redis.broker())
+            .with_timeout(Duration::from_millis(500))
+            .status()
+            .await
+            .is_err()
+        {
+            assert!(t0.elapsed() < Duration::from_secs(20));
+        }
+        Env {
+            _redis: redis,
+            zinit,
+            vmd,
+            stub,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// A VM that starts printing `FLOOD` bytes `delay_ms` after it booted.
+    async fn flooding_vm(&self, name: &str, delay_ms: u64, bps: u64) {
+        let kernel = self.dir.path().join("vmlinux");
+        std::fs::write(&kernel, "x").unwrap();
+        let mut vm = Vm {
+            name: name.into(),
+            cpu: 1,
+            memory: 256 << 20,
+            kernel_image: kernel.to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        for (k, v) in [
+            ("double.boot_ms", delay_ms.to_string()),
+            ("double.flood_bps", bps.to_string()),
+            ("double.flood_bytes", FLOOD.to_string()),
+        ] {
+            vm.kernel_args.insert(k.into(), v);
+        }
+        self.stub.run(&vm).await.unwrap();
+    }
+
+    fn log(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.vmd.root().join("logs").join(name)).unwrap_or_default()
+    }
+
+    /// Waits until the VM printed all of its flood.
+    async fn wait_flood_done(&self, name: &str) -> Vec<u8> {
+        let t0 = Instant::now();
+        loop {
+            let log = self.log(name);
+            if log.len() as u64 >= FLOOD {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return self.log(name);
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "flood not done: {} bytes",
+                log.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn gunzip(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(b)
+        .read_to_end(&mut out)
+        .expect("each message is a complete gzip member");
+    out
+}
+
+/// Waits until `received` holds `want.len()` bytes, then compares.
+async fn assert_received(received: &Arc<Mutex<Vec<u8>>>, want: &[u8]) {
+    let t0 = Instant::now();
+    while received.lock().unwrap().len() < want.len() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "received {} of {} bytes",
+            received.lock().unwrap().len(),
+            want.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = received.lock().unwrap().clone();
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "received bytes differ from the console");
+}
+
+fn skip() -> bool {
+    if real_ch() {
+        eprintln!("skipped: needs the double's flood knob");
+    }
+    real_ch()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_megabytes_to_a_redis_subscriber() {
+    if skip() {
+        return;
+    }
+    let env = Env::start(&[]).await;
+    let receiver = RedisServer::start_tcp();
+    let client =
+        redis::Client::open(format!("redis://127.0.0.1:{}/", receiver.tcp_port())).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("vm-logs").await.unwrap();
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let r = received.clone();
+    tokio::spawn(async move {
+        let mut msgs = pubsub.on_message();
+        while let Some(m) = msgs.next().await {
+            let payload: Vec<u8> = m.get_payload().unwrap();
+            r.lock().unwrap().extend(gunzip(&payload));
+        }
+    });
+    env.flooding_vm("rvm", 1500, 20_000_000).await;
+    let out = format!("redis://127.0.0.1:{}/vm-logs", receiver.tcp_port());
+    env.stub
+        .stream_create(
+            "rvm",
+            &Stream {
+                id: "rs".into(),
+                namespace: String::new(),
+                output: out.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    let printed = env.wait_flood_done("rvm").await;
+    assert_received(&received, &printed).await;
+    let i = env.stub.inspect("rvm").await.unwrap();
+    let s = &i.streams.unwrap()[0];
+    assert_eq!(
+        (s.id.as_str(), s.output.as_str(), s.dropped_bytes),
+        ("rs", out.as_str(), 0)
+    );
+    // zinit runs it as stream:<id>.
+    assert!(env
+        .zinit
+        .client()
+        .list()
+        .await
+        .unwrap()
+        .contains_key("stream:rs"));
+}
+
+/// A WebSocket server (optionally TLS) collecting binary messages;
+/// `drop_after` closes the first connection after that many messages.
+async fn ws_server(
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    drop_after: Option<usize>,
+) -> (u16, Arc<Mutex<Vec<u8>>>, Arc<Mutex<usize>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let connections = Arc::new(Mutex::new(0usize));
+    let (r, c) = (received.clone(), connections.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let n = {
+                let mut c = c.lock().unwrap();
+                *c += 1;
+                *c
+            };
+            let limit = if n == 1 { drop_after } else { None };
+            let r = r.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                async fn pump<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+                    s: S,
+                    r: Arc<Mutex<Vec<u8>>>,
+                    limit: Option<usize>,
+                ) {
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                        return;
+                    };
+                    let mut count = 0;
+                    while let Some(Ok(m)) = ws.next().await {
+                        if let tokio_tungstenite::tungstenite::Message::Binary(b) = m {
+                            r.lock().unwrap().extend(gunzip(&b));
+                            count += 1;
+                            if limit.is_some_and(|l| count >= l) {
+                                return; // the receiver goes away mid-stream
+                            }
+                        }
+                    }
+                }
+                match tls {
+                    Some(acc) => {
+                        if let Ok(s) = acc.accept(tcp).await {
+                            pump(s, r, limit).await
+                        }
+                    }
+                    None => pump(tcp, r, limit).await,
+                }
+            });
+        }
+    });
+    (port, received, connections)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_megabytes_to_a_websocket_receiver() {
+    if skip() {
+        return;
+    }
+    let env = Env::start(&[]).await;
+    let (port, received, _) = ws_server(None, None).await;
+    env.flooding_vm("wvm", 1500, 20_000_000).await;
+    env.stub
+        .stream_create(
+            "wvm",
+            &Stream {
+                id: "ws1".into(),
+                namespace: String::new(),
+                output: format!("ws://127.0.0.1:{port}/logs"),
+            },
+        )
+        .await
+        .unwrap();
+    let printed = env.wait_flood_done("wvm").await;
+    assert_received(&received, &printed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_megabytes_over_wss_with_a_private_ca() {
+    if skip() {
+        return;
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // A CA, and a server certificate it signs for 127.0.0.1.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+
+    let env = Env::start(&["--stream-ca-file", ca_file.to_str().unwrap()]).await;
+    let (port, received, _) = ws_server(Some(acceptor), None).await;
+    env.flooding_vm("svm", 1500, 20_000_000).await;
+    env.stub
+        .stream_create(
+            "svm",
+            &Stream {
+                id: "wss1".into(),
+                namespace: String::new(),
+                output: format!("wss://127.0.0.1:{port}/logs"),
+            },
+        )
+        .await
+        .unwrap();
+    let printed = env.wait_flood_done("svm").await;
+    assert_received(&received, &printed).await;
+}
+
+/// FLOOD sequence numbers in `bytes`, in order.
+fn seqs(bytes: &[u8]) -> Vec<u64> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("FLOOD ")
+                .and_then(|r| r.get(..12))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_goes_away_is_reconnected_and_the_gap_is_bounded() {
+    if skip() {
+        return;
+    }
+    let env = Env::start(&[]).await;
+    // The first connection dies after 100 messages; the worker reconnects.
+    let (port, received, connections) = ws_server(None, Some(100)).await;
+    env.flooding_vm("gvm", 1500, 5_000_000).await;
+    env.stub
+        .stream_create(
+            "gvm",
+            &Stream {
+                id: "gap".into(),
+                namespace: String::new(),
+                output: format!("ws://127.0.0.1:{port}/"),
+            },
+        )
+        .await
+        .unwrap();
+    let printed = env.wait_flood_done("gvm").await;
+    let last = *seqs(&printed).last().unwrap();
+    let t0 = Instant::now();
+    while seqs(&received.lock().unwrap()).last() != Some(&last) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the stream did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(*connections.lock().unwrap() >= 2, "never reconnected");
+    let got = seqs(&received.lock().unwrap());
+    // In order; what was in flight when the receiver died may be missing,
+    // never more than the worker's buffer (4 MiB = 65 536 lines).
+    assert!(got.windows(2).all(|w| w[1] > w[0]), "disorder or repeats");
+    let missing = last as usize - got.len();
+    assert!(missing <= 65_536, "{missing} lines lost");
+    eprintln!("receiver restart: {missing} lines lost in flight (of {last})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_is_restarted_by_zinit_and_resumes() {
+    if skip() {
+        return;
+    }
+    let env = Env::start(&[]).await;
+    let (port, received, _) = ws_server(None, None).await;
+    env.flooding_vm("kvm", 1500, 3_000_000).await;
+    env.stub
+        .stream_create(
+            "kvm",
+            &Stream {
+                id: "kw".into(),
+                namespace: String::new(),
+                output: format!("ws://127.0.0.1:{port}/"),
+            },
+        )
+        .await
+        .unwrap();
+    let svc: zinit::ServiceName = "stream:kw".parse().unwrap();
+    let t0 = Instant::now();
+    while received.lock().unwrap().len() < 1_000_000 {
+        assert!(t0.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = env.zinit.client().status(&svc).await.unwrap().pid;
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    let printed = env.wait_flood_done("kvm").await;
+    let last = *seqs(&printed).last().unwrap();
+    let t0 = Instant::now();
+    while seqs(&received.lock().unwrap()).last() != Some(&last) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the stream did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_ne!(env.zinit.client().status(&svc).await.unwrap().pid, pid);
+    // Nothing lost; what was sent but not yet recorded may come twice.
+    let mut got = seqs(&received.lock().unwrap());
+    let dups = got.len();
+    got.sort();
+    got.dedup();
+    assert_eq!(
+        got.len() as u64,
+        last,
+        "lines lost across the worker's restart"
+    );
+    eprintln!("worker restart: {} lines repeated", dups - got.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_streams_are_refused_and_nothing_is_left_behind() {
+    let env = Env::start(&[]).await;
+    let kernel = env.dir.path().join("vmlinux");
+    std::fs::write(&kernel, "x").unwrap();
+    env.stub
+        .run(&Vm {
+            name: "svm".into(),
+            cpu: 1,
+            memory: 256 << 20,
+            kernel_image: kernel.to_string_lossy().into_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let s = |id: &str, out: &str, ns: &str| Stream {
+        id: id.into(),
+        namespace: ns.into(),
+        output: out.into(),
+    };
+    let cases = [
+        ("svm", s("", "redis://h:6379/c", ""), "missing stream id"),
+        (
+            "svm",
+            s("../x", "redis://h:6379/c", ""),
+            "invalid stream id",
+        ),
+        ("svm", s("a b", "redis://h:6379/c", ""), "invalid stream id"),
+        (
+            "svm",
+            s("a\"b", "redis://h:6379/c", ""),
+            "invalid stream id",
+        ),
+        (
+            "svm",
+            s("a\nb", "redis://h:6379/c", ""),
+            "invalid stream id",
+        ),
+        ("svm", s("ok", "redis://h:6379", ""), "missing channel"),
+        ("svm", s("ok", "redis://h:6379/", ""), "missing channel"),
+        (
+            "svm",
+            s("ok", "redis://h:99999/c", ""),
+            "invalid stream output",
+        ),
+        ("svm", s("ok", "http://h/x", ""), "unsupported scheme"),
+        ("svm", s("ok", "not a url", ""), "invalid stream output"),
+        (
+            "svm",
+            s("ok", "ws://h/x", "../etc"),
+            "invalid network namespace",
+        ),
+        ("svm", s("ok", "ws://h/x", "no-such-ns"), "does not exist"),
+        (
+            "nope",
+            s("ok", "ws://h/x", ""),
+            "machine 'nope' does not exist",
+        ),
+    ];
+    for (vm, stream, want) in cases {
+        match env.stub.stream_create(vm, &stream).await {
+            Err(ClientError::Method(m)) => {
+                assert!(m.contains(want), "{stream:?}: {m:?} lacks {want:?}")
+            }
+            other => panic!("{stream:?}: {other:?}"),
+        }
+    }
+    let services = env.zinit.client().list().await.unwrap();
+    assert!(
+        !services.keys().any(|k| k.starts_with("stream:")),
+        "{services:?}"
+    );
+    let streams = env.vmd.runtime().join("streams");
+    assert!(
+        std::fs::read_dir(&streams).map_or(true, |mut d| d.next().is_none()),
+        "stream files left"
+    );
+    // Unknown or invalid ids delete fine; a taken id is refused.
+    env.stub.stream_delete("never-existed").await.unwrap();
+    env.stub.stream_delete("../x").await.unwrap();
+    env.stub
+        .stream_create("svm", &s("dup", "ws://127.0.0.1:9/x", ""))
+        .await
+        .unwrap();
+    let e = env
+        .stub
+        .stream_create("svm", &s("dup", "ws://127.0.0.1:9/x", ""))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("already exists"), "{e}");
+    // Deleting the VM removes its streams.
+    env.stub.delete("svm").await.unwrap();
+    assert!(!env
+        .zinit
+        .client()
+        .list()
+        .await
+        .unwrap()
+        .contains_key("stream:dup"));
+    assert!(
+        std::fs::read_dir(&streams).map_or(true, |mut d| d.next().is_none()),
+        "stream files left"
+    );
+}

@@ -1,0 +1,119 @@
+//! Where chunks go: one Redis PUBLISH, one binary WebSocket message, or
+//! stdout, per chunk.
+
+use std::sync::Arc;
+
+use futures_util::SinkExt;
+use tokio::io::AsyncWriteExt;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::output::Output;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub enum Sink {
+    Redis(redis::aio::MultiplexedConnection, String),
+    WebSocket(Box<Ws>),
+    Console(tokio::io::Stdout),
+}
+
+/// TLS for wss: the system's roots, plus an extra CA if given.
+pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let pem =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+impl Sink {
+    pub async fn connect(output: &Output, tls: &Arc<rustls::ClientConfig>) -> Result<Sink, String> {
+        match output {
+            Output::Console => Ok(Sink::Console(tokio::io::stdout())),
+            Output::Redis {
+                host,
+                port,
+                username,
+                password,
+                channel,
+            } => {
+                let info = redis::ConnectionInfo {
+                    addr: redis::ConnectionAddr::Tcp(host.clone(), *port),
+                    redis: redis::RedisConnectionInfo {
+                        username: username.clone(),
+                        password: password.clone(),
+                        ..Default::default()
+                    },
+                };
+                let client = redis::Client::open(info).map_err(|e| e.to_string())?;
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(std::time::Duration::from_secs(5))
+                    .set_response_timeout(std::time::Duration::from_secs(10));
+                let conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(Sink::Redis(conn, channel.clone()))
+            }
+            Output::WebSocket { url, .. } => {
+                let connector = tokio_tungstenite::Connector::Rustls(Arc::clone(tls));
+                let connect = tokio_tungstenite::connect_async_tls_with_config(
+                    url.as_str(),
+                    None,
+                    false,
+                    Some(connector),
+                );
+                let (ws, _) = tokio::time::timeout(std::time::Duration::from_secs(10), connect)
+                    .await
+                    .map_err(|_| "connection timed out".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                Ok(Sink::WebSocket(Box::new(ws)))
+            }
+        }
+    }
+
+    /// Sends one chunk. For Redis, returns how many subscribers got it.
+    pub async fn send(&mut self, chunk: &[u8]) -> Result<Option<u64>, String> {
+        match self {
+            Sink::Console(out) => {
+                out.write_all(chunk).await.map_err(|e| e.to_string())?;
+                out.flush().await.map_err(|e| e.to_string())?;
+                Ok(None)
+            }
+            Sink::Redis(conn, channel) => {
+                let n: u64 = redis::cmd("PUBLISH")
+                    .arg(channel.as_str())
+                    .arg(chunk)
+                    .query_async(conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(Some(n))
+            }
+            Sink::WebSocket(ws) => {
+                let send = ws.send(Message::Binary(chunk.to_vec().into()));
+                tokio::time::timeout(std::time::Duration::from_secs(30), send)
+                    .await
+                    .map_err(|_| "send timed out".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                Ok(None)
+            }
+        }
+    }
+}

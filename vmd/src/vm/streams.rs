@@ -1,0 +1,258 @@
+//! Log streams: each a zinit service `stream:<id>` running vmd-logstream,
+//! following one VM's console log.
+//!
+//! ```text
+//! <runtime-dir>/streams/<id>.json       what the caller asked for (id, vm, namespace, output)
+//! <runtime-dir>/streams/<id>.progress   the worker's position and counters
+//! <zinit-dir>/stream:<id>.yaml          the service
+//! ```
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vmd_logstream::output::Output;
+use vmd_logstream::progress::Progress;
+
+use super::manager::{write_atomic, Manager};
+use super::name::VmName;
+use crate::api::{Stream, StreamStatus};
+use crate::module::MethodError;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamSpec {
+    pub id: String,
+    pub vm: String,
+    pub namespace: String,
+    pub output: String,
+}
+
+fn valid_id(id: &str) -> Result<(), MethodError> {
+    if id.is_empty() {
+        return Err(MethodError::new("missing stream id"));
+    }
+    let ok = id.len() <= 64
+        && id.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        return Err(MethodError::new(format!(
+            "invalid stream id {id:?}: 1-64 letters, digits, '-', '_' or '.'"
+        )));
+    }
+    Ok(())
+}
+
+fn service(id: &str) -> zinit::ServiceName {
+    // A valid id makes a valid service name.
+    zinit::ServiceName::new(format!("stream:{id}")).expect("stream service name")
+}
+
+impl Manager {
+    fn streams_dir(&self) -> PathBuf {
+        self.layout().runtime.join("streams")
+    }
+
+    fn stream_spec_path(&self, id: &str) -> PathBuf {
+        self.streams_dir().join(format!("{id}.json"))
+    }
+
+    fn stream_progress_path(&self, id: &str) -> PathBuf {
+        self.streams_dir().join(format!("{id}.progress"))
+    }
+
+    pub fn stream_specs(&self) -> Vec<StreamSpec> {
+        let mut out: Vec<StreamSpec> = fs::read_dir(self.streams_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| serde_json::from_str(&fs::read_to_string(e.path()).ok()?).ok())
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    pub async fn stream_create(&self, vm: &str, stream: &Stream) -> Result<(), MethodError> {
+        let name = VmName::new(vm)
+            .ok()
+            .filter(|n| self.present(n))
+            .ok_or_else(|| MethodError::new(format!("machine '{vm}' does not exist")))?;
+        valid_id(&stream.id)?;
+        stream
+            .output
+            .parse::<Output>()
+            .map_err(|e| MethodError::new(e.to_string()))?;
+        if !stream.namespace.is_empty() {
+            let ns = &stream.namespace;
+            if ns.contains('/')
+                || ns.starts_with('.')
+                || ns.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(MethodError::new(format!(
+                    "invalid network namespace {ns:?}"
+                )));
+            }
+            if !self.layout().netns_dir.join(ns).exists() {
+                return Err(MethodError::new(format!(
+                    "network namespace {ns:?} does not exist"
+                )));
+            }
+        }
+        let spec_path = self.stream_spec_path(&stream.id);
+        let svc = service(&stream.id);
+        if spec_path.exists() || self.services().exists(&svc) {
+            return Err(MethodError::new(format!(
+                "stream with id '{}' already exists",
+                stream.id
+            )));
+        }
+        let spec = StreamSpec {
+            id: stream.id.clone(),
+            vm: name.as_str().to_owned(),
+            namespace: stream.namespace.clone(),
+            // Validated above; passed on as given, credentials and all.
+            output: stream.output.clone(),
+        };
+        let result = self.install_stream(&name, &spec).await;
+        if result.is_err() {
+            let _ = self.remove_stream(&stream.id).await;
+        }
+        result
+    }
+
+    async fn install_stream(&self, name: &VmName, spec: &StreamSpec) -> Result<(), MethodError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let err = |e: &dyn std::fmt::Display| MethodError::new(e.to_string());
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(self.streams_dir())
+            .map_err(|e| err(&e))?;
+        write_atomic(
+            &self.stream_spec_path(&spec.id),
+            &serde_json::to_vec_pretty(spec).map_err(|e| err(&e))?,
+        )
+        .map_err(|e| err(&e))?;
+        let mut argv = vec![
+            self.layout().logstream.to_string_lossy().into_owned(),
+            "--log".into(),
+            self.layout().log(name).to_string_lossy().into_owned(),
+            "--output".into(),
+            spec.output.clone(),
+            "--state".into(),
+            self.stream_progress_path(&spec.id)
+                .to_string_lossy()
+                .into_owned(),
+        ];
+        if !spec.namespace.is_empty() {
+            argv.extend([
+                "--namespace".into(),
+                spec.namespace.clone(),
+                "--netns-dir".into(),
+                self.layout().netns_dir.to_string_lossy().into_owned(),
+            ]);
+        }
+        if let Some(ca) = &self.layout().stream_ca_file {
+            argv.extend(["--ca-file".into(), ca.to_string_lossy().into_owned()]);
+        }
+        let exec = zinit::Command::new(argv).map_err(|e| err(&e))?;
+        let svc = service(&spec.id);
+        self.services()
+            .install(&svc, &zinit::Service::new(exec))
+            .map_err(|e| err(&e))?;
+        self.zinit()
+            .monitor(&svc)
+            .await
+            .map_err(|e| MethodError::new(format!("cannot start stream {}: {e}", spec.id)))
+    }
+
+    /// Stops and removes a stream; an unknown one is already removed.
+    pub async fn remove_stream(&self, id: &str) -> Result<(), MethodError> {
+        if valid_id(id).is_err() {
+            return Ok(());
+        }
+        let svc = service(id);
+        self.zinit()
+            .remove(&svc, Duration::from_secs(10))
+            .await
+            .map_err(|e| MethodError::new(format!("cannot stop stream {id}: {e}")))?;
+        self.services()
+            .remove(&svc)
+            .map_err(|e| MethodError::new(e.to_string()))?;
+        for p in [self.stream_progress_path(id), self.stream_spec_path(id)] {
+            let _ = fs::remove_file(p);
+        }
+        Ok(())
+    }
+
+    /// Every stream of VM `vm`.
+    pub async fn remove_streams_of(&self, vm: &str) -> Result<(), MethodError> {
+        for s in self.stream_specs().into_iter().filter(|s| s.vm == vm) {
+            self.remove_stream(&s.id).await?;
+        }
+        Ok(())
+    }
+
+    pub fn stream_statuses(&self, vm: &str) -> Vec<StreamStatus> {
+        self.stream_specs()
+            .into_iter()
+            .filter(|s| s.vm == vm)
+            .map(|s| {
+                let p = Progress::load(&self.stream_progress_path(&s.id)).unwrap_or_default();
+                StreamStatus {
+                    id: s.id,
+                    output: s.output,
+                    connected: p.connected,
+                    sent_bytes: p.sent_bytes,
+                    dropped_bytes: p.dropped_bytes,
+                }
+            })
+            .collect()
+    }
+
+    /// Start-up: streams whose VM or service is gone, services without a stream.
+    pub async fn reconcile_streams(&self) -> Vec<String> {
+        let mut removed = Vec::new();
+        for s in self.stream_specs() {
+            let vm_there = VmName::new(&s.vm).is_ok_and(|n| self.present(&n));
+            let svc_there = self.services().exists(&service(&s.id));
+            if !vm_there || !svc_there {
+                removed.push(format!("stream:{}", s.id));
+                let _ = self.remove_stream(&s.id).await;
+            } else if let Err(zinit::ZinitError::UnknownService(_)) =
+                self.zinit().status(&service(&s.id)).await
+            {
+                let _ = self.zinit().monitor(&service(&s.id)).await;
+            }
+        }
+        let mut services: Vec<String> = self
+            .services()
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| s.to_string())
+            .collect();
+        if let Ok(list) = self.zinit().list().await {
+            services.extend(list.into_keys());
+        }
+        services.sort();
+        services.dedup();
+        for s in services {
+            let Some(id) = s.strip_prefix("stream:") else {
+                continue;
+            };
+            if valid_id(id).is_ok() && self.stream_spec_path(id).exists() {
+                continue;
+            }
+            removed.push(s.clone());
+            if let Ok(svc) = zinit::ServiceName::new(s.clone()) {
+                let _ = self.zinit().remove(&svc, Duration::from_secs(10)).await;
+                let _ = self.services().remove(&svc);
+            }
+        }
+        removed
+    }
+}
