@@ -517,3 +517,82 @@ async fn bad_streams_are_refused_and_nothing_is_left_behind() {
         "stream files left"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_redis_receiver_is_reconnected_and_the_gap_is_counted() {
+    if skip() {
+        return;
+    }
+    let env = Env::start(&[]).await;
+    let mut receiver = RedisServer::start_tcp();
+    let port = receiver.tcp_port();
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let subscribe = |received: Arc<Mutex<Vec<u8>>>| async move {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+        let mut pubsub = loop {
+            match client.get_async_pubsub().await {
+                Ok(p) => break p,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        pubsub.subscribe("ch").await.unwrap();
+        tokio::spawn(async move {
+            let mut msgs = pubsub.on_message();
+            while let Some(m) = msgs.next().await {
+                let payload: Vec<u8> = m.get_payload().unwrap();
+                received.lock().unwrap().extend(gunzip(&payload));
+            }
+        });
+    };
+    subscribe(received.clone()).await;
+    env.flooding_vm("rr", 1500, 2_000_000).await;
+    env.stub
+        .stream_create(
+            "rr",
+            &Stream {
+                id: "rr".into(),
+                namespace: String::new(),
+                output: format!("redis://127.0.0.1:{port}/ch"),
+            },
+        )
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    while received.lock().unwrap().len() < 2_000_000 {
+        assert!(t0.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The receiver dies and comes back empty; our subscriber comes back late.
+    receiver.restart();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    subscribe(received.clone()).await;
+    let printed = env.wait_flood_done("rr").await;
+    let t0 = Instant::now();
+    let (missing, unheard) = loop {
+        let s = env
+            .stub
+            .inspect("rr")
+            .await
+            .unwrap()
+            .streams
+            .unwrap()
+            .remove(0);
+        let missing = printed.len() as u64 - received.lock().unwrap().len() as u64;
+        if s.sent_bytes >= printed.len() as u64 - 10_000 && t0.elapsed() > Duration::from_secs(1) {
+            break (missing, s.unheard_bytes);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "stream stuck: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("redis receiver restart: {missing} bytes missing, {unheard} counted unheard");
+    assert!(unheard > 0, "the gap was not counted");
+    // What is missing is what was counted (give or take what died inside the
+    // old Redis with the subscriber's connection).
+    assert!(
+        missing >= unheard && missing - unheard <= 256 * 1024,
+        "missing {missing}, counted {unheard}"
+    );
+}

@@ -201,6 +201,7 @@ async fn run(cli: Cli) -> ExitCode {
                 progress.sent_bytes += raw as u64;
                 if heard == Some(0) {
                     unheard += 1;
+                    progress.unheard_bytes += raw as u64;
                     if unheard == 1 || unheard.is_power_of_two() {
                         say(format!(
                             "{unheard} chunks published with no subscriber listening"

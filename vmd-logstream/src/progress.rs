@@ -13,6 +13,10 @@ pub struct Progress {
     pub sent_bytes: u64,
     /// Console bytes lost: rotated away while the receiver was unreachable.
     pub dropped_bytes: u64,
+    /// Console bytes PUBLISHed while no subscriber listened (Redis only: a
+    /// WebSocket receiver acknowledges nothing, so its losses cannot be seen).
+    #[serde(default)]
+    pub unheard_bytes: u64,
     pub connected: bool,
     #[serde(default)]
     pub last_error: Option<String>,

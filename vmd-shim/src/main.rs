@@ -478,8 +478,10 @@ fn classify(vmm: &Vmm, status: std::io::Result<ExitStatus>) -> Exit {
     Exit { at, status, clean }
 }
 
-/// Power button, repeated every second through the grace period (a press
-/// before the guest armed its ACPI handler is lost), then the API's hard
+/// Power button, repeated with growing pauses (4 s, 8 s, 16 s …) through the
+/// grace period — a press before the guest armed its ACPI handler is lost,
+/// while pressing too often makes a slow guest run one power-off handler per
+/// press (seen on emulated KVM: they crash each other) — then the API's hard
 /// stops, then SIGKILL.
 async fn graceful_stop(vmm: &mut Vmm, api_socket: &std::path::Path, grace: Duration) -> String {
     say(format!(
@@ -487,16 +489,18 @@ async fn graceful_stop(vmm: &mut Vmm, api_socket: &std::path::Path, grace: Durat
         grace.as_secs()
     ));
     let deadline = Instant::now() + grace;
+    let mut pause = Duration::from_secs(4);
     loop {
         let _ = api::call(api_socket, "PUT", "vm.power-button", Duration::from_secs(1)).await;
         let left = deadline.saturating_duration_since(Instant::now());
-        if let Ok(st) = timeout(left.min(Duration::from_secs(1)), vmm.child.wait()).await {
+        if let Ok(st) = timeout(left.min(pause), vmm.child.wait()).await {
             let st = st.map(|s| describe(&s)).unwrap_or_default();
             return format!("the guest powered off ({st})");
         }
         if Instant::now() >= deadline {
             break;
         }
+        pause *= 2;
     }
     say("the guest did not power off in time: shutting the VMM down");
     let _ = api::call(api_socket, "PUT", "vm.shutdown", Duration::from_secs(2)).await;

@@ -199,6 +199,9 @@ pub struct StreamStatus {
     /// Console bytes lost: rotated away while the receiver was unreachable.
     #[serde(rename = "DroppedBytes", deserialize_with = "nil_default")]
     pub dropped_bytes: u64,
+    /// Console bytes published to Redis while no subscriber listened.
+    #[serde(rename = "UnheardBytes", deserialize_with = "nil_default")]
+    pub unheard_bytes: u64,
 }
 
 /// Key: VM name. Sorted, so the same metrics always encode the same way.

@@ -208,6 +208,7 @@ impl Manager {
                     connected: p.connected,
                     sent_bytes: p.sent_bytes,
                     dropped_bytes: p.dropped_bytes,
+                    unheard_bytes: p.unheard_bytes,
                 }
             })
             .collect()
