@@ -12,7 +12,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmd_tests::vm::{cpu_ticks, rss_kib, TestVm};
+use vmd_tests::vm::{cpu_ticks, private_dirty_kib, rss_kib, TestVm};
 use vmd_tests::{bin, Supervisor};
 
 fn ticks_per_sec() -> f64 {
@@ -52,9 +52,11 @@ async fn bench(dur: Duration) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let shim = shim_pid(&z, &vm).await;
     let idle_rss = rss_kib(shim);
+    let idle_private = private_dirty_kib(shim);
     let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sleep_rss = rss_kib(sleeper.id() as i32);
+    let sleep_private = private_dirty_kib(sleeper.id() as i32);
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 
@@ -129,6 +131,12 @@ async fn bench(dur: Duration) {
         idle_rss as f64 / 1024.0,
         sleep_rss as f64 / 1024.0,
         idle_rss as f64 / sleep_rss.max(1) as f64
+    );
+    println!(
+        "| private dirty memory, one idle VM | {:.2} MiB | {:.2} MiB (`sleep`) | {:.2}× | |",
+        idle_private as f64 / 1024.0,
+        sleep_private as f64 / 1024.0,
+        idle_private as f64 / sleep_private.max(1) as f64
     );
     println!(
         "| console throughput | {:.0} MB/s | {:.0} MB/s (double → file, no shim) | {:.2}× | ≥ 200 MB/s |",

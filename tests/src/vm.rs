@@ -220,6 +220,17 @@ pub fn rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Private dirty memory of `pid` in KiB: what this process alone costs
+/// (code pages are shared by every process of the same binary).
+pub fn private_dirty_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Private_Dirty:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }

@@ -94,12 +94,16 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> ExitCode {
-    let tls = match tls_config(cli.ca_file.as_deref()) {
-        Ok(t) => t,
-        Err(e) => {
-            say(format!("cannot set up TLS: {e}"));
-            return ExitCode::FAILURE;
-        }
+    // The system's roots cost memory: only wss needs them.
+    let tls = match &cli.output {
+        Output::WebSocket { tls: true, .. } => match tls_config(cli.ca_file.as_deref()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                say(format!("cannot set up TLS: {e}"));
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
     };
     let mut progress = Progress::load(&cli.state);
     let start = match &progress {
@@ -128,6 +132,7 @@ async fn run(cli: Cli) -> ExitCode {
     let mut reported_drop = follower.dropped;
     let mut last_save = Instant::now();
     let mut unheard = 0u64;
+    let mut gzip = vmd_logstream::Gzip::default();
     loop {
         // Read what the bound allows; the rotated log is the buffer beyond it.
         while queued < cli.buffer_bytes {
@@ -142,7 +147,7 @@ async fn run(cli: Cli) -> ExitCode {
                 break;
             }
             let chunk = match cli.compression {
-                Compression::Gzip => vmd_logstream::gzip(&buf[..n]),
+                Compression::Gzip => gzip.member(&buf[..n]),
                 Compression::None => buf[..n].to_vec(),
             };
             queued += n;
@@ -170,7 +175,7 @@ async fn run(cli: Cli) -> ExitCode {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
-            match Sink::connect(&cli.output, &tls).await {
+            match Sink::connect(&cli.output, tls.as_ref()).await {
                 Ok(s) => {
                     say(format!("connected to {}", cli.output));
                     sink = Some(s);
@@ -192,20 +197,35 @@ async fn run(cli: Cli) -> ExitCode {
             }
         }
         let Some(s) = sink.as_mut() else { continue };
-        let (end, raw, chunk) = queue.front().cloned().unwrap_or_default();
-        match s.send(&chunk).await {
+        // Up to 32 chunks or 256 KiB on the wire per round trip.
+        let mut batch = 0;
+        let mut wire = 0;
+        while batch < queue.len() && batch < 32 && wire < 256 << 10 {
+            wire += queue[batch].2.len();
+            batch += 1;
+        }
+        let chunks: Vec<&[u8]> = queue
+            .iter()
+            .take(batch)
+            .map(|(_, _, c)| c.as_slice())
+            .collect();
+        match s.send(&chunks).await {
             Ok(heard) => {
-                queue.pop_front();
-                queued -= raw;
-                progress.pos = end;
-                progress.sent_bytes += raw as u64;
-                if heard == Some(0) {
-                    unheard += 1;
-                    progress.unheard_bytes += raw as u64;
-                    if unheard == 1 || unheard.is_power_of_two() {
-                        say(format!(
-                            "{unheard} chunks published with no subscriber listening"
-                        ));
+                for h in heard {
+                    let Some((end, raw, _)) = queue.pop_front() else {
+                        break;
+                    };
+                    queued -= raw;
+                    progress.pos = end;
+                    progress.sent_bytes += raw as u64;
+                    if h == Some(0) {
+                        unheard += 1;
+                        progress.unheard_bytes += raw as u64;
+                        if unheard == 1 || unheard.is_power_of_two() {
+                            say(format!(
+                                "{unheard} chunks published with no subscriber listening"
+                            ));
+                        }
                     }
                 }
                 if last_save.elapsed() > Duration::from_millis(200) {

@@ -44,7 +44,10 @@ pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::Clien
 }
 
 impl Sink {
-    pub async fn connect(output: &Output, tls: &Arc<rustls::ClientConfig>) -> Result<Sink, String> {
+    pub async fn connect(
+        output: &Output,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> Result<Sink, String> {
         match output {
             Output::Console => Ok(Sink::Console(tokio::io::stdout())),
             Output::Redis {
@@ -73,12 +76,13 @@ impl Sink {
                 Ok(Sink::Redis(conn, channel.clone()))
             }
             Output::WebSocket { url, .. } => {
-                let connector = tokio_tungstenite::Connector::Rustls(Arc::clone(tls));
+                // ws:// needs no TLS; wss:// gets the roots built for it.
+                let connector = tls.map(|t| tokio_tungstenite::Connector::Rustls(Arc::clone(t)));
                 let connect = tokio_tungstenite::connect_async_tls_with_config(
                     url.as_str(),
                     None,
                     false,
-                    Some(connector),
+                    connector,
                 );
                 let (ws, _) = tokio::time::timeout(std::time::Duration::from_secs(10), connect)
                     .await
@@ -89,30 +93,43 @@ impl Sink {
         }
     }
 
-    /// Sends one chunk. For Redis, returns how many subscribers got it.
-    pub async fn send(&mut self, chunk: &[u8]) -> Result<Option<u64>, String> {
+    /// Sends chunks, one message each, in one round trip where the
+    /// protocol allows (pipelined PUBLISHes; WebSocket frames flushed once).
+    /// For Redis, returns how many subscribers got each chunk.
+    pub async fn send(&mut self, chunks: &[&[u8]]) -> Result<Vec<Option<u64>>, String> {
+        let limit = std::time::Duration::from_secs(30);
+        let timed_out = |_| "send timed out".to_owned();
         match self {
             Sink::Console(out) => {
-                out.write_all(chunk).await.map_err(|e| e.to_string())?;
+                for c in chunks {
+                    out.write_all(c).await.map_err(|e| e.to_string())?;
+                }
                 out.flush().await.map_err(|e| e.to_string())?;
-                Ok(None)
+                Ok(vec![None; chunks.len()])
             }
             Sink::Redis(conn, channel) => {
-                let n: u64 = redis::cmd("PUBLISH")
-                    .arg(channel.as_str())
-                    .arg(chunk)
-                    .query_async(conn)
+                let mut pipe = redis::pipe();
+                for c in chunks {
+                    pipe.cmd("PUBLISH").arg(channel.as_str()).arg(*c);
+                }
+                let heard: Vec<u64> = tokio::time::timeout(limit, pipe.query_async(conn))
                     .await
+                    .map_err(timed_out)?
                     .map_err(|e| e.to_string())?;
-                Ok(Some(n))
+                Ok(heard.into_iter().map(Some).collect())
             }
             Sink::WebSocket(ws) => {
-                let send = ws.send(Message::Binary(chunk.to_vec().into()));
-                tokio::time::timeout(std::time::Duration::from_secs(30), send)
+                let send = async {
+                    for c in chunks {
+                        ws.feed(Message::Binary(c.to_vec().into())).await?;
+                    }
+                    ws.flush().await
+                };
+                tokio::time::timeout(limit, send)
                     .await
-                    .map_err(|_| "send timed out".to_owned())?
+                    .map_err(timed_out)?
                     .map_err(|e| e.to_string())?;
-                Ok(None)
+                Ok(vec![None; chunks.len()])
             }
         }
     }

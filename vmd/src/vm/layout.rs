@@ -2,6 +2,7 @@
 //! several vmds) run side by side in temp dirs.
 //!
 //! ```text
+//! <runtime-dir>/present/<name>            the VM exists: created last by Run, removed first by Delete
 //! <runtime-dir>/vms/<name>/request.json   the VM as the caller asked for it (wire fields)
 //!                          vm.json        the shim's runtime description (desired state)
 //!                          creating       a Run in progress: rolled back if vmd dies
@@ -44,6 +45,15 @@ pub const METRICS_FILE: &str = "metrics.json";
 impl Layout {
     pub fn vms(&self) -> PathBuf {
         self.runtime.join("vms")
+    }
+
+    /// One empty file per VM that exists: List is one directory read.
+    pub fn present_dir(&self) -> PathBuf {
+        self.runtime.join("present")
+    }
+
+    pub fn present_mark(&self, name: &VmName) -> PathBuf {
+        self.present_dir().join(name.as_str())
     }
 
     pub fn run_dir(&self, name: &VmName) -> RunDir {

@@ -5,11 +5,12 @@
 //! and the shim. Every change is ordered so that a vmd killed at any instant
 //! leaves a state that start-up reconciliation completes or rolls back:
 //!
-//! * Run writes `creating` first and removes it last; a VM with `creating`
-//!   left behind is rolled back (its caller never got a success).
-//! * Delete writes `deleted` first (a shim respawned by zinit then starts
-//!   nothing) and removes the directory last; a VM with `deleted` left
-//!   behind is deleted to the end.
+//! * A VM exists exactly while `<runtime>/present/<name>` does: Run creates
+//!   it as its last step, Delete removes it as its first.
+//! * Run writes `creating` first; a VM directory that is not present
+//!   (`creating` left behind) is rolled back: its caller never got a success.
+//! * Delete writes `deleted` (a shim respawned by zinit then starts nothing)
+//!   and removes the directory last; whatever is left is deleted to the end.
 
 use std::fs;
 use std::io;
@@ -91,6 +92,10 @@ impl Manager {
             .recursive(true)
             .mode(0o750)
             .create(layout.logs())?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(layout.present_dir())?;
         let services = zinit::ConfigDir::open(&layout.zinit_dir).map_err(io::Error::other)?;
         let zinit = zinit::Client::new(&layout.zinit_socket).with_timeout(Duration::from_secs(10));
         Ok(Manager {
@@ -124,10 +129,7 @@ impl Manager {
 
     /// A VM is present once Run completed and until Delete starts.
     pub fn present(&self, name: &VmName) -> bool {
-        let run = self.layout.run_dir(name);
-        run.spec().exists()
-            && !run.deleted_mark().exists()
-            && !self.layout.creating_mark(name).exists()
+        self.layout.present_mark(name).exists()
     }
 
     fn read_request(&self, name: &VmName) -> Option<Vm> {
@@ -152,6 +154,8 @@ impl Manager {
     /// Removes every trace of `name`: graceful stop through the shim, the
     /// zinit service, the files, the log. Safe to repeat at any point.
     pub async fn remove(&self, name: &VmName, graceful: bool) -> Result<(), MethodError> {
+        // First: from now on the VM does not exist for callers.
+        remove_file(&self.layout.present_mark(name)).map_err(err)?;
         self.remove_streams_of(name.as_str()).await?;
         let run = self.layout.run_dir(name);
         let service = name.service();
@@ -324,12 +328,11 @@ impl Manager {
 
     /// Names of the VMs present, sorted.
     pub fn names(&self) -> Vec<VmName> {
-        let mut out: Vec<VmName> = fs::read_dir(self.layout.vms())
+        let mut out: Vec<VmName> = fs::read_dir(self.layout.present_dir())
             .into_iter()
             .flatten()
             .flatten()
             .filter_map(|e| VmName::new(&e.file_name().to_string_lossy()).ok())
-            .filter(|n| self.present(n))
             .collect();
         out.sort();
         out
@@ -356,6 +359,8 @@ impl VmModule for Manager {
         }
         match self.wait_up(&name).await {
             Ok(()) => {
+                // The commit point: the VM exists.
+                write_atomic(&self.layout.present_mark(&name), b"").map_err(err)?;
                 remove_file(&self.layout.creating_mark(&name)).map_err(err)?;
                 tracing::info!(vm = %name, took = ?t0.elapsed(), "vm started");
                 Ok(MachineInfo::default())

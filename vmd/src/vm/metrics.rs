@@ -3,21 +3,27 @@
 //!
 //! Counters must never go backwards: a tap re-created under the same name
 //! starts from zero, so the last values seen are kept per VM and a drop is
-//! folded into an offset. One slow VM (a stuck API) cannot stall the call:
-//! each VM gets a short deadline and the VMs are read concurrently.
+//! folded into an offset.
+//!
+//! Everything comes from files — vmd's own, sysfs and the VMM's `/proc`
+//! entries (block I/O from `/proc/<pid>/io`) — and never from the VMM's API:
+//! a slow or dead VM cannot stall the call, and a thousand VMMs are not woken
+//! up to answer it. The VMs are read on every core.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use vmd_shim::state::ShimState;
 
+use std::sync::Arc;
+
+use vmd_shim::spec::VmSpec;
+
+use super::layout::Layout;
 use super::manager::{write_atomic, Manager};
 use super::name::VmName;
 use crate::api::{MachineMetric, MachineMetrics, NetMetric};
-
-const PER_VM: Duration = Duration::from_millis(500);
 
 /// rx_bytes, rx_packets, tx_bytes, tx_packets.
 type Counters = [u64; 4];
@@ -59,6 +65,18 @@ fn ticks_per_sec() -> u64 {
     }
 }
 
+/// Bytes a process read from and wrote to storage (`/proc/<pid>/io`): for
+/// a VMM, its guest's disk I/O.
+fn process_io(pid: i32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Some((field("read_bytes:")?, field("write_bytes:")?))
+}
+
 /// CPU time (ms) and RSS (bytes) of a live process.
 fn process_usage(pid: i32) -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -70,13 +88,13 @@ fn process_usage(pid: i32) -> Option<(u64, u64)> {
     Some((ticks * 1000 / ticks_per_sec(), rss_pages * page))
 }
 
-async fn one(m: &Manager, name: &VmName, sys_net: &Path) -> MachineMetric {
-    let layout = m.layout();
+fn one(layout: &Layout, name: &VmName, sys_net: &Path) -> MachineMetric {
     let mut out = MachineMetric::default();
-    let taps: Vec<String> = std::fs::read_to_string(layout.request(name))
+    let run = layout.run_dir(name);
+    let taps: Vec<String> = std::fs::read_to_string(run.spec())
         .ok()
-        .and_then(|t| serde_json::from_str::<crate::api::Vm>(&t).ok())
-        .map(|vm| vm.network.ifaces.into_iter().map(|i| i.tap).collect())
+        .and_then(|t| serde_json::from_str::<VmSpec>(&t).ok())
+        .map(|spec| spec.nets.into_iter().map(|n| n.tap).collect())
         .unwrap_or_default();
     let seen_path = layout.metrics(name);
     let mut seen: BTreeMap<String, Seen> = std::fs::read_to_string(&seen_path)
@@ -109,7 +127,6 @@ async fn one(m: &Manager, name: &VmName, sys_net: &Path) -> MachineMetric {
             let _ = write_atomic(&seen_path, &data);
         }
     }
-    let run = layout.run_dir(name);
     let st = ShimState::load(&run.state());
     out.restarts = Some(st.restarts);
     if let Some(vmm) = st.vmm.filter(|v| v.alive()) {
@@ -117,37 +134,38 @@ async fn one(m: &Manager, name: &VmName, sys_net: &Path) -> MachineMetric {
             out.cpu_time_ms = Some(cpu_ms);
             out.memory_rss = Some(rss);
         }
-        if let Ok(body) =
-            vmd_shim::api::expect_ok(&run.api_socket(), "GET", "vm.counters", PER_VM).await
-        {
-            let c: BTreeMap<String, BTreeMap<String, u64>> =
-                serde_json::from_slice(&body).unwrap_or_default();
-            let sum = |k: &str| -> u64 {
-                c.iter()
-                    .filter(|(dev, _)| dev.contains("disk"))
-                    .filter_map(|(_, v)| v.get(k))
-                    .sum()
-            };
-            out.disk_read_bytes = Some(sum("read_bytes"));
-            out.disk_write_bytes = Some(sum("write_bytes"));
+        if let Some((read, written)) = process_io(vmm.pid) {
+            out.disk_read_bytes = Some(read);
+            out.disk_write_bytes = Some(written);
         }
     }
     out
 }
 
 pub async fn collect(m: &Manager) -> MachineMetrics {
-    let sys_net = m.settings().sys_net.clone();
+    let layout = Arc::new(m.layout().clone());
+    let sys_net = Arc::new(m.settings().sys_net.clone());
     let names = m.names();
-    let futs = names.iter().map(|n| {
-        let sys_net = sys_net.clone();
-        async move {
-            let metric = tokio::time::timeout(PER_VM, one(m, n, &sys_net)).await.ok();
-            (n.as_str().to_owned(), metric)
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = names.len().div_ceil(cores).max(1);
+    let tasks: Vec<_> = names
+        .chunks(per)
+        .map(|chunk| {
+            let (chunk, layout, sys_net) =
+                (chunk.to_vec(), Arc::clone(&layout), Arc::clone(&sys_net));
+            tokio::task::spawn_blocking(move || {
+                chunk
+                    .iter()
+                    .map(|n| (n.as_str().to_owned(), one(&layout, n, &sys_net)))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut out = MachineMetrics::new();
+    for t in tasks {
+        if let Ok(part) = t.await {
+            out.extend(part);
         }
-    });
-    futures_util::future::join_all(futs)
-        .await
-        .into_iter()
-        .filter_map(|(n, m)| m.map(|m| (n, m)))
-        .collect()
+    }
+    out
 }

@@ -42,6 +42,10 @@ pub async fn reconcile(m: &Manager) -> Report {
         } else if run.0.join(CREATING_MARK).exists() || !run.spec().exists() {
             r.rolled_back.push(file_name.clone());
             m.remove(&name, false).await
+        } else if !m.present(&name) {
+            // Delete had begun (the index entry goes first) but not marked yet.
+            r.completed_deletes.push(file_name.clone());
+            m.remove(&name, true).await
         } else if !m.services().exists(&service) {
             r.orphans_removed.push(file_name.clone());
             m.remove(&name, false).await
@@ -63,6 +67,18 @@ pub async fn reconcile(m: &Manager) -> Report {
         }
     }
     r.orphans_removed.extend(m.reconcile_streams().await);
+    // Index entries of VMs whose directory is gone.
+    for e in std::fs::read_dir(layout.present_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if VmName::new(&n).map_or(true, |n| !layout.run_dir(&n).0.exists()) {
+            r.orphans_removed.push(format!("present/{n}"));
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     // Services of VMs that are not (or no longer) there.
     let mut services: Vec<String> = m
         .services()
