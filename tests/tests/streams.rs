@@ -596,3 +596,94 @@ async fn a_restarted_redis_receiver_is_reconnected_and_the_gap_is_counted() {
         "missing {missing}, counted {unheard}"
     );
 }
+
+/// `ip` as root, or None (then the namespace test skips itself).
+fn ip(args: &[&str]) -> Option<()> {
+    let ok = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .ok()?
+        .success();
+    ok.then_some(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_sends_from_its_network_namespace() {
+    if skip() {
+        return;
+    }
+    let ns = format!("vmdtest-{}", std::process::id());
+    if unsafe { libc::geteuid() } != 0 || ip(&["netns", "add", &ns]).is_none() {
+        eprintln!("skipped: needs root and iproute2 to create a network namespace");
+        return;
+    }
+    struct Cleanup(String, Option<std::process::Child>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Some(c) = self.1.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let _ = ip(&["netns", "del", &self.0]);
+        }
+    }
+    let mut guard = Cleanup(ns.clone(), None);
+    ip(&["-n", &ns, "link", "set", "lo", "up"]).unwrap();
+    // A Redis reachable on 127.0.0.1:<port> only inside the namespace; the
+    // test subscribes through its unix socket (not namespaced).
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("r.sock");
+    let port = 16379 + (std::process::id() % 1000) as u16;
+    guard.1 = Some(
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "redis-server",
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .arg("--unixsocket")
+            .arg(&sock)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let client = redis::Client::open(format!("unix://{}", sock.display())).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("ns").await.unwrap();
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let r = received.clone();
+    tokio::spawn(async move {
+        let mut msgs = pubsub.on_message();
+        while let Some(m) = msgs.next().await {
+            let payload: Vec<u8> = m.get_payload().unwrap();
+            r.lock().unwrap().extend(gunzip(&payload));
+        }
+    });
+    let env = Env::start(&["--netns-dir", "/run/netns"]).await;
+    env.flooding_vm("nsvm", 1000, 20_000_000).await;
+    env.stub
+        .stream_create(
+            "nsvm",
+            &Stream {
+                id: "ns".into(),
+                namespace: ns.clone(),
+                output: format!("redis://127.0.0.1:{port}/ns"),
+            },
+        )
+        .await
+        .unwrap();
+    let printed = env.wait_flood_done("nsvm").await;
+    assert_received(&received, &printed).await;
+}
