@@ -20,7 +20,7 @@ if ! command -v redis-server >/dev/null; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
 cargo build --release --workspace --bins --quiet
-bin=$PWD/target/release
+bin=${CARGO_TARGET_DIR:-$PWD/target}/release
 VMD=$bin/vmd
 ZINIT=${ZINIT:-$(command -v zinit || echo "$bin/zinit-double")}
 CH=${CH:-$(command -v cloud-hypervisor || true)}
