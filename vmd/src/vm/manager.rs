@@ -326,6 +326,24 @@ impl Manager {
         }
     }
 
+    /// Every service zinit runs or has a file for, sorted: what start-up
+    /// reconciliation checks against vmd's own records.
+    pub async fn known_services(&self) -> Vec<String> {
+        let mut services: Vec<String> = self
+            .services
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| s.to_string())
+            .collect();
+        if let Ok(list) = self.zinit.list().await {
+            services.extend(list.into_keys());
+        }
+        services.sort();
+        services.dedup();
+        services
+    }
+
     /// Names of the VMs present, sorted.
     pub fn names(&self) -> Vec<VmName> {
         let mut out: Vec<VmName> = fs::read_dir(self.layout.present_dir())

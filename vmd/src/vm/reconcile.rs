@@ -80,18 +80,7 @@ pub async fn reconcile(m: &Manager) -> Report {
         }
     }
     // Services of VMs that are not (or no longer) there.
-    let mut services: Vec<String> = m
-        .services()
-        .list()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|s| s.to_string())
-        .collect();
-    if let Ok(list) = m.zinit().list().await {
-        services.extend(list.into_keys());
-    }
-    services.sort();
-    services.dedup();
+    let services = m.known_services().await;
     for s in services {
         let Some(vm) = s.strip_prefix("vm:") else {
             continue;

@@ -229,18 +229,7 @@ impl Manager {
                 let _ = self.zinit().monitor(&service(&s.id)).await;
             }
         }
-        let mut services: Vec<String> = self
-            .services()
-            .list()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|s| s.to_string())
-            .collect();
-        if let Ok(list) = self.zinit().list().await {
-            services.extend(list.into_keys());
-        }
-        services.sort();
-        services.dedup();
+        let services = self.known_services().await;
         for s in services {
             let Some(id) = s.strip_prefix("stream:") else {
                 continue;
