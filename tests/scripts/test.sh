@@ -8,6 +8,7 @@ cd "$(dirname "$0")/../.."
 
 need_pkgs=()
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)
+command -v mtype >/dev/null || need_pkgs+=(mtools)
 if ((${#need_pkgs[@]})); then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     echo "installing: ${need_pkgs[*]}"

@@ -10,6 +10,7 @@
 //!                          state.json     the shim's state; api.sock serial.sock shim.sock
 //!                          metrics.json   tap counter offsets (metrics never go backwards)
 //! <root>/logs/<name>                      console log (+ .meta), kept until Delete
+//! <root>/cloud-init/<name>.img            the cloud-init seed (FAT, `cidata`), the VM's last disk
 //! <runtime-dir>/streams/<id>.json         a log stream (see `streams`)
 //! <zinit-dir>/vm:<name>.yaml              the zinit service running vmd-shim
 //! ```
@@ -70,6 +71,14 @@ impl Layout {
 
     pub fn metrics(&self, name: &VmName) -> PathBuf {
         self.run_dir(name).0.join(METRICS_FILE)
+    }
+
+    pub fn seeds(&self) -> PathBuf {
+        self.root.join("cloud-init")
+    }
+
+    pub fn seed(&self, name: &VmName) -> PathBuf {
+        self.seeds().join(format!("{}.img", name.as_str()))
     }
 
     pub fn logs(&self) -> PathBuf {

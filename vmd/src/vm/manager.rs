@@ -96,6 +96,10 @@ impl Manager {
             .recursive(true)
             .mode(0o700)
             .create(layout.present_dir())?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(layout.seeds())?;
         let services = zinit::ConfigDir::open(&layout.zinit_dir).map_err(io::Error::other)?;
         let zinit = zinit::Client::new(&layout.zinit_socket).with_timeout(Duration::from_secs(10));
         Ok(Manager {
@@ -177,6 +181,7 @@ impl Manager {
         let log = self.layout.log(name);
         remove_file(&log).map_err(err)?;
         remove_file(&vmd_shim::console::meta_path(&log)).map_err(err)?;
+        remove_file(&self.layout.seed(name)).map_err(err)?;
         match fs::remove_dir_all(&run.0) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(err(e)),
             _ => {}
@@ -247,6 +252,7 @@ impl Manager {
         name: &VmName,
         vm: &Vm,
         spec: &vmd_shim::spec::VmSpec,
+        seed: &super::cloudinit::SeedFiles,
     ) -> Result<(), MethodError> {
         use std::os::unix::fs::DirBuilderExt;
         let run = self.layout.run_dir(name);
@@ -261,6 +267,8 @@ impl Manager {
         write_atomic(&run.0.join(CREATING_MARK), b"").map_err(err)?;
         let request = serde_json::to_vec_pretty(vm).map_err(err)?;
         write_atomic(&self.layout.request(name), &request).map_err(err)?;
+        super::cloudinit::write_image(&self.layout.seed(name), seed)
+            .map_err(|e| err(format!("cannot write the cloud-init image: {e}")))?;
         write_atomic(&run.spec(), &serde_json::to_vec_pretty(spec).map_err(err)?).map_err(err)?;
         // A new VM starts with a new console log.
         let log = self.layout.log(name);
@@ -371,7 +379,7 @@ impl VmModule for Manager {
             return Err(MethodError::new("a vm with same name already exists"));
         }
         let t0 = Instant::now();
-        if let Err(e) = self.start(&name, &vm, &valid.spec).await {
+        if let Err(e) = self.start(&name, &vm, &valid.spec, &valid.seed).await {
             let _ = self.remove(&name, false).await;
             return Err(e);
         }

@@ -1,5 +1,6 @@
 //! The VM module: VMs as zinit services running vmd-shim.
 
+pub mod cloudinit;
 pub mod cmdline;
 pub mod layout;
 pub mod manager;

@@ -42,6 +42,8 @@ impl Default for Settings {
 pub struct Valid {
     pub name: VmName,
     pub spec: VmSpec,
+    /// The files of the cloud-init seed, written at start as the last disk.
+    pub seed: super::cloudinit::SeedFiles,
 }
 
 fn host_cpus() -> usize {
@@ -255,6 +257,12 @@ pub fn validate(vm: &Vm, layout: &Layout, settings: &Settings) -> Result<Valid, 
         return Err(format!("invalid hostname {:?}", vm.hostname));
     }
     let cmdline = kernel_cmdline(DISK_DEFAULTS, &vm.kernel_args)?;
+    let seed = super::cloudinit::seed_files(vm)?;
+    // Zero-OS order: boot disk, `Disks`, then the seed, read-only.
+    disks.push(Disk {
+        path: layout.seed(&name),
+        readonly: true,
+    });
     let run = layout.run_dir(&name);
     let spec = VmSpec {
         version: SPEC_VERSION,
@@ -280,5 +288,5 @@ pub fn validate(vm: &Vm, layout: &Layout, settings: &Settings) -> Result<Valid, 
     };
     spec.validate().map_err(|e| e.to_string())?;
     let _ = run;
-    Ok(Valid { name, spec })
+    Ok(Valid { name, spec, seed })
 }

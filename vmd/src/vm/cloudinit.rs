@@ -1,0 +1,330 @@
+//! The cloud-init seed a Zero-OS guest configures itself from: a small FAT
+//! image labelled `cidata`, attached read-only as the VM's last disk.
+//!
+//! * `meta-data` — instance id (the VM name) and hostname;
+//! * `network-config` — netplan v2: one ethernet per interface, matched by
+//!   MAC, static addresses with prefix, default gateways (from the public
+//!   interfaces when there is one, else from all), routes, and the
+//!   nameservers on the first interface;
+//! * `user-data` — root's SSH keys (`Environment["SSH_KEY"]`, split on
+//!   newlines and commas) and mounts of each disk and share `Target`;
+//! * `zosrc` — a shell file: the environment as quoted `export`s, and the
+//!   entrypoint as `init=<argv0>` plus `set -- <args>`.
+//!
+//! Everything is built as values and serialised (YAML) or quoted (shell):
+//! a hostile value stays a value.
+
+use std::collections::BTreeMap;
+use std::io::{Seek, SeekFrom, Write};
+use std::net::IpAddr;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::api::{Ip, IpNet, Vm};
+
+/// Zero-OS's size for the seed image.
+pub const IMAGE_SIZE: u64 = 2 << 20;
+pub const LABEL: &str = "cidata";
+
+/// The four files of the seed, by name.
+pub type SeedFiles = BTreeMap<&'static str, String>;
+
+/// `value` as one shell word, inside single quotes (`'` becomes `'\''`).
+pub fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+fn addr(ip: &Ip) -> Option<IpAddr> {
+    ip.addr()
+}
+
+/// `a.b.c.d/len` from an address and a mask; `None` when the mask is not
+/// contiguous or does not fit the address.
+fn cidr(net: &IpNet) -> Result<String, String> {
+    let ip = addr(&net.ip).ok_or("an address is not an IP")?;
+    let mask = &net.mask.0;
+    let bits = mask.len() * 8;
+    let ones: usize = mask.iter().map(|b| b.count_ones() as usize).sum();
+    let contiguous = mask
+        .iter()
+        .flat_map(|b| (0..8).rev().map(move |i| b >> i & 1))
+        .skip_while(|&b| b == 1)
+        .all(|b| b == 0);
+    let family_bits = if ip.is_ipv4() { 32 } else { 128 };
+    if !contiguous || (bits != family_bits && !(ip.is_ipv4() && bits == 128)) {
+        return Err(format!("mask of {ip} is not a valid prefix"));
+    }
+    // A 16-byte mask on an IPv4 address (Go's ::ffff: form) counts its
+    // last 32 bits.
+    let prefix = if ip.is_ipv4() && bits == 128 {
+        ones.saturating_sub(96)
+    } else {
+        ones
+    };
+    Ok(format!("{ip}/{prefix}"))
+}
+
+#[derive(Serialize)]
+struct Match {
+    macaddress: String,
+}
+
+#[derive(Serialize)]
+struct RouteCfg {
+    to: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    via: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Nameservers {
+    addresses: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Ethernet {
+    #[serde(rename = "match")]
+    matching: Match,
+    #[serde(rename = "set-name")]
+    set_name: String,
+    addresses: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gateway4: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gateway6: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    routes: Vec<RouteCfg>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nameservers: Option<Nameservers>,
+}
+
+#[derive(Serialize)]
+struct NetworkConfig {
+    version: u8,
+    ethernets: BTreeMap<String, Ethernet>,
+}
+
+#[derive(Serialize)]
+struct MetaData<'a> {
+    #[serde(rename = "instance-id")]
+    instance_id: &'a str,
+    #[serde(rename = "local-hostname")]
+    local_hostname: &'a str,
+}
+
+#[derive(Serialize)]
+struct RootUser {
+    name: &'static str,
+    ssh_authorized_keys: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct UserData {
+    users: Vec<RootUser>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    mounts: Vec<[String; 4]>,
+}
+
+fn yaml<T: Serialize>(v: &T) -> Result<String, String> {
+    serde_yaml_ng::to_string(v).map_err(|e| e.to_string())
+}
+
+/// The guest device name of the `i`-th disk (`vda`, `vdb`, …).
+fn disk_device(i: usize) -> String {
+    let mut name = String::new();
+    let mut n = i;
+    loop {
+        name.insert(0, (b'a' + (n % 26) as u8) as char);
+        if n < 26 {
+            break;
+        }
+        n = n / 26 - 1;
+    }
+    format!("/dev/vd{name}")
+}
+
+/// The seed's files for `vm`.
+pub fn seed_files(vm: &Vm) -> Result<SeedFiles, String> {
+    let mut files = SeedFiles::new();
+    let hostname = if vm.hostname.is_empty() {
+        &vm.name
+    } else {
+        &vm.hostname
+    };
+    files.insert(
+        "meta-data",
+        yaml(&MetaData {
+            instance_id: &vm.name,
+            local_hostname: hostname,
+        })?,
+    );
+
+    let ifaces = &vm.network.ifaces;
+    let any_public = ifaces.iter().any(|i| i.public_ipv4 || i.public_ipv6);
+    let mut ethernets = BTreeMap::new();
+    for (n, nic) in ifaces.iter().enumerate() {
+        let gateways = !any_public || nic.public_ipv4 || nic.public_ipv6;
+        let gw = |ip: &Ip| addr(ip).filter(|_| gateways).map(|a| a.to_string());
+        let mut routes = Vec::new();
+        for r in &nic.routes {
+            routes.push(RouteCfg {
+                to: cidr(&r.net)?,
+                via: addr(&r.gateway).map(|a| a.to_string()),
+            });
+        }
+        let nameservers = (n == 0 && !vm.network.nameservers.is_empty()).then(|| Nameservers {
+            addresses: vm
+                .network
+                .nameservers
+                .iter()
+                .filter_map(addr)
+                .map(|a| a.to_string())
+                .collect(),
+        });
+        ethernets.insert(
+            format!("eth{n}"),
+            Ethernet {
+                matching: Match {
+                    macaddress: nic.mac.to_ascii_lowercase(),
+                },
+                set_name: format!("eth{n}"),
+                addresses: nic.ips.iter().map(cidr).collect::<Result<_, _>>()?,
+                gateway4: gw(&nic.ip4_default_gateway),
+                gateway6: gw(&nic.ip6_default_gateway),
+                routes,
+                nameservers,
+            },
+        );
+    }
+    files.insert(
+        "network-config",
+        yaml(&NetworkConfig {
+            version: 2,
+            ethernets,
+        })?,
+    );
+
+    let keys: Vec<String> = vm
+        .environment
+        .get("SSH_KEY")
+        .map(|k| {
+            k.split(['\n', ','])
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    // Disks in the guest: the boot disk (if any) is vda, then `Disks` in order.
+    let first = usize::from(vm.boot.kind == 0 && !vm.boot.path.is_empty());
+    let mut mounts = Vec::new();
+    for (i, d) in vm.disks.iter().enumerate() {
+        if !d.target.is_empty() {
+            mounts.push([
+                disk_device(first + i),
+                d.target.clone(),
+                "auto".into(),
+                "defaults".into(),
+            ]);
+        }
+    }
+    for s in &vm.shared {
+        if !s.target.is_empty() {
+            mounts.push([
+                s.id.clone(),
+                s.target.clone(),
+                "virtiofs".into(),
+                "defaults".into(),
+            ]);
+        }
+    }
+    let user = yaml(&UserData {
+        users: vec![RootUser {
+            name: "root",
+            ssh_authorized_keys: keys,
+        }],
+        mounts,
+    })?;
+    files.insert("user-data", format!("#cloud-config\n{user}"));
+
+    let mut zosrc = String::new();
+    for (k, v) in &vm.environment {
+        zosrc.push_str(&format!("export {k}={}\n", shell_quote(v)));
+    }
+    if !vm.entrypoint.trim().is_empty() {
+        let argv = shlex::split(&vm.entrypoint)
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| format!("entrypoint {:?} has unbalanced quotes", vm.entrypoint))?;
+        zosrc.push_str(&format!("init={}\n", shell_quote(&argv[0])));
+        let rest: Vec<String> = argv[1..].iter().map(|a| shell_quote(a)).collect();
+        zosrc.push_str(&format!("set -- {}\n", rest.join(" ")).replace("set -- \n", "set --\n"));
+    }
+    files.insert("zosrc", zosrc);
+    Ok(files)
+}
+
+/// Writes the FAT image holding `files` at `path` (sparse, 2 MiB).
+pub fn write_image(path: &Path, files: &SeedFiles) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.set_len(IMAGE_SIZE)?;
+    let mut label = [b' '; 11];
+    label[..LABEL.len()].copy_from_slice(LABEL.as_bytes());
+    fatfs::format_volume(
+        &mut f,
+        fatfs::FormatVolumeOptions::new().volume_label(label),
+    )?;
+    f.seek(SeekFrom::Start(0))?;
+    {
+        let fs = fatfs::FileSystem::new(&mut f, fatfs::FsOptions::new())?;
+        {
+            let root = fs.root_dir();
+            for (name, content) in files {
+                let mut file = root.create_file(name)?;
+                file.truncate()?;
+                file.write_all(content.as_bytes())?;
+            }
+        }
+        fs.unmount()?;
+    }
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quoting_keeps_everything_literal() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote("$(rm -rf /)"), "'$(rm -rf /)'");
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn devices_and_prefixes() {
+        assert_eq!(disk_device(0), "/dev/vda");
+        assert_eq!(disk_device(25), "/dev/vdz");
+        assert_eq!(disk_device(26), "/dev/vdaa");
+        let net = |ip: &[u8], mask: &[u8]| IpNet {
+            ip: Ip(serde_bytes::ByteBuf::from(ip.to_vec())),
+            mask: Ip(serde_bytes::ByteBuf::from(mask.to_vec())),
+        };
+        assert_eq!(
+            cidr(&net(&[10, 0, 0, 5], &[255, 255, 255, 0])).unwrap(),
+            "10.0.0.5/24"
+        );
+        assert!(cidr(&net(&[10, 0, 0, 5], &[255, 0, 255, 0])).is_err());
+        assert!(cidr(&net(&[10, 0, 0, 5], &[255, 255])).is_err());
+    }
+}
