@@ -132,7 +132,11 @@ impl Env {
     async fn assert_gone(&self, name: &str) {
         assert!(!self.run_dir(name).exists(), "run dir of {name} left");
         assert!(!self.log(name).exists(), "log of {name} left");
-        let seed = self.vmd.root().join("cloud-init").join(format!("{name}.img"));
+        let seed = self
+            .vmd
+            .root()
+            .join("cloud-init")
+            .join(format!("{name}.img"));
         assert!(!seed.exists(), "cloud-init image of {name} left");
         let svc = format!("vm:{name}");
         assert!(
@@ -240,7 +244,8 @@ async fn the_full_lifecycle() {
     let seed = env.vmd.root().join("cloud-init").join("12-345-web.img");
     assert_eq!(std::fs::metadata(&seed).unwrap().len(), 2 << 20);
     let spec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(env.run_dir("12-345-web").join("vm.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(env.run_dir("12-345-web").join("vm.json")).unwrap())
+            .unwrap();
     let disks = spec["disks"].as_array().unwrap();
     assert_eq!(disks.len(), 2);
     assert_eq!(disks[1]["path"].as_str(), seed.to_str());
