@@ -9,6 +9,13 @@ cd "$(dirname "$0")/../.."
 need_pkgs=()
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)
 command -v mtype >/dev/null || need_pkgs+=(mtools)
+# virtiofsd (virtio-fs tests) is built from crates.io; it needs these.
+vfsd=$(command -v virtiofsd || echo "$HOME/.cargo/bin/virtiofsd")
+if [ ! -x "$vfsd" ]; then
+    for p in libcap-ng-dev libseccomp-dev pkg-config; do
+        dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
+    done
+fi
 if ((${#need_pkgs[@]})); then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     echo "installing: ${need_pkgs[*]}"
@@ -17,6 +24,12 @@ if ((${#need_pkgs[@]})); then
 fi
 # Debian starts a system Redis on install; the tests start their own on
 # private sockets and never touch it.
+if [ ! -x "$vfsd" ]; then
+    echo "installing virtiofsd from crates.io"
+    cargo install --locked --quiet virtiofsd --root "$HOME/.cargo"
+    vfsd=$HOME/.cargo/bin/virtiofsd
+fi
+export VMD_TEST_VIRTIOFSD=$vfsd
 
 cargo build --workspace --bins --quiet
 cargo test --workspace "$@"

@@ -72,6 +72,7 @@ impl TestVm {
             version: SPEC_VERSION,
             name: name.into(),
             hypervisor: ch_binary(),
+            virtiofsd: "virtiofsd".into(),
             vcpus: 1,
             memory_mib: 256,
             kernel,

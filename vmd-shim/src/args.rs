@@ -87,6 +87,7 @@ mod tests {
             version: SPEC_VERSION,
             name: "web".into(),
             hypervisor: "/usr/bin/cloud-hypervisor".into(),
+            virtiofsd: "/usr/libexec/virtiofsd".into(),
             vcpus: 2,
             memory_mib: 512,
             kernel: "/k/vmlinux".into(),

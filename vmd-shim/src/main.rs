@@ -77,6 +77,8 @@ struct Shim {
 
 /// A running VMM and what watches it.
 struct Vmm {
+    /// One virtiofsd per share; killed when the VMM is gone (on drop).
+    _fs_daemons: Vec<Child>,
     child: Child,
     pid: i32,
     shutdown_event: Arc<AtomicBool>,
@@ -354,6 +356,7 @@ impl Shim {
             lock.push(".lock");
             let _ = std::fs::remove_file(PathBuf::from(lock));
         }
+        let fs_daemons = start_virtiofsd(&self.spec)?;
         let (ev_r, ev_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| format!("event pipe: {e}"))?;
         let hardening = Hardening::new(&self.spec, Some(ev_w.as_raw_fd()));
@@ -410,6 +413,7 @@ impl Shim {
             pid,
         )));
         Ok(Vmm {
+            _fs_daemons: fs_daemons,
             child,
             pid,
             shutdown_event,
@@ -447,6 +451,69 @@ impl Shim {
             _ => ExitCode::SUCCESS,
         }
     }
+}
+
+/// Starts one virtiofsd per share and waits for its socket: the VMM
+/// connects to them at start. Each in its own process group (zinit's stop
+/// must not take a share away from a guest that is shutting down), dying with
+/// the shim, killed when dropped (`kill_on_drop`) once the VMM is gone.
+fn start_virtiofsd(spec: &VmSpec) -> Result<Vec<Child>, String> {
+    let mut daemons = Vec::new();
+    for share in &spec.shares {
+        let _ = std::fs::remove_file(&share.socket);
+        let mut cmd = tokio::process::Command::new(&spec.virtiofsd);
+        cmd.arg(format!("--socket-path={}", share.socket.display()))
+            .arg(format!("--shared-dir={}", share.source.display()))
+            .args(["--cache=auto", "--sandbox=chroot"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .kill_on_drop(true);
+        let parent = std::process::id() as libc::pid_t;
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("parent died before exec"));
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            format!(
+                "cannot start {} for share {}: {e}",
+                spec.virtiofsd.display(),
+                share.tag
+            )
+        })?;
+        let t0 = std::time::Instant::now();
+        while !share.socket.exists() {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(format!(
+                    "virtiofsd for share {} exited: {}",
+                    share.tag,
+                    describe(&st)
+                ));
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                return Err(format!(
+                    "virtiofsd for share {} did not create its socket",
+                    share.tag
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        say(format!(
+            "virtiofsd for share {} running pid={}",
+            share.tag,
+            child.id().unwrap_or(0)
+        ));
+        daemons.push(child);
+    }
+    Ok(daemons)
 }
 
 /// What an exit of the VMM was. Exit code 0 alone proves nothing: the VMM

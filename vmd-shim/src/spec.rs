@@ -27,6 +27,9 @@ pub struct VmSpec {
     pub name: String,
     /// The cloud-hypervisor binary.
     pub hypervisor: PathBuf,
+    /// The virtiofsd binary, one daemon per share (needed only with shares).
+    #[serde(default = "default_virtiofsd")]
+    pub virtiofsd: PathBuf,
     pub vcpus: u8,
     pub memory_mib: u64,
     pub kernel: PathBuf,
@@ -48,6 +51,10 @@ pub struct VmSpec {
     pub grace_secs: u64,
     pub restart: RestartPolicy,
     pub console: ConsoleSpec,
+}
+
+fn default_virtiofsd() -> PathBuf {
+    PathBuf::from("virtiofsd")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

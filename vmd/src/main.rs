@@ -64,6 +64,9 @@ struct DaemonArgs {
     /// The cloud-hypervisor binary the shims run.
     #[arg(long, default_value = "cloud-hypervisor")]
     cloud_hypervisor: PathBuf,
+    /// The virtiofsd binary for virtio-fs shares and boot.
+    #[arg(long, default_value = "virtiofsd")]
+    virtiofsd: PathBuf,
     /// The vmd-logstream binary (default: next to vmd, else on PATH).
     #[arg(long)]
     logstream: Option<PathBuf>,
@@ -193,6 +196,7 @@ async fn daemon(broker: Broker, args: DaemonArgs) -> anyhow::Result<()> {
         shim,
         hypervisor,
         logstream,
+        virtiofsd: resolve_program(&args.virtiofsd),
         netns_dir: args.netns_dir.clone(),
         stream_ca_file: args.stream_ca_file.clone(),
     };

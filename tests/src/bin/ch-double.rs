@@ -19,7 +19,8 @@
 //! | `double.flood_bytes=N` | stop flooding after N bytes |
 //! | `double.exec_log=PATH` | append `<pid> <unix ns>` to PATH first thing (benchmarks time the exec) |
 //!
-//! Deviations: no real guest, no `--serial pty`, counters are zeros.
+//! Deviations: no real guest, no `--serial pty`, counters are zeros, and a
+//! `--fs` socket is connected to but no vhost-user message is exchanged.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -975,6 +976,27 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
     }
     tokio::spawn(serial_sink(config.serial.clone(), serial_rx));
 
+    // virtio-fs: connect to each vhost-user socket and hold it, as the VMM
+    // does (virtiofsd serves until its frontend goes away).
+    let mut fs_conns = Vec::new();
+    for f in &vmm.cli.fs {
+        let socket = f
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("socket="))
+            .unwrap_or_default()
+            .to_owned();
+        match std::os::unix::net::UnixStream::connect(&socket) {
+            Ok(c) => fs_conns.push(c),
+            Err(e) => {
+                return fail(&[
+                    "Error booting VM".into(),
+                    "Cannot create virtio-fs device".into(),
+                    format!("Failed to connect to vhost-user socket {socket}: {e}"),
+                ])
+            }
+        }
+    }
+
     if let Some(k) = vmm.cli.kernel.clone() {
         if let Err(e) = std::fs::File::open(&k).and_then(|f| f.metadata().map(|m| m.ino())) {
             eprintln!(
@@ -1029,6 +1051,7 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
     };
     // Let the last serial lines and events out.
     tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(fs_conns);
     if code == 0 {
         if let Some(p) = &vmm.api_path {
             let _ = std::fs::remove_file(p);

@@ -31,6 +31,8 @@ pub struct Layout {
     pub shim: PathBuf,
     /// The cloud-hypervisor binary the shims run.
     pub hypervisor: PathBuf,
+    /// The virtiofsd binary the shims run per share (absent: shares refused).
+    pub virtiofsd: Option<PathBuf>,
     /// The vmd-logstream binary zinit runs per stream.
     pub logstream: PathBuf,
     /// Named network namespaces (`ip netns` keeps them in /var/run/netns).

@@ -378,6 +378,20 @@ impl VmModule for Manager {
             }
             return Err(MethodError::new("a vm with same name already exists"));
         }
+        // A PCI device belongs to one VM at a time.
+        for other in self.names().into_iter().filter(|n| *n != name) {
+            let Ok(text) = fs::read_to_string(self.layout.run_dir(&other).spec()) else {
+                continue;
+            };
+            let Ok(spec) = serde_json::from_str::<vmd_shim::spec::VmSpec>(&text) else {
+                continue;
+            };
+            if let Some(d) = valid.spec.devices.iter().find(|d| spec.devices.contains(d)) {
+                return Err(MethodError::new(format!(
+                    "machine configuration validation failed: PCI device {d} is already used by vm {other}"
+                )));
+            }
+        }
         let t0 = Instant::now();
         if let Err(e) = self.start(&name, &vm, &valid.spec, &valid.seed).await {
             let _ = self.remove(&name, false).await;

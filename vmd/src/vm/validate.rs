@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use vmd_shim::spec::{ConsoleSpec, Disk, Net, RestartPolicy, VmSpec, SPEC_VERSION};
+use vmd_shim::spec::{ConsoleSpec, Disk, Net, RestartPolicy, Share, VmSpec, SPEC_VERSION};
 
-use super::cmdline::{kernel_cmdline, DISK_DEFAULTS};
+use super::cmdline::{kernel_cmdline, DISK_DEFAULTS, VIRTIOFS_DEFAULTS};
 use super::layout::Layout;
 use super::name::VmName;
 use crate::api::{Ip, Vm};
@@ -174,8 +174,36 @@ pub fn validate(vm: &Vm, layout: &Layout, settings: &Settings) -> Result<Valid, 
         "" => None,
         p => Some(existing_file("initrd image", p)?),
     };
+    let run = layout.run_dir(&name);
     let mut disks = Vec::new();
-    match vm.boot.kind {
+    let mut shares = Vec::new();
+    let mut add_share = |tag: &str, dir: &str, what: &str| -> Result<(), String> {
+        // virtio-fs tags are at most 36 bytes; they end up on command lines.
+        let ok = !tag.is_empty()
+            && tag.len() <= 36
+            && tag
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            return Err(format!(
+                "invalid share id {tag:?}: 1-36 letters, digits, '-', '_' or '.'"
+            ));
+        }
+        if shares.iter().any(|s: &Share| s.tag == tag) {
+            return Err(format!("share id {tag:?} is used twice"));
+        }
+        let source = plain_path(what, dir)?;
+        if !source.is_dir() {
+            return Err(format!("{what} {dir:?} is not a directory"));
+        }
+        shares.push(Share {
+            tag: tag.to_owned(),
+            socket: run.0.join(format!("fs-{}.sock", shares.len())),
+            source,
+        });
+        Ok(())
+    };
+    let defaults = match vm.boot.kind {
         0 => {
             if !vm.boot.path.is_empty() {
                 disks.push(Disk {
@@ -183,12 +211,14 @@ pub fn validate(vm: &Vm, layout: &Layout, settings: &Settings) -> Result<Valid, 
                     readonly: false,
                 });
             }
+            DISK_DEFAULTS
         }
         1 => {
-            return Err("virtio-fs boot is not supported by this vmd yet".into());
+            add_share("vroot", &vm.boot.path, "virtio-fs root")?;
+            VIRTIOFS_DEFAULTS
         }
         k => return Err(format!("unknown boot type {k} (0: disk, 1: virtio-fs)")),
-    }
+    };
     for d in &vm.disks {
         target("disk", &d.target)?;
         disks.push(Disk {
@@ -196,11 +226,12 @@ pub fn validate(vm: &Vm, layout: &Layout, settings: &Settings) -> Result<Valid, 
             readonly: false,
         });
     }
-    if !vm.shared.is_empty() {
-        for s in &vm.shared {
-            target("share", &s.target)?;
-        }
-        return Err("virtio-fs shares are not supported by this vmd yet".into());
+    for s in &vm.shared {
+        target("share", &s.target)?;
+        add_share(&s.id, &s.path, "share path")?;
+    }
+    if !shares.is_empty() && layout.virtiofsd.is_none() {
+        return Err("virtio-fs needs virtiofsd, which is not installed (--virtiofsd)".into());
     }
     let mut nets = Vec::new();
     for (i, nic) in vm.network.ifaces.iter().enumerate() {
@@ -256,18 +287,21 @@ pub fn validate(vm: &Vm, layout: &Layout, settings: &Settings) -> Result<Valid, 
     {
         return Err(format!("invalid hostname {:?}", vm.hostname));
     }
-    let cmdline = kernel_cmdline(DISK_DEFAULTS, &vm.kernel_args)?;
+    let cmdline = kernel_cmdline(defaults, &vm.kernel_args)?;
     let seed = super::cloudinit::seed_files(vm)?;
     // Zero-OS order: boot disk, `Disks`, then the seed, read-only.
     disks.push(Disk {
         path: layout.seed(&name),
         readonly: true,
     });
-    let run = layout.run_dir(&name);
     let spec = VmSpec {
         version: SPEC_VERSION,
         name: name.as_str().to_owned(),
         hypervisor: layout.hypervisor.clone(),
+        virtiofsd: layout
+            .virtiofsd
+            .clone()
+            .unwrap_or_else(|| "virtiofsd".into()),
         vcpus: vm.cpu,
         memory_mib: vm.memory >> 20,
         kernel,
@@ -275,7 +309,7 @@ pub fn validate(vm: &Vm, layout: &Layout, settings: &Settings) -> Result<Valid, 
         cmdline,
         disks,
         nets,
-        shares: Vec::new(),
+        shares,
         devices: vm.devices.clone(),
         keep_alive: !vm.no_keep_alive,
         grace_secs: settings.grace_secs,
@@ -287,6 +321,5 @@ pub fn validate(vm: &Vm, layout: &Layout, settings: &Settings) -> Result<Valid, 
         },
     };
     spec.validate().map_err(|e| e.to_string())?;
-    let _ = run;
     Ok(Valid { name, spec, seed })
 }

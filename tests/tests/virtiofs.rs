@@ -1,0 +1,274 @@
+//! Golden cloud-hypervisor command lines, virtio-fs with a real virtiofsd,
+//! and PCI devices owned by one VM at a time.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vmd::api::{Boot, SharedDir, Vm, VmDisk, VmIface};
+use vmd::stub::VmdStub;
+use vmd::vm::validate::{validate, Settings};
+use vmd::vm::Layout;
+use vmd_shim::args::hypervisor_args;
+use vmd_tests::supervisor::processes_with;
+use vmd_tests::{RedisServer, Supervisor, VmdProcess};
+
+fn layout(t: &Path) -> Layout {
+    Layout {
+        root: t.join("root"),
+        runtime: t.join("run"),
+        zinit_dir: t.join("zinit"),
+        zinit_socket: t.join("zinit.sock"),
+        shim: "/usr/bin/vmd-shim".into(),
+        hypervisor: "/usr/bin/cloud-hypervisor".into(),
+        virtiofsd: Some("/usr/libexec/virtiofsd".into()),
+        logstream: "/usr/bin/vmd-logstream".into(),
+        netns_dir: "/var/run/netns".into(),
+        stream_ca_file: None,
+    }
+}
+
+fn fixture(t: &Path) -> (Settings, String) {
+    for f in ["vmlinux", "initrd", "root.img", "data.img"] {
+        std::fs::write(t.join(f), "x").unwrap();
+    }
+    for d in ["rootfs", "share1", "share2"] {
+        std::fs::create_dir_all(t.join(d)).unwrap();
+    }
+    std::fs::create_dir_all(t.join("net/t-web")).unwrap();
+    std::fs::write(t.join("net/t-web/tun_flags"), "0x1002").unwrap();
+    let settings = Settings {
+        sys_net: t.join("net"),
+        ..Default::default()
+    };
+    (settings, t.display().to_string())
+}
+
+fn argv(vm: &Vm, t: &Path, settings: &Settings) -> String {
+    let l = layout(t);
+    let valid = validate(vm, &l, settings).unwrap();
+    let args = hypervisor_args(&valid.spec, &l.run_dir(&valid.name));
+    args.join(" ").replace(&t.display().to_string(), "{T}")
+}
+
+fn base(t: &str) -> Vm {
+    let mut args = BTreeMap::new();
+    args.insert("quiet".to_owned(), String::new());
+    args.insert("root".to_owned(), "/dev/sda".to_owned());
+    Vm {
+        name: "web".into(),
+        cpu: 1,
+        memory: 512 << 20,
+        kernel_image: format!("{t}/vmlinux"),
+        initrd_image: format!("{t}/initrd"),
+        kernel_args: args,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn golden_command_line_disk_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (settings, t) = fixture(dir.path());
+    let mut vm = base(&t);
+    vm.boot = Boot {
+        kind: 0,
+        path: format!("{t}/root.img"),
+    };
+    vm.disks.push(VmDisk {
+        path: format!("{t}/data.img"),
+        target: "/data".into(),
+    });
+    vm.network.ifaces.push(VmIface {
+        tap: "t-web".into(),
+        mac: "DE:AD:BE:EF:00:01".into(),
+        ..Default::default()
+    });
+    assert_eq!(
+        argv(&vm, dir.path(), &settings),
+        "--api-socket path={T}/run/vms/web/api.sock \
+         --kernel {T}/vmlinux --initramfs {T}/initrd \
+         --cmdline boot.shell_on_fail console=ttyS0 panic=1 quiet reboot=k root=/dev/vda rw \
+         --cpus boot=1 --memory size=512M \
+         --serial socket={T}/run/vms/web/serial.sock --console off --event-monitor fd=3 \
+         --disk path={T}/root.img path={T}/data.img path={T}/root/cloud-init/web.img,readonly=on \
+         --net tap=t-web,mac=de:ad:be:ef:00:01"
+    );
+}
+
+#[test]
+fn golden_command_line_virtiofs_boot_with_shares() {
+    let dir = tempfile::tempdir().unwrap();
+    let (settings, t) = fixture(dir.path());
+    let mut vm = base(&t);
+    vm.boot = Boot {
+        kind: 1,
+        path: format!("{t}/rootfs"),
+    };
+    vm.shared.push(SharedDir {
+        id: "data".into(),
+        path: format!("{t}/share1"),
+        target: "/data".into(),
+    });
+    vm.shared.push(SharedDir {
+        id: "cache".into(),
+        path: format!("{t}/share2"),
+        target: "/var/cache".into(),
+    });
+    assert_eq!(
+        argv(&vm, dir.path(), &settings),
+        "--api-socket path={T}/run/vms/web/api.sock \
+         --kernel {T}/vmlinux --initramfs {T}/initrd \
+         --cmdline boot.shell_on_fail console=ttyS0 panic=1 quiet reboot=k root=vroot rootdelay=30 rootfstype=virtiofs rw \
+         --cpus boot=1 --memory size=512M,shared=on \
+         --serial socket={T}/run/vms/web/serial.sock --console off --event-monitor fd=3 \
+         --disk path={T}/root/cloud-init/web.img,readonly=on \
+         --fs tag=vroot,socket={T}/run/vms/web/fs-0.sock tag=data,socket={T}/run/vms/web/fs-1.sock \
+         tag=cache,socket={T}/run/vms/web/fs-2.sock"
+    );
+    // Bad shares are refused.
+    let mut bad = vm.clone();
+    bad.shared[1].id = "data".into();
+    assert!(validate(&bad, &layout(dir.path()), &settings)
+        .err()
+        .unwrap()
+        .contains("used twice"));
+    let mut bad = vm.clone();
+    bad.shared[0].id = "a b".into();
+    assert!(validate(&bad, &layout(dir.path()), &settings)
+        .err()
+        .unwrap()
+        .contains("invalid share id"));
+    let mut bad = vm.clone();
+    bad.shared[0].path = format!("{t}/vmlinux");
+    assert!(validate(&bad, &layout(dir.path()), &settings)
+        .err()
+        .unwrap()
+        .contains("not a directory"));
+    let mut no_daemon = layout(dir.path());
+    no_daemon.virtiofsd = None;
+    assert!(validate(&vm, &no_daemon, &settings)
+        .err()
+        .unwrap()
+        .contains("needs virtiofsd"));
+}
+
+fn virtiofsd() -> PathBuf {
+    if let Some(p) = std::env::var_os("VMD_TEST_VIRTIOFSD") {
+        return p.into();
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("virtiofsd"))
+        .chain([PathBuf::from("/usr/libexec/virtiofsd")])
+        .find(|p| p.exists())
+        .expect("virtiofsd not found: the test command installs it (cargo install virtiofsd)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_shares_run_two_real_virtiofsd_and_delete_leaves_nothing() {
+    if vmd_tests::vm::real_ch() {
+        eprintln!("skipped: the shared guest has no virtio-fs driver");
+        return;
+    }
+    let redis = RedisServer::start();
+    let zinit = Supervisor::start();
+    let daemon = virtiofsd().to_string_lossy().into_owned();
+    let vmd = VmdProcess::start_with(&redis, Some(&zinit), &["--virtiofsd", &daemon]);
+    let stub = VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(60));
+    let t0 = Instant::now();
+    while VmdStub::new(redis.broker())
+        .with_timeout(Duration::from_millis(500))
+        .status()
+        .await
+        .is_err()
+    {
+        assert!(t0.elapsed() < Duration::from_secs(20));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().display().to_string();
+    let (_, _) = fixture(dir.path());
+    let mut vm = base(&t);
+    vm.shared.push(SharedDir {
+        id: "one".into(),
+        path: format!("{t}/share1"),
+        target: "/one".into(),
+    });
+    vm.shared.push(SharedDir {
+        id: "two".into(),
+        path: format!("{t}/share2"),
+        target: "/two".into(),
+    });
+    // The double refuses to start unless it can connect to both sockets.
+    stub.run(&vm).await.unwrap();
+    let run = vmd.runtime().join("vms/web");
+    let marker = run.display().to_string();
+    let daemons: Vec<i32> = processes_with(&marker)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("--shared-dir="))
+        })
+        .collect();
+    assert_eq!(daemons.len(), 2, "virtiofsd processes: {daemons:?}");
+    assert!(run.join("fs-0.sock").exists() && run.join("fs-1.sock").exists());
+    let ring = zinit
+        .client()
+        .service_log(&"vm:web".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        ring.iter()
+            .filter(|l| l.contains("virtiofsd for share"))
+            .count(),
+        2,
+        "{ring:?}"
+    );
+    stub.delete("web").await.unwrap();
+    let t0 = Instant::now();
+    while !processes_with(&marker).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "daemons left: {:?}",
+            processes_with(&marker)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!run.exists(), "sockets left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pci_device_belongs_to_one_vm() {
+    let redis = RedisServer::start();
+    let zinit = Supervisor::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pci = dir.path().join("pci");
+    std::fs::create_dir_all(pci.join("0000:01:00.0")).unwrap();
+    let pci_flag = pci.display().to_string();
+    let vmd = VmdProcess::start_with(&redis, Some(&zinit), &["--sys-pci", &pci_flag]);
+    let stub = VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(60));
+    let t0 = Instant::now();
+    while VmdStub::new(redis.broker())
+        .with_timeout(Duration::from_millis(500))
+        .status()
+        .await
+        .is_err()
+    {
+        assert!(t0.elapsed() < Duration::from_secs(20));
+    }
+    let t = dir.path().display().to_string();
+    let (_, _) = fixture(dir.path());
+    let mut a = base(&t);
+    a.devices.push("0000:01:00.0".into());
+    stub.run(&a).await.unwrap();
+    let mut b = a.clone();
+    b.name = "other".into();
+    let e = stub.run(&b).await.unwrap_err().to_string();
+    assert!(
+        e.contains("PCI device 0000:01:00.0 is already used by vm web"),
+        "{e}"
+    );
+    assert!(!vmd.runtime().join("vms/other").exists());
+    stub.delete("web").await.unwrap();
+    stub.run(&b).await.unwrap();
+}
