@@ -451,6 +451,21 @@ async fn invalid_vms_and_hostile_names_are_refused_and_nothing_is_written() {
     });
     cases.push((v, "invalid tap name"));
     let mut v = ok.clone();
+    let mut nic = VmIface {
+        tap: "t-ok".into(),
+        mac: "de:ad:be:ef:00:01".into(),
+        ..Default::default()
+    };
+    nic.ips.push(vmd::api::IpNet {
+        ip: vmd::api::Ip(serde_bytes::ByteBuf::from(vec![10, 0, 0])),
+        mask: vmd::api::Ip(serde_bytes::ByteBuf::from(vec![255, 255, 255, 0])),
+    });
+    v.network.ifaces.push(nic);
+    cases.push((v, "not an IP address"));
+    let mut v = ok.clone();
+    v.entrypoint = "/bin/sh -c 'unbalanced".into();
+    cases.push((v, "unbalanced quotes"));
+    let mut v = ok.clone();
     v.devices.push("0000:01:00.0; x".into());
     cases.push((v, "invalid PCI address"));
     let mut v = ok.clone();
