@@ -163,6 +163,12 @@ impl Manager {
         self.remove_streams_of(name.as_str()).await?;
         let run = self.layout.run_dir(name);
         let service = name.service();
+        if !run.0.exists() && !self.services.exists(&service) {
+            // Nothing of it on disk, so nothing vmd ever started: no need to
+            // ask zinit (which may be down).
+            remove_file(&self.layout.seed(name)).map_err(err)?;
+            return Ok(());
+        }
         if run.0.exists() {
             // From here on a shim respawned by zinit starts nothing.
             write_atomic(&run.deleted_mark(), b"").map_err(err)?;
