@@ -6,7 +6,7 @@
 //! a guest that boots there (see `shared/guest/`), and `VMD_TEST_CMDLINE`
 //! may give its base command line.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use vmd_shim::spec::{ConsoleSpec, RestartPolicy, RunDir, VmSpec, SPEC_VERSION};
@@ -230,8 +230,4 @@ pub fn private_dirty_kib(pid: i32) -> u64 {
         .find_map(|l| l.strip_prefix("Private_Dirty:"))
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap_or(0)
-}
-
-pub fn exists(p: &Path) -> bool {
-    p.exists()
 }

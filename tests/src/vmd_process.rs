@@ -60,6 +60,20 @@ impl VmdProcess {
         p
     }
 
+    /// Waits (up to 20 s) until vmd answers its zbus status object.
+    pub async fn wait_ready(&self) {
+        let broker: vmd::zbus::broker::Broker = self.broker.parse().expect("broker URL");
+        let quick = vmd::stub::VmdStub::new(broker).with_timeout(Duration::from_millis(500));
+        let t0 = Instant::now();
+        while quick.status().await.is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "vmd did not come up:\n{}",
+                self.stderr()
+            );
+        }
+    }
+
     /// SIGKILL, then start again with the same flags (a crash and a restart).
     pub fn crash_and_restart(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -37,15 +37,7 @@ impl Env {
         flags.extend_from_slice(extra);
         let vmd = VmdProcess::start_with(&redis, Some(&zinit), &flags);
         let stub = VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(60));
-        let t0 = Instant::now();
-        while VmdStub::new(redis.broker())
-            .with_timeout(Duration::from_millis(500))
-            .status()
-            .await
-            .is_err()
-        {
-            assert!(t0.elapsed() < Duration::from_secs(20));
-        }
+        vmd.wait_ready().await;
         Env {
             _redis: redis,
             zinit,
@@ -99,6 +91,26 @@ impl Env {
     }
 }
 
+/// Subscribes to `channel` at `url` (retrying until the server is up) and
+/// appends every message, gunzipped, to `into`.
+async fn subscribe(url: &str, channel: &str, into: Arc<Mutex<Vec<u8>>>) {
+    let client = redis::Client::open(url).unwrap();
+    let mut pubsub = loop {
+        match client.get_async_pubsub().await {
+            Ok(p) => break p,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    pubsub.subscribe(channel).await.unwrap();
+    tokio::spawn(async move {
+        let mut msgs = pubsub.on_message();
+        while let Some(m) = msgs.next().await {
+            let payload: Vec<u8> = m.get_payload().unwrap();
+            into.lock().unwrap().extend(gunzip(&payload));
+        }
+    });
+}
+
 fn gunzip(b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(b)
@@ -138,19 +150,9 @@ async fn ten_megabytes_to_a_redis_subscriber() {
     }
     let env = Env::start(&[]).await;
     let receiver = RedisServer::start_tcp();
-    let client =
-        redis::Client::open(format!("redis://127.0.0.1:{}/", receiver.tcp_port())).unwrap();
-    let mut pubsub = client.get_async_pubsub().await.unwrap();
-    pubsub.subscribe("vm-logs").await.unwrap();
     let received = Arc::new(Mutex::new(Vec::new()));
-    let r = received.clone();
-    tokio::spawn(async move {
-        let mut msgs = pubsub.on_message();
-        while let Some(m) = msgs.next().await {
-            let payload: Vec<u8> = m.get_payload().unwrap();
-            r.lock().unwrap().extend(gunzip(&payload));
-        }
-    });
+    let url = format!("redis://127.0.0.1:{}/", receiver.tcp_port());
+    subscribe(&url, "vm-logs", received.clone()).await;
     env.flooding_vm("rvm", 1500, 20_000_000).await;
     let out = format!("redis://127.0.0.1:{}/vm-logs", receiver.tcp_port());
     env.stub
@@ -527,24 +529,8 @@ async fn a_restarted_redis_receiver_is_reconnected_and_the_gap_is_counted() {
     let mut receiver = RedisServer::start_tcp();
     let port = receiver.tcp_port();
     let received = Arc::new(Mutex::new(Vec::new()));
-    let subscribe = |received: Arc<Mutex<Vec<u8>>>| async move {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
-        let mut pubsub = loop {
-            match client.get_async_pubsub().await {
-                Ok(p) => break p,
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        };
-        pubsub.subscribe("ch").await.unwrap();
-        tokio::spawn(async move {
-            let mut msgs = pubsub.on_message();
-            while let Some(m) = msgs.next().await {
-                let payload: Vec<u8> = m.get_payload().unwrap();
-                received.lock().unwrap().extend(gunzip(&payload));
-            }
-        });
-    };
-    subscribe(received.clone()).await;
+    let url = format!("redis://127.0.0.1:{port}/");
+    subscribe(&url, "ch", received.clone()).await;
     env.flooding_vm("rr", 1500, 2_000_000).await;
     env.stub
         .stream_create(
@@ -565,7 +551,7 @@ async fn a_restarted_redis_receiver_is_reconnected_and_the_gap_is_counted() {
     // The receiver dies and comes back empty; our subscriber comes back late.
     receiver.restart();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    subscribe(received.clone()).await;
+    subscribe(&url, "ch", received.clone()).await;
     let printed = env.wait_flood_done("rr").await;
     let t0 = Instant::now();
     let (missing, unheard) = loop {
@@ -659,18 +645,13 @@ async fn a_stream_sends_from_its_network_namespace() {
         assert!(t0.elapsed() < Duration::from_secs(10));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let client = redis::Client::open(format!("unix://{}", sock.display())).unwrap();
-    let mut pubsub = client.get_async_pubsub().await.unwrap();
-    pubsub.subscribe("ns").await.unwrap();
     let received = Arc::new(Mutex::new(Vec::new()));
-    let r = received.clone();
-    tokio::spawn(async move {
-        let mut msgs = pubsub.on_message();
-        while let Some(m) = msgs.next().await {
-            let payload: Vec<u8> = m.get_payload().unwrap();
-            r.lock().unwrap().extend(gunzip(&payload));
-        }
-    });
+    subscribe(
+        &format!("unix://{}", sock.display()),
+        "ns",
+        received.clone(),
+    )
+    .await;
     let env = Env::start(&["--netns-dir", "/run/netns"]).await;
     env.flooding_vm("nsvm", 1000, 20_000_000).await;
     env.stub

@@ -176,15 +176,7 @@ async fn two_shares_run_two_real_virtiofsd_and_delete_leaves_nothing() {
     let daemon = virtiofsd().to_string_lossy().into_owned();
     let vmd = VmdProcess::start_with(&redis, Some(&zinit), &["--virtiofsd", &daemon]);
     let stub = VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(60));
-    let t0 = Instant::now();
-    while VmdStub::new(redis.broker())
-        .with_timeout(Duration::from_millis(500))
-        .status()
-        .await
-        .is_err()
-    {
-        assert!(t0.elapsed() < Duration::from_secs(20));
-    }
+    vmd.wait_ready().await;
     let dir = tempfile::tempdir().unwrap();
     let t = dir.path().display().to_string();
     let (_, _) = fixture(dir.path());
@@ -247,15 +239,7 @@ async fn a_pci_device_belongs_to_one_vm() {
     let pci_flag = pci.display().to_string();
     let vmd = VmdProcess::start_with(&redis, Some(&zinit), &["--sys-pci", &pci_flag]);
     let stub = VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(60));
-    let t0 = Instant::now();
-    while VmdStub::new(redis.broker())
-        .with_timeout(Duration::from_millis(500))
-        .status()
-        .await
-        .is_err()
-    {
-        assert!(t0.elapsed() < Duration::from_secs(20));
-    }
+    vmd.wait_ready().await;
     let t = dir.path().display().to_string();
     let (_, _) = fixture(dir.path());
     let mut a = base(&t);

@@ -2,7 +2,7 @@
 //! zinit (double or real) → vmd-shim → cloud-hypervisor (double or real).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use vmd::api::{Vm, VmDisk, VmIface};
@@ -42,15 +42,7 @@ impl Env {
     }
 
     async fn wait_ready(&self) {
-        let quick = VmdStub::new(self.redis.broker()).with_timeout(Duration::from_millis(500));
-        let t0 = Instant::now();
-        while quick.status().await.is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "vmd did not come up:\n{}",
-                self.vmd.stderr()
-            );
-        }
+        self.vmd.wait_ready().await;
     }
 
     fn kernel(&self) -> String {
@@ -746,5 +738,4 @@ async fn two_hundred_run_delete_cycles_leave_nothing_behind() {
         .unwrap()
         .count();
     assert_eq!(logs, 0, "console logs left");
-    let _ = Path::new("");
 }

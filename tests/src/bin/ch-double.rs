@@ -501,16 +501,6 @@ impl Vmm {
 }
 
 fn json_reply(status: u16, body: Option<String>) -> Vec<u8> {
-    let reason = match status {
-        200 => "OK",
-        204 => "No Content",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        500 => "Internal Server Error",
-        _ => "",
-    };
-    let _ = reason;
     // micro_http: "HTTP/1.1 <code> \r\n", Server, Connection: keep-alive,
     // and Content-Type/Length only with a body.
     let mut out =
