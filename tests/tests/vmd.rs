@@ -542,6 +542,77 @@ async fn killed_shim_and_vmm_come_back_and_inspect_counts_restarts() {
     env.assert_gone("phoenix").await;
 }
 
+/// Polls Inspect until the VM's state is `want` (or fails after 20 s).
+async fn wait_state(env: &Env, name: &str, want: &str) -> vmd::api::VmInfo {
+    let t0 = Instant::now();
+    loop {
+        let i = env.stub.inspect(name).await.unwrap();
+        if i.state.as_deref() == Some(want) {
+            return i;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{name} never {want}: {i:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_outlives_a_vmm_crash_and_a_locked_vm_still_deletes_gracefully() {
+    let env = Env::start(&[]).await;
+    let s = &env.stub;
+    s.run(&env.vm("frozen", &[])).await.unwrap();
+    s.lock("frozen", true).await.unwrap();
+    wait_state(&env, "frozen", "paused").await;
+    let first = vmm_pid(&env, "frozen").await;
+    unsafe {
+        libc::kill(first as i32, libc::SIGKILL);
+    }
+    // The new VMM boots the guest and is paused again by the shim.
+    let t0 = Instant::now();
+    while vmm_pid(&env, "frozen").await == first {
+        assert!(t0.elapsed() < Duration::from_secs(15), "VMM not restarted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let i = wait_state(&env, "frozen", "paused").await;
+    assert_eq!(i.restarts, Some(1));
+    // Unlocked, a later crash brings it back running.
+    s.lock("frozen", false).await.unwrap();
+    wait_state(&env, "frozen", "running").await;
+    let second = vmm_pid(&env, "frozen").await;
+    unsafe {
+        libc::kill(second as i32, libc::SIGKILL);
+    }
+    let t0 = Instant::now();
+    while vmm_pid(&env, "frozen").await == second {
+        assert!(t0.elapsed() < Duration::from_secs(15), "VMM not restarted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_state(&env, "frozen", "running").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_state(&env, "frozen", "running").await;
+    // A paused guest cannot see the power button: the shim resumes it for
+    // its shutdown instead of waiting out the 30 s grace.
+    s.lock("frozen", true).await.unwrap();
+    wait_state(&env, "frozen", "paused").await;
+    let t0 = Instant::now();
+    s.delete("frozen").await.unwrap();
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(10), "delete took {took:?}");
+    env.assert_gone("frozen").await;
+    assert!(
+        env.zinit
+            .client()
+            .log_snapshot()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .any(|l| l.contains("resuming it so it can shut down")),
+        "no resume before the shutdown in zinit's log"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loop_is_reported_failed_listed_and_deletable() {
     if real_ch() {

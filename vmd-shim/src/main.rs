@@ -258,10 +258,15 @@ impl Shim {
                     clean: false,
                 },
                 Ok(mut vmm) => {
+                    let locker = tokio::spawn(keep_locked(self.run.clone()));
                     let status = tokio::select! {
                         st = vmm.child.wait() => st,
-                        stop = self.stops.recv() => return self.stop_vmm(vmm, stop).await,
+                        stop = self.stops.recv() => {
+                            locker.abort();
+                            return self.stop_vmm(vmm, stop).await;
+                        }
                     };
+                    locker.abort();
                     // Let the console and events drain before judging the exit.
                     let _ = timeout(Duration::from_secs(2), async {
                         for p in vmm.pumps.drain(..) {
@@ -556,6 +561,12 @@ async fn graceful_stop(vmm: &mut Vmm, api_socket: &std::path::Path, grace: Durat
         grace.as_secs()
     ));
     let deadline = Instant::now() + grace;
+    // A paused (locked) guest cannot see the power button; it may hold data
+    // it still has to flush, so it gets to run for its shutdown.
+    if vm_state(api_socket).await.as_deref() == Some("Paused") {
+        say("the VM is paused (locked): resuming it so it can shut down cleanly");
+        let _ = api::call(api_socket, "PUT", "vm.resume", Duration::from_secs(1)).await;
+    }
     let mut pause = Duration::from_secs(4);
     loop {
         let _ = api::call(api_socket, "PUT", "vm.power-button", Duration::from_secs(1)).await;
@@ -587,6 +598,42 @@ async fn graceful_stop(vmm: &mut Vmm, api_socket: &std::path::Path, grace: Durat
         .map(|s| describe(&s))
         .unwrap_or_default();
     format!("killed after the grace period ({st})")
+}
+
+/// The VMM's `vm.info` state (`Running`, `Paused`, …), if it answers.
+async fn vm_state(api_socket: &std::path::Path) -> Option<String> {
+    let body = api::expect_ok(api_socket, "GET", "vm.info", Duration::from_secs(1))
+        .await
+        .ok()?;
+    let info: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    info["state"].as_str().map(str::to_owned)
+}
+
+/// Keeps a locked VM locked across VMM restarts: once a new VMM has booted
+/// the guest, pauses it if the VM carries the lock mark. vmd writes the mark
+/// before pausing and removes it before resuming; the check after the pause
+/// undoes a pause that raced with an unlock.
+async fn keep_locked(run: RunDir) {
+    let api_socket = run.api_socket();
+    let t0 = Instant::now();
+    loop {
+        match vm_state(&api_socket).await.as_deref() {
+            Some("Running") => break,
+            Some("Paused") => return,
+            _ if t0.elapsed() > Duration::from_secs(600) => return,
+            _ => sleep(Duration::from_millis(50)).await,
+        }
+    }
+    if !run.locked_mark().exists() {
+        return;
+    }
+    match api::expect_ok(&api_socket, "PUT", "vm.pause", Duration::from_secs(5)).await {
+        Ok(_) => say("the VM is locked: paused it after boot"),
+        Err(e) => say(format!("the VM is locked but could not be paused: {e}")),
+    }
+    if !run.locked_mark().exists() {
+        let _ = api::call(&api_socket, "PUT", "vm.resume", Duration::from_secs(5)).await;
+    }
 }
 
 async fn forward_signals(stops: mpsc::Sender<StopFrom>) {

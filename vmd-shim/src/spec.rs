@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 pub const SPEC_VERSION: u32 = 1;
 
 pub const SPEC_FILE: &str = "vm.json";
+pub const LOCKED_MARK: &str = "locked";
 pub const DELETED_MARK: &str = "deleted";
 pub const API_SOCKET: &str = "api.sock";
 pub const SERIAL_SOCKET: &str = "serial.sock";
@@ -240,6 +241,11 @@ impl RunDir {
     }
     pub fn deleted_mark(&self) -> PathBuf {
         self.0.join(DELETED_MARK)
+    }
+    /// Present while the VM is locked (`Lock(name, true)`): every VMM the
+    /// shim starts is paused once booted, so a crash does not unlock it.
+    pub fn locked_mark(&self) -> PathBuf {
+        self.0.join(LOCKED_MARK)
     }
     pub fn api_socket(&self) -> PathBuf {
         self.0.join(API_SOCKET)

@@ -497,11 +497,30 @@ impl VmModule for Manager {
             .name(&name)
             .filter(|n| self.present(n))
             .ok_or_else(|| missing(&name))?;
-        let api = self.layout.run_dir(&n).api_socket();
+        let run = self.layout.run_dir(&n);
+        // The mark makes the lock outlive the VMM: the shim pauses every VMM
+        // it (re)starts while the mark is there.
+        let mark = run.locked_mark();
+        let recorded = if lock {
+            std::fs::File::create(&mark).map(drop)
+        } else {
+            match std::fs::remove_file(&mark) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        };
+        recorded
+            .map_err(|e| MethodError::new(format!("cannot record the lock of vm {name}: {e}")))?;
+        let api = run.api_socket();
         let t = Duration::from_secs(5);
         let info = vmd_shim::api::expect_ok(&api, "GET", "vm.info", t)
             .await
-            .map_err(|e| MethodError::new(format!("vm {name} is not running: {e}")))?;
+            .map_err(|e| {
+                MethodError::new(format!(
+                    "vm {name} is not running ({e}); the {} applies when it starts again",
+                    if lock { "lock" } else { "unlock" }
+                ))
+            })?;
         let info: serde_json::Value = serde_json::from_slice(&info).unwrap_or_default();
         let (want, endpoint) = if lock {
             ("Paused", "vm.pause")
