@@ -492,16 +492,21 @@ async fn bad_streams_are_refused_and_nothing_is_left_behind() {
         std::fs::read_dir(&streams).map_or(true, |mut d| d.next().is_none()),
         "stream files left"
     );
-    // Unknown or invalid ids delete fine; a taken id is refused.
+    // Unknown or invalid ids delete fine; a taken id is refused, unless the
+    // call is an identical retry (a caller that lost the reply).
     env.stub.stream_delete("never-existed").await.unwrap();
     env.stub.stream_delete("../x").await.unwrap();
     env.stub
         .stream_create("svm", &s("dup", "ws://127.0.0.1:9/x", ""))
         .await
         .unwrap();
+    env.stub
+        .stream_create("svm", &s("dup", "ws://127.0.0.1:9/x", ""))
+        .await
+        .unwrap();
     let e = env
         .stub
-        .stream_create("svm", &s("dup", "ws://127.0.0.1:9/x", ""))
+        .stream_create("svm", &s("dup", "ws://127.0.0.1:9/other", ""))
         .await
         .unwrap_err();
     assert!(e.to_string().contains("already exists"), "{e}");

@@ -123,6 +123,11 @@ async fn run(cli: Cli) -> ExitCode {
         cli.output,
         follower.position()
     ));
+    // Where a first start begins is recorded before anything is sent: a
+    // worker killed before its first periodic save resumes there, instead of
+    // at a later tail with a gap in between.
+    progress.pos = follower.position();
+    let _ = progress.save(&cli.state);
     let mut queue: VecDeque<(u64, usize, Vec<u8>)> = VecDeque::new();
     let mut queued = 0usize;
     let mut buf = vec![0u8; 8192];

@@ -158,21 +158,32 @@ async fn unit<F: Future<Output = MethodResult<()>>>(method: &str, fut: F) -> Out
 }
 
 impl<M: VmModule> Service for ModuleService<M> {
-    fn serial_key(&self, method: &str, inputs: &[ByteBuf]) -> Option<String> {
+    fn serial_keys(&self, method: &str, inputs: &[ByteBuf]) -> Vec<String> {
         // Only calls that change a VM are serialised per VM; reads see the
         // state on disk, which every change replaces atomically, and must
         // not wait behind a long Delete (the caller's deadline is short).
+        // A stream belongs to a VM and has an id of its own: StreamCreate
+        // holds both, so it cannot interleave with a Delete of the VM (which
+        // removes the VM's streams) nor with a StreamDelete of the id.
+        let first = |i: &[ByteBuf]| -> Option<String> { codec::decode(i.first()?).ok() };
         match method {
-            "Run" => {
-                let vm: Vm = codec::decode(inputs.first()?).ok()?;
-                Some(vm.name)
+            "Run" => inputs
+                .first()
+                .and_then(|b| codec::decode::<Vm>(b).ok())
+                .map(|vm| vec![vm.name])
+                .unwrap_or_default(),
+            "Delete" | "Lock" => first(inputs).into_iter().collect(),
+            "StreamCreate" => {
+                let mut keys: Vec<String> = first(inputs).into_iter().collect();
+                if let Some(s) = inputs.get(1).and_then(|b| codec::decode::<Stream>(b).ok()) {
+                    keys.push(format!("stream:{}", s.id));
+                }
+                keys
             }
-            "Delete" | "Lock" | "StreamCreate" => codec::decode(inputs.first()?).ok(),
-            "StreamDelete" => {
-                let id: String = codec::decode(inputs.first()?).ok()?;
-                Some(format!("stream:{id}"))
-            }
-            _ => None,
+            "StreamDelete" => first(inputs)
+                .map(|id| vec![format!("stream:{id}")])
+                .unwrap_or_default(),
+            _ => Vec::new(),
         }
     }
 

@@ -15,7 +15,7 @@
 //! | `double.crash_after_ms=N` | the guest dies after N ms: `VCPU generated error` on stderr, exit 0 (as v53) |
 //! | `double.crash_code=C` | with crash_after_ms: exit C instead, without the vCPU message |
 //! | `double.ignore_power_button=1` | the guest never reacts to the power button |
-//! | `double.flood_bps=N` | after GUEST-READY, print lines at N bytes/s (0: as fast as possible) |
+//! | `double.flood_bps=N` | after GUEST-READY, print 64-byte lines `FLOOD <seq> b<boot id> x…` at N bytes/s (0: as fast as possible) |
 //! | `double.flood_bytes=N` | stop flooding after N bytes |
 //! | `double.exec_log=PATH` | append `<pid> <unix ns>` to PATH first thing (benchmarks time the exec) |
 //!
@@ -470,6 +470,10 @@ impl Vmm {
 
     async fn flood(self: Arc<Self>, bps: u64) {
         let limit = self.knobs.num("double.flood_bytes").unwrap_or(u64::MAX);
+        let boot = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as u64 ^ std::process::id() as u64)
+            % 10_000_000;
         let mut sent = 0u64;
         let mut seq = 0u64;
         let t0 = Instant::now();
@@ -478,12 +482,13 @@ impl Vmm {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
-            // 64-byte lines: "FLOOD <12-digit seq> xxx…\n".
+            // 64-byte lines: "FLOOD <12-digit seq> b<7-digit boot id> xxx…\n":
+            // the boot id tells the lines of two boots apart.
             let mut chunk = Vec::with_capacity(64 * 1024);
             while chunk.len() < 64 * 1024 && sent + (chunk.len() as u64) < limit {
                 seq += 1;
-                let _ = write!(chunk, "FLOOD {seq:012} ");
-                chunk.extend_from_slice(&[b'x'; 44]);
+                let _ = write!(chunk, "FLOOD {seq:012} b{boot:07} ");
+                chunk.extend_from_slice(&[b'x'; 35]);
                 chunk.push(b'\n');
             }
             sent += chunk.len() as u64;

@@ -103,12 +103,6 @@ impl Manager {
         }
         let spec_path = self.stream_spec_path(&stream.id);
         let svc = service(&stream.id);
-        if spec_path.exists() || self.services().exists(&svc) {
-            return Err(MethodError::new(format!(
-                "stream with id '{}' already exists",
-                stream.id
-            )));
-        }
         let spec = StreamSpec {
             id: stream.id.clone(),
             vm: name.as_str().to_owned(),
@@ -116,6 +110,26 @@ impl Manager {
             // Validated above; passed on as given, credentials and all.
             output: stream.output.clone(),
         };
+        if spec_path.exists() || self.services().exists(&svc) {
+            // A caller retrying after a lost reply gets the same success
+            // (as with Run); the same id for anything else is refused.
+            let existing: Option<StreamSpec> = fs::read_to_string(&spec_path)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
+            if existing.as_ref() == Some(&spec) && self.services().exists(&svc) {
+                return match self.zinit().monitor(&svc).await {
+                    Ok(()) | Err(zinit::ZinitError::AlreadyMonitored(_)) => Ok(()),
+                    Err(e) => Err(MethodError::new(format!(
+                        "cannot start stream {}: {e}",
+                        spec.id
+                    ))),
+                };
+            }
+            return Err(MethodError::new(format!(
+                "stream with id '{}' already exists",
+                stream.id
+            )));
+        }
         let result = self.install_stream(&name, &spec).await;
         if result.is_err() {
             let _ = self.remove_stream(&stream.id).await;

@@ -39,8 +39,8 @@ pub type Call = Pin<Box<dyn Future<Output = Result<Output, String>> + Send>>;
 
 /// An object served on the bus.
 pub trait Service: Send + Sync + 'static {
-    /// Calls with the same key run one after the other; `None` runs freely.
-    fn serial_key(&self, method: &str, inputs: &[ByteBuf]) -> Option<String>;
+    /// Calls sharing a key run one after the other; no keys: runs freely.
+    fn serial_keys(&self, method: &str, inputs: &[ByteBuf]) -> Vec<String>;
     /// Runs `method`. `Err` is a protocol error (unknown method, malformed
     /// arguments); method failures belong in the returned [`Output`].
     fn call(&self, method: String, inputs: Vec<ByteBuf>) -> Call;
@@ -370,10 +370,15 @@ async fn serve(
         debug!(object = %object, "request for an unknown object");
         return Response::protocol_error(id, "unknown object");
     };
-    let _key = match service.serial_key(&method, &inputs) {
-        Some(k) => Some(shared.locks.lock(k).await),
-        None => None,
-    };
+    // Taken in sorted order by every call, so two calls sharing keys cannot
+    // each hold one the other waits for.
+    let mut keys = service.serial_keys(&method, &inputs);
+    keys.sort();
+    keys.dedup();
+    let mut _held = Vec::with_capacity(keys.len());
+    for k in keys {
+        _held.push(shared.locks.lock(k).await);
+    }
     let Ok(_worker) = shared.workers.acquire().await else {
         return Response::protocol_error(id, "server is shutting down");
     };
