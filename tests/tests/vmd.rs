@@ -589,11 +589,21 @@ async fn a_lock_outlives_a_vmm_crash_and_a_locked_vm_still_deletes_gracefully() 
         assert!(t0.elapsed() < Duration::from_secs(15), "VMM not restarted");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Console output of this (third) boot starts here.
+    let third_boot = s.logs_full("frozen").await.unwrap().len();
     wait_state(&env, "frozen", "running").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     wait_state(&env, "frozen", "running").await;
     // A paused guest cannot see the power button: the shim resumes it for
     // its shutdown instead of waiting out the 30 s grace.
+    if real_ch() {
+        // The real guest arms its power button late (GUEST-READY).
+        let t0 = Instant::now();
+        while !s.logs_full("frozen").await.unwrap()[third_boot..].contains("GUEST-READY") {
+            assert!(t0.elapsed() < boot_timeout(), "third boot never ready");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     s.lock("frozen", true).await.unwrap();
     wait_state(&env, "frozen", "paused").await;
     let t0 = Instant::now();
