@@ -159,6 +159,38 @@ async fn stop_then_forget() {
         .unwrap();
 }
 
+/// zinit signals the pid it last knew: a process that died a moment before
+/// `stop` makes zinit answer ESRCH, with the target already down. Removing
+/// such a service must still succeed (found by the soak: a Delete failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_service_whose_process_just_died_succeeds() {
+    let z = Supervisor::start();
+    let c = z.client();
+    let m = marker(&z, "dying");
+    let mut esrch = 0;
+    for i in 0..40 {
+        let n = format!("svc:d{i}");
+        install(&z, &n, &Service::new(probe(&["sleep", &m]))).await;
+        let pid = running_pid(&z, &n).await;
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+        if i % 2 == 0 {
+            // The raw call shows the race is there …
+            if let Err(ZinitError::NoSuchProcess(_)) = c.stop(&name(&n)).await {
+                esrch += 1;
+            }
+        }
+        // … and remove() gets through it.
+        c.remove(&name(&n), Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|e| panic!("remove {n}: {e}"));
+        assert!(!c.list().await.unwrap().contains_key(&n));
+    }
+    eprintln!("stop right after kill -9: ESRCH {esrch} of 20 times");
+    assert!(processes_with(&m).is_empty());
+}
+
 #[tokio::test]
 async fn stop_and_wait_escalates_to_sigkill() {
     let z = Supervisor::start();

@@ -42,6 +42,10 @@ pub enum ZinitError {
     IsDown(String),
     #[error("zinit is shutting down")]
     ShuttingDown,
+    /// The process zinit signalled was already gone (it died, zinit has not
+    /// noticed yet). After `stop` the target is down all the same.
+    #[error("service {0}: its process is already gone")]
+    NoSuchProcess(String),
     #[error("zinit cannot load the service file of {0}")]
     ConfigLoad(String),
     #[error("zinit: {0}")]
@@ -71,6 +75,11 @@ impl ZinitError {
         }
         if msg == "zinit is shutting down" {
             return ZinitError::ShuttingDown;
+        }
+        // zinit signals the pid it last knew; nix reports a dead one as
+        // "ESRCH: No such process".
+        if msg.starts_with("ESRCH") {
+            return ZinitError::NoSuchProcess(service.unwrap_or_default().to_owned());
         }
         if msg.starts_with("failed to load service config") {
             return ZinitError::ConfigLoad(service.unwrap_or_default().to_owned());
@@ -260,7 +269,9 @@ impl Client {
         grace: Duration,
     ) -> Result<(), ZinitError> {
         match self.stop(name).await {
-            Ok(()) => {}
+            // zinit set the target down before signalling a process that
+            // had already died: wait for zinit to notice, as after a stop.
+            Ok(()) | Err(ZinitError::NoSuchProcess(_)) => {}
             Err(ZinitError::UnknownService(_)) => return Ok(()),
             Err(e) => return Err(e),
         }
@@ -269,7 +280,10 @@ impl Client {
         }
         tracing::warn!(service = %name, ?grace, "did not stop in time; sending SIGKILL");
         match self.kill(name, Signal::SIGKILL).await {
-            Ok(()) | Err(ZinitError::IsDown(_)) | Err(ZinitError::UnknownService(_)) => {}
+            Ok(())
+            | Err(ZinitError::IsDown(_))
+            | Err(ZinitError::NoSuchProcess(_))
+            | Err(ZinitError::UnknownService(_)) => {}
             Err(e) => return Err(e),
         }
         if self.wait_gone(name, AFTER_KILL).await? {
@@ -328,6 +342,7 @@ mod tests {
             m("zinit is shutting down"),
             ZinitError::ShuttingDown
         ));
+        assert!(matches!(m("ESRCH: No such process"), ZinitError::NoSuchProcess(n) if n == "svc"));
         assert!(
             matches!(m("failed to load service config"), ZinitError::ConfigLoad(n) if n == "svc")
         );

@@ -182,7 +182,12 @@ impl Manager {
         self.zinit
             .remove(&service, Duration::from_secs(10))
             .await
-            .map_err(|e| err(format!("cannot remove service {service}: {e}")))?;
+            .map_err(|e| {
+                err(format!(
+                    "cannot remove service {service}: {e}; the VM is gone for callers and \
+                     its removal completes on the next Delete or when vmd restarts"
+                ))
+            })?;
         self.services.remove(&service).map_err(err)?;
         let log = self.layout.log(name);
         remove_file(&log).map_err(err)?;
