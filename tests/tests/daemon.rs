@@ -256,3 +256,40 @@ fn bad_flags_are_refused_with_a_clear_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unsupported scheme"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_zinit_fails_calls_clearly_and_leaves_nothing() {
+    let redis = RedisServer::start();
+    // Its zinit socket leads nowhere.
+    let vmd = VmdProcess::start(&redis, &[]);
+    let stub = wait_ready(&redis).await;
+    let kernel = vmd.dir.path().join("vmlinux");
+    std::fs::write(&kernel, "x").unwrap();
+    let vm = vmd::api::Vm {
+        name: "orphan".into(),
+        cpu: 1,
+        memory: 256 << 20,
+        kernel_image: kernel.to_string_lossy().into_owned(),
+        ..Default::default()
+    };
+    let err = stub.run(&vm).await.unwrap_err().to_string();
+    assert!(err.contains("zinit"), "{err}");
+    assert!(!stub.exists("orphan").await.unwrap());
+    assert!(stub.list().await.unwrap().is_empty());
+    let vms = vmd.runtime().join("vms");
+    assert!(
+        std::fs::read_dir(&vms).map_or(true, |mut d| d.next().is_none()),
+        "files of the failed Run left in {}",
+        vms.display()
+    );
+    let services = vmd.dir.path().join("zinit");
+    assert!(
+        std::fs::read_dir(&services).map_or(true, |mut d| d.next().is_none()),
+        "service file of the failed Run left"
+    );
+    // Reads and a Delete of what never existed still answer.
+    assert_eq!(stub.logs("orphan").await.unwrap(), "no logs available");
+    stub.delete("orphan").await.unwrap();
+    assert!(!vmd.stderr().contains("panicked"));
+    eprintln!("Run with zinit down: {err}");
+}

@@ -179,15 +179,22 @@ impl Manager {
                 tracing::warn!(vm = %name, error = %e, "graceful stop through the shim failed; zinit will stop it");
             }
         }
-        self.zinit
-            .remove(&service, Duration::from_secs(10))
-            .await
-            .map_err(|e| {
-                err(format!(
+        match self.zinit.remove(&service, Duration::from_secs(10)).await {
+            Ok(()) => {}
+            // Rolling back a Run that zinit could not take: there is no
+            // service to stop (zinit never had it or is gone), and leaving
+            // the files would leak them. Reconciliation removes a service
+            // zinit still had once it is back.
+            Err(e @ zinit::ZinitError::Connect { .. }) if !graceful => {
+                tracing::warn!(vm = %name, error = %e, "zinit unreachable; removing the files of the failed Run anyway");
+            }
+            Err(e) => {
+                return Err(err(format!(
                     "cannot remove service {service}: {e}; the VM is gone for callers and \
                      its removal completes on the next Delete or when vmd restarts"
-                ))
-            })?;
+                )))
+            }
+        }
         self.services.remove(&service).map_err(err)?;
         let log = self.layout.log(name);
         remove_file(&log).map_err(err)?;
