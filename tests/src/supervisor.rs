@@ -148,14 +148,46 @@ impl Supervisor {
         unsafe {
             libc::kill(child.id() as i32, libc::SIGSTOP);
         }
-        for pid in pids {
+        // Plus whatever it started after the listing (a respawn): its
+        // children, found while it is frozen.
+        let zinit_pid = child.id() as i32;
+        let children = children_of(zinit_pid);
+        for pid in pids.into_iter().chain(children.iter().copied()) {
             unsafe {
                 libc::killpg(pid, libc::SIGKILL);
+            }
+        }
+        for pid in children {
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
             }
         }
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+/// Pids whose parent is `parent` (from /proc/<pid>/stat).
+fn children_of(parent: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_string_lossy().parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // "pid (comm) state ppid …": comm may hold spaces, so after ')'.
+            let ppid: i32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            (ppid == parent).then_some(pid)
+        })
+        .collect()
 }
 
 impl Drop for Supervisor {
