@@ -96,6 +96,9 @@ struct Counters {
     retries: AtomicU64,
     run_refused: AtomicU64,
     lock_deferred: AtomicU64,
+    /// Streams checked byte for byte before they went, and their bytes.
+    streams_verified: AtomicU64,
+    bytes_verified: AtomicU64,
     kill_vmd: AtomicU64,
     kill_shim: AtomicU64,
     kill_vmm: AtomicU64,
@@ -250,6 +253,9 @@ impl World {
                 }
             }
         } else if roll < 12 {
+            for (id, created) in &exp.streams {
+                self.verify_stream(name, id, *created).await;
+            }
             match self.call("Delete", || self.stub.delete(name)).await {
                 Ok(()) => {
                     for id in exp.streams.keys() {
@@ -294,6 +300,7 @@ impl World {
             }
         } else if roll < 66 && !exp.streams.is_empty() {
             let id = exp.streams.keys().next().cloned().unwrap_or_default();
+            self.verify_stream(name, &id, exp.streams[&id]).await;
             match self
                 .call("StreamDelete", || self.stub.stream_delete(&id))
                 .await
@@ -322,6 +329,36 @@ impl World {
             Err(m) => self.wrong(format!("Exists({name}): {m}")),
         }
         self.set_expected(name, exp);
+    }
+
+    /// Before a stream goes (StreamDelete, or Delete of its VM), while the
+    /// faults go on: waits until it delivered the log up to now, and checks
+    /// every byte since its creation still in the log arrived.
+    async fn verify_stream(&self, name: &str, id: &str, created: u64) {
+        let path = self.log_path(name);
+        let (_, base, len) = read_log(&path);
+        let end = base + len;
+        let t0 = Instant::now();
+        loop {
+            let (log, base, _) = read_log(&path);
+            let from = created.max(base);
+            let msgs = self.received.lock().unwrap()[id].clone();
+            let holes = uncovered(&log, base, &msgs, from, end);
+            if holes.is_empty() {
+                add(&self.counters.streams_verified);
+                self.counters
+                    .bytes_verified
+                    .fetch_add(end.saturating_sub(from), Ordering::Relaxed);
+                return;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                self.wrong(format!(
+                    "stream {id} of {name} (created at {created}, log {base}..{end}) misses {holes:?}"
+                ));
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Processes of this test's VMs and streams (not vmd): (pid, argv).
@@ -504,18 +541,34 @@ fn uncovered(log: &[u8], base: u64, msgs: &[Vec<u8>], from: u64, to: u64) -> Vec
             let line = *index.get(&id)? as u64;
             (line + base).checked_sub(at as u64)
         });
-        let at = pinned.or(expected);
+        // Else right after the previous message, else (a first message of
+        // boot lines only) where it occurs nearest the stream's start.
+        let at = pinned.or(expected).or_else(|| {
+            let n = m.len();
+            (n > 0 && n <= log.len())
+                .then(|| {
+                    log.windows(n)
+                        .enumerate()
+                        .filter(|(_, w)| *w == m.as_slice())
+                        .map(|(i, _)| base + i as u64)
+                        .min_by_key(|p| p.abs_diff(from))
+                })
+                .flatten()
+        });
         expected = None;
         let Some(at) = at else { continue };
         let (lo, hi) = (at, at + m.len() as u64);
-        if lo < base || hi > base + log.len() as u64 {
+        // Only the part still in the log counts: a message may straddle
+        // the start of a rotated log.
+        let (clo, chi) = (lo.max(base), hi.min(base + log.len() as u64));
+        if clo >= chi {
             continue;
         }
-        let here = &log[(lo - base) as usize..(hi - base) as usize];
-        if here != m.as_slice() {
+        let here = &log[(clo - base) as usize..(chi - base) as usize];
+        if here != &m[(clo - lo) as usize..(chi - lo) as usize] {
             continue;
         }
-        spans.push((lo, hi));
+        spans.push((clo, chi));
         expected = Some(hi);
     }
     spans.sort();
@@ -832,7 +885,8 @@ async fn soak(duration: Duration) {
     eprintln!(
         "soak passed: {} s of faults (seed {seed}); converged {:.1} s after the faults stopped \
          ({:.1} s to the first check); {} VMs at the end with {} KiB of console checked for holes; \
-         {stream_count} streams, {} KiB checked byte for byte; {} calls, {} retried after lost replies, \
+         {stream_count} live streams, {} KiB checked byte for byte (and {} streams, {} KiB, checked \
+         before they were deleted under faults); {} calls, {} retried after lost replies, \
          {} Runs refused (VMM killed while booting), {} locks deferred",
         duration.as_secs(),
         converged_in.as_secs_f64(),
@@ -840,6 +894,8 @@ async fn soak(duration: Duration) {
         present.len(),
         log_bytes >> 10,
         streamed >> 10,
+        get(&c.streams_verified),
+        get(&c.bytes_verified) >> 10,
         get(&c.ops),
         get(&c.retries),
         get(&c.run_refused),
@@ -909,6 +965,27 @@ fn the_stream_checker_places_messages_and_finds_gaps() {
     assert_eq!(
         uncovered(&log, base, &bad, base, end),
         [(base + 2000, base + 3000)]
+    );
+    // A message straddling the start of a rotated log counts for its part
+    // inside it.
+    let cut = 2500;
+    let rotated = &log[cut..];
+    assert!(uncovered(rotated, base + cut as u64, &chunks, base + cut as u64, end).is_empty());
+    let mut without = chunks.clone();
+    without.remove(2);
+    assert_eq!(
+        uncovered(rotated, base + cut as u64, &without, base + cut as u64, end),
+        [(base + cut as u64, base + 3000)]
+    );
+    // A first message with no numbered line is found by its bytes.
+    let mut boot = b"GUEST-HELLO kernel=x\nGUEST-READY\n".to_vec();
+    boot.extend(&log);
+    let first = boot[..40].to_vec();
+    let rest = boot[40..].to_vec();
+    assert!(uncovered(&boot, 0, &[first, rest.clone()], 0, boot.len() as u64).is_empty());
+    assert_eq!(
+        uncovered(&boot, 0, &[rest], 0, boot.len() as u64),
+        [(0, 40)]
     );
     // Bytes before the stream's start are not required.
     assert!(uncovered(&log, base, &chunks[6..], base + 6000, end).is_empty());
