@@ -352,8 +352,25 @@ impl World {
                 return;
             }
             if t0.elapsed() > Duration::from_secs(30) {
+                let progress = std::fs::read_to_string(
+                    self.runtime.join("streams").join(format!("{id}.progress")),
+                )
+                .unwrap_or_default();
+                let svc = format!("stream:{id}");
+                let ring: Vec<String> = self
+                    .zinit
+                    .client()
+                    .log_snapshot()
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|l| l.contains(&svc))
+                    .collect();
+                let sizes: Vec<usize> = msgs.iter().map(Vec::len).collect();
                 self.wrong(format!(
-                    "stream {id} of {name} (created at {created}, log {base}..{end}) misses {holes:?}"
+                    "stream {id} of {name} (created at {created}, log {base}..{end}) misses {holes:?}; \
+                     {} messages {sizes:?}; progress {progress}; worker said {ring:#?}",
+                    msgs.len()
                 ));
                 return;
             }

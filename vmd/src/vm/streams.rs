@@ -20,6 +20,34 @@ use super::name::VmName;
 use crate::api::{Stream, StreamStatus};
 use crate::module::MethodError;
 
+/// What a new stream sends of the console printed before it (the worker's
+/// default `--tail`, which receivers of Zero-OS's helper expect).
+const STREAM_TAIL: u64 = 8192;
+
+struct LogEnd {
+    base: u64,
+    pos: u64,
+}
+
+/// Where the console log of a VM ends, in absolute offsets; `None` while
+/// the log is being rotated (the worker then takes the tail itself).
+fn log_end(log: &std::path::Path) -> Option<LogEnd> {
+    use std::os::unix::fs::MetadataExt;
+    let md = match fs::metadata(log) {
+        Ok(md) => md,
+        Err(_) => return Some(LogEnd { base: 0, pos: 0 }),
+    };
+    let base = match vmd_shim::console::read_meta(log, md.ino()) {
+        Some(m) => m.base,
+        None if !vmd_shim::console::meta_path(log).exists() => 0,
+        None => return None,
+    };
+    Some(LogEnd {
+        base,
+        pos: base + md.len(),
+    })
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamSpec {
     pub id: String,
@@ -171,6 +199,19 @@ impl Manager {
         }
         if let Some(ca) = &self.layout().stream_ca_file {
             argv.extend(["--ca-file".into(), ca.to_string_lossy().into_owned()]);
+        }
+        // The stream starts here, now (the last 8 KiB, then everything
+        // after), not whenever zinit gets the worker running: what the VM
+        // prints in between is sent too. The worker resumes from this.
+        let progress = self.stream_progress_path(&spec.id);
+        if !progress.exists() {
+            if let Some(end) = log_end(&self.layout().log(name)) {
+                let start = Progress {
+                    pos: end.pos.saturating_sub(STREAM_TAIL).max(end.base),
+                    ..Default::default()
+                };
+                start.save(&progress).map_err(|e| err(&e))?;
+            }
         }
         let exec = zinit::Command::new(argv).map_err(|e| err(&e))?;
         let svc = service(&spec.id);
