@@ -70,3 +70,13 @@ pub fn bin(name: &str) -> PathBuf {
     );
     path
 }
+
+/// One log-stream message, gunzipped (each is a complete gzip member).
+pub fn gunzip(b: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(b)
+        .read_to_end(&mut out)
+        .expect("each message is a complete gzip member");
+    out
+}

@@ -31,7 +31,7 @@ use vmd::stub::VmdStub;
 use vmd::zbus::client::ClientError;
 use vmd_tests::supervisor::processes_with;
 use vmd_tests::vm::real_ch;
-use vmd_tests::{RedisServer, Supervisor, VmdProcess};
+use vmd_tests::{gunzip, RedisServer, Supervisor, VmdProcess};
 
 const CLIENTS: usize = 3;
 const NAMES_PER_CLIENT: usize = 2;
@@ -621,14 +621,6 @@ fn memchr_all(m: &[u8]) -> Vec<usize> {
             out.push(i + 1);
         }
     }
-    out
-}
-
-fn gunzip(b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(b)
-        .read_to_end(&mut out)
-        .expect("each message is a complete gzip member");
     out
 }
 

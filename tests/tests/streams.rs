@@ -1,7 +1,6 @@
 //! Log streams: vmd-logstream workers shipping a VM's console to a real
 //! Redis subscriber, a WebSocket server and a wss server with its own CA.
 
-use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,7 +9,7 @@ use vmd::api::{Stream, Vm};
 use vmd::stub::VmdStub;
 use vmd::zbus::client::ClientError;
 use vmd_tests::vm::real_ch;
-use vmd_tests::{RedisServer, Supervisor, VmdProcess};
+use vmd_tests::{gunzip, RedisServer, Supervisor, VmdProcess};
 
 /// 10 MB of console output: 64-byte lines.
 const FLOOD: u64 = 10_000_000;
@@ -109,14 +108,6 @@ async fn subscribe(url: &str, channel: &str, into: Arc<Mutex<Vec<u8>>>) {
             into.lock().unwrap().extend(gunzip(&payload));
         }
     });
-}
-
-fn gunzip(b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(b)
-        .read_to_end(&mut out)
-        .expect("each message is a complete gzip member");
-    out
 }
 
 /// Waits until `received` holds `want.len()` bytes, then compares.
