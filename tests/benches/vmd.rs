@@ -63,7 +63,7 @@ fn main() {
 async fn bench(n_vms: usize) {
     let redis = RedisServer::start();
     let zinit = Supervisor::start();
-    let vmd = VmdProcess::start_with(&redis, Some(&zinit), &["--workers", "16", "--log", "warn"]);
+    let vmd = VmdProcess::start_with(&redis, Some(&zinit), &["--log", "warn"]);
     let stub = Arc::new(VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(120)));
     let t0 = Instant::now();
     while stub.status().await.is_err() {
@@ -220,7 +220,7 @@ async fn bench(n_vms: usize) {
     );
 
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("vmd benchmark — {cpus} CPUs, redis + zinit double + vmd (16 workers) + vmd-shim + cloud-hypervisor double, release");
+    println!("vmd benchmark — {cpus} CPUs, redis + zinit double + vmd + vmd-shim + cloud-hypervisor double, release");
     println!("{runs} sequential Runs for latency; {n_vms} VMs for the scale figures (started 16 at a time in {start_all:?}, deleted in {delete_all:?})");
     println!();
     println!("| figure | vmd | baseline | ratio | goal |");

@@ -9,7 +9,7 @@
 //!   its reply (pipelined, as vmd's client does). This is the floor of any
 //!   RPC over Redis lists: the same Redis commands, no msgpack, no dispatch.
 //! * **floor**: one client RPUSH+BLPOP of its own list, no server at all.
-//! * **vmd**: the real `vmd` binary (8 workers) answering `Exists` through
+//! * **vmd**: the real `vmd` binary answering `Exists` through
 //!   `VmdStub` (uuid, msgpack both ways, dispatch, status bookkeeping).
 //!
 //! Figures: p50 / mean of sequential round trips (one client), and calls/s
@@ -199,7 +199,7 @@ async fn bench(dur: Duration) {
         .env("VMD_BENCH_ECHO_SERVER", redis.socket())
         .spawn()
         .unwrap();
-    let vmd = VmdProcess::start(&redis, &["--workers", "8", "--log", "warn"]);
+    let vmd = VmdProcess::start(&redis, &["--log", "warn"]);
     let stub = Arc::new(VmdStub::new(broker.clone()).with_timeout(Duration::from_secs(5)));
     let t0 = Instant::now();
     while stub.status().await.is_err() {
@@ -243,7 +243,7 @@ async fn bench(dur: Duration) {
     drop(vmd);
 
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("zbus benchmark — {cpus} CPUs, redis-server on a unix socket, vmd with 8 workers");
+    println!("zbus benchmark — {cpus} CPUs, redis-server on a unix socket, vmd");
     println!(
         "sequential: {SEQUENTIAL} round trips after {WARMUP} warm-up; throughput: {CLIENTS} clients for {dur:?}"
     );

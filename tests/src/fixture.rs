@@ -186,9 +186,9 @@ pub struct Serving {
 }
 
 impl Serving {
-    pub fn start<M: VmModule>(broker: Broker, module: Arc<M>, workers: usize) -> Self {
+    pub fn start<M: VmModule>(broker: Broker, module: Arc<M>, max_changes: usize) -> Self {
         let mut config = ServerConfig::new(api::MODULE);
-        config.workers = workers;
+        config.max_changes = max_changes;
         config.drain_timeout = Duration::from_secs(5);
         let service = Arc::new(ModuleService(module));
         let mut server = Server::new(broker, config);

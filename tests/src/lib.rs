@@ -14,17 +14,15 @@ pub use redis_server::RedisServer;
 pub use supervisor::Supervisor;
 pub use vmd_process::VmdProcess;
 
-/// `shared/` beside the repository (override with `VMD_SHARED_DIR`).
-pub fn shared_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("VMD_SHARED_DIR") {
-        return PathBuf::from(d);
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared")
+/// The Go vectors, recorded from the real Go encoder (zbus v1.0.1), kept in
+/// the repository as test data: `tests/fixtures/go-vectors/` (see its README).
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
-/// The messages of `shared/vectors/vectors.txt`, by name.
+/// The messages of `fixtures/go-vectors/vectors.txt`, by name.
 pub fn vectors() -> BTreeMap<String, Vec<u8>> {
-    let path = shared_dir().join("vectors/vectors.txt");
+    let path = fixtures_dir().join("go-vectors/vectors.txt");
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let mut out = BTreeMap::new();
@@ -69,6 +67,20 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Polls `cond` every 10 ms until it holds; panics naming `what` once
+/// `limit` has passed. The one way the tests wait for something to happen.
+pub async fn until<F, Fut>(limit: std::time::Duration, what: impl std::fmt::Display, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t0 = std::time::Instant::now();
+    while !cond().await {
+        assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 /// One log-stream message, gunzipped (each is a complete gzip member).

@@ -21,7 +21,6 @@ use serde_bytes::ByteBuf;
 use vmd::api::{MachineInfo, MachineMetrics, Stream, Vm, VmDisk, VmInfo};
 use vmd::module::{MethodError, MethodResult, ModuleService, VmModule, METHODS};
 use vmd::zbus::codec;
-use vmd::zbus::server::Service;
 use vmd::zbus::wire::{Request, Response};
 
 /// Answers derived from the arguments, errors and a panic on some of them.

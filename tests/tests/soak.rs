@@ -674,8 +674,6 @@ async fn soak(duration: Duration) {
             &sys_net,
             "--grace-secs",
             "3",
-            "--workers",
-            "8",
             "--log-rotate-bytes",
             &rotate,
             "--log-keep-bytes",

@@ -9,7 +9,7 @@ use vmd::stub::VmdStub;
 use vmd::zbus::client::ClientError;
 use vmd::zbus::wire::{ObjectId, WorkerState};
 use vmd_tests::fixture::{Fixture, Serving};
-use vmd_tests::RedisServer;
+use vmd_tests::{until, RedisServer};
 
 fn stub(redis: &RedisServer) -> VmdStub {
     VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(10))
@@ -29,7 +29,7 @@ fn vm(name: &str) -> Vm {
 async fn every_method_round_trips() {
     let redis = RedisServer::start();
     let fixture = Arc::new(Fixture::with_vms(&["1-2-vm", "3-4-vm"]));
-    let server = Serving::start(redis.broker(), fixture.clone(), 4);
+    let server = Serving::start(redis.broker(), fixture.clone(), 64);
     let c = stub(&redis);
 
     let info = c.run(&vm("1-2-vm")).await.unwrap();
@@ -84,7 +84,9 @@ async fn every_method_round_trips() {
 
     let st = c.status().await.unwrap();
     assert_eq!(st.objects, [ObjectId::new("manager", "0.0.1")]);
-    assert_eq!(st.workers.len(), 4);
+    // Idle: no call running, one free worker (room for another call).
+    assert_eq!(st.workers.len(), 1, "{st:?}");
+    assert_eq!(st.workers[0].state, WorkerState::Free);
 
     let calls = fixture.calls.lock().unwrap().clone();
     assert_eq!(
@@ -118,7 +120,7 @@ async fn every_method_round_trips() {
 async fn a_thousand_concurrent_calls_from_16_tasks() {
     let redis = RedisServer::start();
     let fixture = Arc::new(Fixture::default());
-    let server = Serving::start(redis.broker(), fixture.clone(), 8);
+    let server = Serving::start(redis.broker(), fixture.clone(), 64);
     let c = Arc::new(stub(&redis));
     let t0 = Instant::now();
     let mut tasks = Vec::new();
@@ -147,44 +149,118 @@ async fn a_thousand_concurrent_calls_from_16_tasks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_is_answered_while_every_worker_is_busy() {
+async fn changes_of_different_vms_run_at_once_and_status_shows_each() {
     let redis = RedisServer::start();
     let fixture = Arc::new(Fixture::default());
-    let server = Serving::start(redis.broker(), fixture.clone(), 2);
+    let server = Serving::start(redis.broker(), fixture.clone(), 64);
     let c = Arc::new(stub(&redis));
     let mut slow = Vec::new();
-    for name in ["sleep-2000", "sleep-2001", "sleep-2002"] {
+    for i in 0..12 {
         let c = c.clone();
-        slow.push(tokio::spawn(async move { c.run(&vm(name)).await }));
+        slow.push(tokio::spawn(async move {
+            c.run(&vm(&format!("sleep-{}", 3000 + i))).await
+        }));
     }
-    // Wait until both workers are taken.
-    let t0 = Instant::now();
-    while fixture.running_total.load(Ordering::SeqCst) < 2 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "workers never got busy"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Each waits for its own "guest" only: all twelve run together.
+    until(
+        Duration::from_secs(5),
+        "the Runs never ran together",
+        || std::future::ready(fixture.running_total.load(Ordering::SeqCst) == 12),
+    )
+    .await;
     let asked = Instant::now();
     let st = c.status().await.unwrap();
     let took = asked.elapsed();
     assert!(
         took < Duration::from_millis(1500),
-        "status took {took:?} while workers were busy"
+        "status took {took:?} while calls ran"
     );
     let busy: Vec<_> = st
         .workers
         .iter()
         .filter(|w| w.state == WorkerState::Busy)
         .collect();
-    assert_eq!(busy.len(), 2, "{st:?}");
+    assert_eq!(busy.len(), 12, "{st:?}");
     assert!(busy.iter().all(|w| w.action == "[manager@0.0.1].Run()"));
+    assert_eq!(
+        st.workers.last().unwrap().state,
+        WorkerState::Free,
+        "{st:?}"
+    );
+    // The status was answered while every Run still ran.
+    assert_eq!(fixture.running_total.load(Ordering::SeqCst), 12);
     for s in slow {
         s.await.unwrap().unwrap();
     }
-    // Never more calls at once than workers.
-    assert_eq!(fixture.max_running_total.load(Ordering::SeqCst), 2);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_never_wait_for_changes_and_a_change_past_the_bound_is_refused_at_once() {
+    let redis = RedisServer::start();
+    let names = ["sleep-4000", "sleep-4001", "sleep-4002", "sleep-4003"];
+    let fixture = Arc::new(Fixture::with_vms(&names));
+    let server = Serving::start(redis.broker(), fixture.clone(), 4);
+    let c = Arc::new(stub(&redis));
+    let mut deletes = Vec::new();
+    for name in names {
+        let c = c.clone();
+        deletes.push(tokio::spawn(async move { c.delete(name).await }));
+    }
+    until(Duration::from_secs(5), "the Deletes never ran", || {
+        std::future::ready(fixture.running_total.load(Ordering::SeqCst) == 4)
+    })
+    .await;
+    // A Go caller's deadline: reads of every kind, of the VMs being deleted
+    // too, are answered while all four Deletes still hold their VMs.
+    let go = stub(&redis).with_timeout(Duration::from_secs(1));
+    assert!(go.exists("sleep-4000").await.unwrap());
+    assert_eq!(go.list().await.unwrap(), names);
+    assert_eq!(go.inspect("sleep-4001").await.unwrap().cpu, 1);
+    assert_eq!(
+        go.logs("sleep-4002").await.unwrap(),
+        "last lines of sleep-4002\n"
+    );
+    assert!(go.logs_full("sleep-4003").await.is_ok());
+    assert!(go.metrics().await.is_ok());
+    // The bound is reached: one more change is refused at once, with a
+    // method error (the reply a Go stub takes: Run still carries its zero
+    // MachineInfo), never queued past the caller's deadline.
+    let err = go.run(&vm("another")).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Method(m) if m.contains("vmd is busy")),
+        "{err}"
+    );
+    let err = go.delete("another").await.unwrap_err();
+    assert!(matches!(&err, ClientError::Method(_)), "{err}");
+    let st = go.status().await.unwrap();
+    assert_eq!(
+        st.workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Busy)
+            .count(),
+        4,
+        "{st:?}"
+    );
+    assert!(
+        st.workers.iter().all(|w| w.state == WorkerState::Busy),
+        "no room left, no free worker shown: {st:?}"
+    );
+    assert_eq!(
+        fixture.running_total.load(Ordering::SeqCst),
+        4,
+        "the reads were answered only after a Delete ended"
+    );
+    for d in deletes {
+        d.await.unwrap().unwrap();
+    }
+    // Room again.
+    go.delete("another").await.unwrap();
+    let calls = fixture.calls.lock().unwrap().clone();
+    assert!(
+        !calls.contains(&"Run(another)".to_owned()),
+        "a refused call ran: {calls:?}"
+    );
     server.stop().await;
 }
 
@@ -192,7 +268,7 @@ async fn status_is_answered_while_every_worker_is_busy() {
 async fn changes_to_one_vm_are_serialised_others_run_alongside() {
     let redis = RedisServer::start();
     let fixture = Arc::new(Fixture::default());
-    let server = Serving::start(redis.broker(), fixture.clone(), 8);
+    let server = Serving::start(redis.broker(), fixture.clone(), 64);
     let c = Arc::new(stub(&redis));
     let mut tasks = Vec::new();
     // Five Deletes of the same VM, and one Delete each of four others.
@@ -222,7 +298,7 @@ async fn changes_to_one_vm_are_serialised_others_run_alongside() {
 async fn recovers_by_itself_after_a_redis_restart() {
     let mut redis = RedisServer::start();
     let fixture = Arc::new(Fixture::with_vms(&["a"]));
-    let server = Serving::start(redis.broker(), fixture.clone(), 4);
+    let server = Serving::start(redis.broker(), fixture.clone(), 64);
     let c = stub(&redis).with_timeout(Duration::from_secs(2));
     for _ in 0..20 {
         assert!(c.exists("a").await.unwrap());

@@ -14,7 +14,7 @@ use tracing::{error, info};
 use vmd::api;
 use vmd::module::ModuleService;
 use vmd::vm::layout::resolve_program;
-use vmd::vm::{Layout, Manager, Settings};
+use vmd::vm::{reconcile, Layout, Manager, Settings};
 use vmd::zbus::broker::Broker;
 use vmd::zbus::server::{Server, ServerConfig};
 use vmd::zbus::wire::ObjectId;
@@ -96,9 +96,11 @@ struct DaemonArgs {
     /// Where PCI devices are looked up.
     #[arg(long, default_value = "/sys/bus/pci/devices")]
     sys_pci: PathBuf,
-    /// Calls served at once. Changes to one VM are serialised whatever this is.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    workers: u16,
+    /// Changes (Run, Delete, Lock, StreamCreate, StreamDelete) in flight at
+    /// once, at most; one more is refused at once with a method error. Reads
+    /// never wait for changes, and changes of one VM run one after the other.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_changes: u32,
     /// Log filter (tracing syntax, e.g. `info`, `vmd=debug`); RUST_LOG wins.
     #[arg(long, default_value = "info")]
     log: String,
@@ -212,26 +214,23 @@ async fn daemon(broker: Broker, args: DaemonArgs) -> anyhow::Result<()> {
         sys_net: args.sys_net.clone(),
         sys_pci: args.sys_pci.clone(),
     };
-    let manager = Manager::new(layout, settings).context("cannot prepare vmd's directories")?;
-    let report = vmd::vm::reconcile::reconcile(&manager).await;
-    info!(
-        adopted = report.adopted.len(),
-        completed_deletes = ?report.completed_deletes,
-        rolled_back = ?report.rolled_back,
-        orphans_removed = ?report.orphans_removed,
-        remonitored = ?report.remonitored,
-        "reconciled"
-    );
+    let manager =
+        Arc::new(Manager::new(layout, settings).context("cannot prepare vmd's directories")?);
 
     let mut config = ServerConfig::new(api::MODULE);
-    config.workers = usize::from(args.workers);
-    config.max_inflight = (config.workers * 32).max(64);
+    config.max_changes = args.max_changes as usize;
     config.drain_timeout = Duration::from_secs(args.grace_secs + 10);
-    let service = Arc::new(ModuleService(Arc::new(manager)));
+    let service = Arc::new(ModuleService(Arc::clone(&manager)));
     let mut server = Server::new(broker, config);
     server
         .register(ObjectId::new(api::OBJECT, api::VERSION), service.clone())
         .register(ObjectId::new(api::OBJECT_ALIAS, api::VERSION), service);
+    // Serve at once: the VMs to finish (interrupted Deletes, Runs to roll
+    // back) are held by their keys from here on and finished in the
+    // background; only calls changing one of them wait, for that one.
+    let plan = reconcile::plan(&manager, &server.locks());
+    info!(pending = plan.pending(), "reconciling in the background");
+    let _reconciling = reconcile::spawn(Arc::clone(&manager), server.locks(), plan);
     server.run(stop_rx).await.context("zbus server")?;
     info!("vmd stopped");
     Ok(())

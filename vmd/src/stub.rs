@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::api::{self, MachineInfo, MachineMetrics, Stream, Vm, VmInfo};
+use crate::module::Method;
 use crate::zbus::broker::Broker;
 use crate::zbus::client::{arg, unit, value, Client, ClientError};
 use crate::zbus::wire::{ObjectId, Status};
@@ -39,47 +40,50 @@ impl VmdStub {
 
     async fn call(
         &self,
-        method: &str,
+        method: Method,
         inputs: Vec<Vec<u8>>,
     ) -> Result<crate::zbus::wire::Output, ClientError> {
-        self.client.call(&self.object, method, inputs).await
+        self.client.call(&self.object, method.name(), inputs).await
     }
 
     pub async fn run(&self, vm: &Vm) -> Result<MachineInfo, ClientError> {
-        value(self.call("Run", vec![arg(vm)?]).await?)
+        value(self.call(Method::Run, vec![arg(vm)?]).await?)
     }
     pub async fn inspect(&self, name: &str) -> Result<VmInfo, ClientError> {
-        value(self.call("Inspect", vec![arg(name)?]).await?)
+        value(self.call(Method::Inspect, vec![arg(name)?]).await?)
     }
     pub async fn delete(&self, name: &str) -> Result<(), ClientError> {
-        unit(self.call("Delete", vec![arg(name)?]).await?)
+        unit(self.call(Method::Delete, vec![arg(name)?]).await?)
     }
     pub async fn exists(&self, name: &str) -> Result<bool, ClientError> {
-        value(self.call("Exists", vec![arg(name)?]).await?)
+        value(self.call(Method::Exists, vec![arg(name)?]).await?)
     }
     pub async fn logs(&self, name: &str) -> Result<String, ClientError> {
-        value(self.call("Logs", vec![arg(name)?]).await?)
+        value(self.call(Method::Logs, vec![arg(name)?]).await?)
     }
     pub async fn logs_full(&self, name: &str) -> Result<String, ClientError> {
-        value(self.call("LogsFull", vec![arg(name)?]).await?)
+        value(self.call(Method::LogsFull, vec![arg(name)?]).await?)
     }
     pub async fn list(&self) -> Result<Vec<String>, ClientError> {
-        value(self.call("List", Vec::new()).await?)
+        value(self.call(Method::List, Vec::new()).await?)
     }
     pub async fn metrics(&self) -> Result<MachineMetrics, ClientError> {
-        value(self.call("Metrics", Vec::new()).await?)
+        value(self.call(Method::Metrics, Vec::new()).await?)
     }
     pub async fn lock(&self, name: &str, lock: bool) -> Result<(), ClientError> {
-        unit(self.call("Lock", vec![arg(name)?, arg(&lock)?]).await?)
+        unit(
+            self.call(Method::Lock, vec![arg(name)?, arg(&lock)?])
+                .await?,
+        )
     }
     pub async fn stream_create(&self, name: &str, stream: &Stream) -> Result<(), ClientError> {
         unit(
-            self.call("StreamCreate", vec![arg(name)?, arg(stream)?])
+            self.call(Method::StreamCreate, vec![arg(name)?, arg(stream)?])
                 .await?,
         )
     }
     pub async fn stream_delete(&self, id: &str) -> Result<(), ClientError> {
-        unit(self.call("StreamDelete", vec![arg(id)?]).await?)
+        unit(self.call(Method::StreamDelete, vec![arg(id)?]).await?)
     }
     pub async fn status(&self) -> Result<Status, ClientError> {
         self.client.status().await

@@ -9,6 +9,7 @@
 
 use std::fs;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,7 @@ use super::manager::{write_atomic, Manager};
 use super::name::VmName;
 use crate::api::{Stream, StreamStatus};
 use crate::module::MethodError;
+use crate::zbus::keyed::KeyedLocks;
 
 /// What a new stream sends of the console printed before it (the worker's
 /// default `--tail`, which receivers of Zero-OS's helper expect).
@@ -270,18 +272,30 @@ impl Manager {
     }
 
     /// Start-up: streams whose VM or service is gone, services without a stream.
-    pub async fn reconcile_streams(&self) -> Vec<String> {
+    pub async fn reconcile_streams(&self, locks: &Arc<KeyedLocks>) -> Vec<String> {
         let mut removed = Vec::new();
+        let monitored = self.zinit().list().await.ok();
         for s in self.stream_specs() {
+            // A StreamCreate of the same id may be running: hold its key.
+            let _key = locks.lock(format!("stream:{}", s.id)).await;
+            if !self.stream_spec_path(&s.id).exists() {
+                continue;
+            }
             let vm_there = VmName::new(&s.vm).is_ok_and(|n| self.present(&n));
-            let svc_there = self.services().exists(&service(&s.id));
+            let svc = service(&s.id);
+            let svc_there = self.services().exists(&svc);
             if !vm_there || !svc_there {
                 removed.push(format!("stream:{}", s.id));
-                let _ = self.remove_stream(&s.id).await;
-            } else if let Err(zinit::ZinitError::UnknownService(_)) =
-                self.zinit().status(&service(&s.id)).await
+                if let Err(e) = self.remove_stream(&s.id).await {
+                    tracing::error!(stream = %s.id, error = %e, "cannot remove a stream whose VM is gone");
+                }
+            } else if monitored
+                .as_ref()
+                .is_some_and(|m| !m.contains_key(svc.as_str()))
             {
-                let _ = self.zinit().monitor(&service(&s.id)).await;
+                if let Err(e) = self.zinit().monitor(&svc).await {
+                    tracing::error!(stream = %s.id, error = %e, "cannot monitor the stream's worker again");
+                }
             }
         }
         let services = self.known_services().await;
@@ -292,10 +306,18 @@ impl Manager {
             if valid_id(id).is_ok() && self.stream_spec_path(id).exists() {
                 continue;
             }
+            let _key = locks.lock(s.clone()).await;
+            if valid_id(id).is_ok() && self.stream_spec_path(id).exists() {
+                continue;
+            }
             removed.push(s.clone());
             if let Ok(svc) = zinit::ServiceName::new(s.clone()) {
-                let _ = self.zinit().remove(&svc, Duration::from_secs(10)).await;
-                let _ = self.services().remove(&svc);
+                if let Err(e) = self.zinit().remove(&svc, Duration::from_secs(10)).await {
+                    tracing::error!(service = %s, error = %e, "cannot remove an orphan stream service");
+                }
+                if let Err(e) = self.services().remove(&svc) {
+                    tracing::error!(service = %s, error = %e, "cannot remove an orphan stream service file");
+                }
             }
         }
         removed

@@ -1,5 +1,9 @@
 //! Per-key mutual exclusion: calls that change the same VM run one at a time,
 //! calls on different VMs run concurrently.
+//!
+//! Guards are owned (`'static`), so whoever takes a key can hand it to a task:
+//! start-up reconciliation takes the keys of the VMs it must finish before
+//! vmd serves the bus, and releases each when that VM is done.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -13,24 +17,51 @@ pub struct KeyedLocks {
     map: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-pub struct KeyGuard<'a> {
-    locks: &'a KeyedLocks,
+pub struct KeyGuard {
+    locks: Arc<KeyedLocks>,
     key: String,
     guard: Option<OwnedMutexGuard<()>>,
 }
 
 impl KeyedLocks {
-    pub async fn lock(&self, key: String) -> KeyGuard<'_> {
-        let m = {
-            let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-            Arc::clone(map.entry(key.clone()).or_default())
-        };
-        let guard = m.lock_owned().await;
+    fn entry(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(map.entry(key.to_owned()).or_default())
+    }
+
+    /// Waits for `key`.
+    pub async fn lock(self: &Arc<Self>, key: String) -> KeyGuard {
+        let guard = self.entry(&key).lock_owned().await;
         KeyGuard {
-            locks: self,
+            locks: Arc::clone(self),
             key,
             guard: Some(guard),
         }
+    }
+
+    /// Takes `key` if nobody holds it.
+    pub fn try_lock(self: &Arc<Self>, key: String) -> Option<KeyGuard> {
+        let entry = self.entry(&key);
+        let guard = entry.try_lock_owned().ok();
+        // Built even on failure, so that Drop removes the entry we added.
+        let k = KeyGuard {
+            locks: Arc::clone(self),
+            key,
+            guard,
+        };
+        k.guard.is_some().then_some(k)
+    }
+
+    /// Takes every key of `keys`, in sorted order: two callers sharing keys
+    /// cannot each hold one the other waits for.
+    pub async fn lock_all(self: &Arc<Self>, mut keys: Vec<String>) -> Vec<KeyGuard> {
+        keys.sort();
+        keys.dedup();
+        let mut held = Vec::with_capacity(keys.len());
+        for k in keys {
+            held.push(self.lock(k).await);
+        }
+        held
     }
 
     /// How many keys have a holder or waiter (for tests and status).
@@ -46,7 +77,7 @@ impl KeyedLocks {
     }
 }
 
-impl Drop for KeyGuard<'_> {
+impl Drop for KeyGuard {
     fn drop(&mut self) {
         let mut map = self
             .locks
@@ -93,5 +124,21 @@ mod tests {
         // Two keys: at most two holders at once, and at least once both.
         assert_eq!(max.load(Ordering::SeqCst), 2);
         assert!(locks.is_empty(), "entries must not outlive their holders");
+    }
+
+    #[tokio::test]
+    async fn try_lock_fails_while_held_and_leaves_no_entry() {
+        let locks = Arc::new(KeyedLocks::default());
+        let held = locks.try_lock("a".into()).expect("free key");
+        assert!(locks.try_lock("a".into()).is_none());
+        assert!(locks.try_lock("b".into()).is_some());
+        // The waiter gets the key when the holder lets go, in a task.
+        let l = Arc::clone(&locks);
+        let waiter = tokio::spawn(async move { drop(l.lock("a".into()).await) });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(held);
+        waiter.await.unwrap();
+        assert!(locks.is_empty());
     }
 }

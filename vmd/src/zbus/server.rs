@@ -3,24 +3,35 @@
 //! Layout (one process, tokio):
 //!
 //! ```text
-//!  popper (own connection) ── BLPOP object queues, then LPOP up to free capacity
-//!     │ one task per request, at most `max_inflight` popped and not yet answered
+//!  popper (own connection) ── BLPOP object queues, then LPOP up to free room
+//!     │ one task per request; at most `max_changes + READ_ROOM` popped and
+//!     │ not yet answered
 //!     ▼
-//!  per-VM lock (mutating calls) → worker permit (`workers`) → Service::call
-//!     │
+//!  Service::dispatch: decoded once into a typed call that is a read or a
+//!  change of some keys (VMs, stream ids)
+//!     │ read   → runs at once: nothing it waits for is held by another call
+//!     │ change → a slot of `max_changes` (none left: refused at once),
+//!     │          then its keys (same VM: one after the other), then runs
 //!     ▼
 //!  replier (shared connection) ── RPUSH reply + EXPIRE 300, retried across reconnects
 //!
-//!  status popper (own connection) ── BLPOP vmd.zbus@1.0, answered without a worker
+//!  status popper (own connection) ── BLPOP vmd.zbus@1.0, answered at once
 //! ```
+//!
+//! Waiting is not working: a call that waits for its guest (a graceful
+//! Delete) holds its VM's key and a change slot, nothing that calls on other
+//! VMs or reads need. The change slots bound memory, not concurrency: past
+//! them a change is answered with a method error at once rather than queued
+//! past its caller's deadline (a Go caller panics when that passes).
 //!
 //! A request is popped only when there is room for it, so a popped request is
 //! always answered unless the process dies. Every Redis failure leads to a
 //! reconnect with capped exponential back-off, never to a spin.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -37,18 +48,40 @@ use super::wire::{ObjectId, Output, Request, Response, Status, WorkerState, Work
 /// The future of one call: its output, or a protocol error message.
 pub type Call = Pin<Box<dyn Future<Output = Result<Output, String>> + Send>>;
 
+/// What a call needs before it may run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// Reads what is on disk (every change replaces it atomically): never
+    /// waits for a change in flight.
+    Read,
+    /// Changes what these keys name: calls sharing a key run one at a time.
+    Change(Vec<String>),
+}
+
+/// A request decoded into a call: what it needs, and the call itself (a
+/// future, so nothing runs before its keys are held).
+pub struct Dispatch {
+    pub access: Access,
+    pub call: Call,
+}
+
 /// An object served on the bus.
 pub trait Service: Send + Sync + 'static {
-    /// Calls sharing a key run one after the other; no keys: runs freely.
-    fn serial_keys(&self, method: &str, inputs: &[ByteBuf]) -> Vec<String>;
-    /// Runs `method`. `Err` is a protocol error (unknown method, malformed
-    /// arguments); method failures belong in the returned [`Output`].
-    fn call(&self, method: String, inputs: Vec<ByteBuf>) -> Call;
-    /// What the status object shows for a busy worker.
+    /// Decodes a request once. `Err` is a protocol error (unknown method,
+    /// malformed arguments), answered without waiting for anything.
+    fn dispatch(&self, method: &str, inputs: Vec<ByteBuf>) -> Result<Dispatch, String>;
+    /// The answer to a well-formed call that is refused without running
+    /// (too many changes in flight): a method error a Go caller can take.
+    fn refuse(&self, method: &str, message: String) -> Output;
+    /// What the status object shows for a running call.
     fn action(&self, object: &str, method: &str) -> String {
         format!("[{object}].{method}()")
     }
 }
+
+/// Popped requests that are not changes always find room: reads are short
+/// and never wait for a change, so this many at once is a flood, not a queue.
+pub const READ_ROOM: usize = 256;
 
 /// How long a reply stays in Redis for its caller (the Go value).
 pub const REPLY_TTL_SECS: u64 = 300;
@@ -61,10 +94,10 @@ const REPLY_RETRY_FOR: Duration = Duration::from_secs(60);
 pub struct ServerConfig {
     /// Module name: queues are `<module>.<object>@<version>`.
     pub module: String,
-    /// Calls run at once (the Go server runs one).
-    pub workers: usize,
-    /// Requests popped but not yet answered, at most.
-    pub max_inflight: usize,
+    /// Changes in flight (running or waiting for their keys), at most; one
+    /// more is refused at once with a method error. A bound on memory (a
+    /// waiting change is a small task), not on how many run at once.
+    pub max_changes: usize,
     /// After shutdown is asked, how long calls in flight may still take.
     pub drain_timeout: Duration,
 }
@@ -73,8 +106,7 @@ impl ServerConfig {
     pub fn new(module: impl Into<String>) -> Self {
         ServerConfig {
             module: module.into(),
-            workers: 8,
-            max_inflight: 256,
+            max_changes: 1024,
             drain_timeout: Duration::from_secs(40),
         }
     }
@@ -85,14 +117,15 @@ pub struct Server {
     broker: Broker,
     services: HashMap<ObjectId, Arc<dyn Service>>,
     registered: Vec<ObjectId>,
+    locks: Arc<KeyedLocks>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("no object registered")]
     NoObjects,
-    #[error("workers must be at least 1")]
-    NoWorkers,
+    #[error("max_changes must be at least 1")]
+    NoChanges,
 }
 
 struct Shared {
@@ -100,10 +133,78 @@ struct Shared {
     services: HashMap<ObjectId, Arc<dyn Service>>,
     /// Objects as the status reply lists them (aliases of one service once).
     status_objects: Vec<ObjectId>,
-    workers: Semaphore,
-    slots: Mutex<Vec<WorkerStatus>>,
-    locks: KeyedLocks,
+    changes: Arc<Semaphore>,
+    max_changes: usize,
+    running: Running,
+    locks: Arc<KeyedLocks>,
     replier: Replier,
+}
+
+/// The calls running now, as the status object shows them.
+struct Running {
+    calls: Mutex<BTreeMap<u64, WorkerStatus>>,
+    next: AtomicU64,
+    since: GoTime,
+}
+
+impl Running {
+    fn new() -> Self {
+        Running {
+            calls: Mutex::new(BTreeMap::new()),
+            next: AtomicU64::new(0),
+            since: GoTime::now(),
+        }
+    }
+
+    fn enter(&self, action: String) -> RunningCall<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let status = WorkerStatus {
+            state: WorkerState::Busy,
+            start_time: GoTime::now(),
+            action,
+        };
+        self.calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, status);
+        RunningCall { running: self, id }
+    }
+
+    /// One busy worker per running call, oldest first, and a free one while
+    /// another change would be taken: what a Go server with as many workers
+    /// as needed would show.
+    fn snapshot(&self, room: bool) -> Vec<WorkerStatus> {
+        let mut out: Vec<WorkerStatus> = self
+            .calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        if room {
+            out.push(WorkerStatus {
+                state: WorkerState::Free,
+                start_time: self.since,
+                action: String::new(),
+            });
+        }
+        out
+    }
+}
+
+struct RunningCall<'a> {
+    running: &'a Running,
+    id: u64,
+}
+
+impl Drop for RunningCall<'_> {
+    fn drop(&mut self) {
+        self.running
+            .calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
 }
 
 impl Server {
@@ -113,7 +214,15 @@ impl Server {
             broker,
             services: HashMap::new(),
             registered: Vec::new(),
+            locks: Arc::new(KeyedLocks::default()),
         }
+    }
+
+    /// The per-key locks of changes. Whoever holds a key before `run` (start-
+    /// up reconciliation of an interrupted Delete) makes the calls changing
+    /// that VM wait for it, and only those.
+    pub fn locks(&self) -> Arc<KeyedLocks> {
+        Arc::clone(&self.locks)
     }
 
     /// Serves `service` as `object`. The same service may be registered under
@@ -131,8 +240,8 @@ impl Server {
         if self.services.is_empty() {
             return Err(ServerError::NoObjects);
         }
-        if self.config.workers == 0 {
-            return Err(ServerError::NoWorkers);
+        if self.config.max_changes == 0 {
+            return Err(ServerError::NoChanges);
         }
         // The status reply lists each service once, under the name it was
         // first registered with (`manager`, which zbusdebug and callers know).
@@ -145,20 +254,13 @@ impl Server {
                 status_objects.push(id.clone());
             }
         }
-        let now = GoTime::now();
         let shared = Arc::new(Shared {
             module: self.config.module.clone(),
             status_objects,
-            workers: Semaphore::new(self.config.workers),
-            slots: Mutex::new(vec![
-                WorkerStatus {
-                    state: WorkerState::Free,
-                    start_time: now,
-                    action: String::new(),
-                };
-                self.config.workers
-            ]),
-            locks: KeyedLocks::default(),
+            changes: Arc::new(Semaphore::new(self.config.max_changes)),
+            max_changes: self.config.max_changes,
+            running: Running::new(),
+            locks: self.locks,
             replier: Replier::new(self.broker.clone()),
             services: self.services,
         });
@@ -170,10 +272,11 @@ impl Server {
             .collect();
         queues.sort();
         let status_queue = ObjectId::status().queue(&shared.module);
-        info!(queues = ?queues, status = %status_queue, workers = self.config.workers,
+        info!(queues = ?queues, status = %status_queue, max_changes = self.config.max_changes,
               broker = %self.broker, "zbus server started");
 
-        let inflight = Arc::new(Semaphore::new(self.config.max_inflight));
+        let max_inflight = self.config.max_changes + READ_ROOM;
+        let inflight = Arc::new(Semaphore::new(max_inflight));
         let status_inflight = Arc::new(Semaphore::new(16));
         let main = tokio::spawn(pop_loop(
             self.broker.clone(),
@@ -194,7 +297,7 @@ impl Server {
         let _ = main.await;
         let _ = status.await;
         let drained = tokio::time::timeout(self.config.drain_timeout, async {
-            let _a = inflight.acquire_many(self.config.max_inflight as u32).await;
+            let _a = inflight.acquire_many(max_inflight as u32).await;
             let _b = status_inflight.acquire_many(16).await;
         })
         .await;
@@ -370,55 +473,39 @@ async fn serve(
         debug!(object = %object, "request for an unknown object");
         return Response::protocol_error(id, "unknown object");
     };
-    // Taken in sorted order by every call, so two calls sharing keys cannot
-    // each hold one the other waits for.
-    let mut keys = service.serial_keys(&method, &inputs);
-    keys.sort();
-    keys.dedup();
-    let mut _held = Vec::with_capacity(keys.len());
-    for k in keys {
-        _held.push(shared.locks.lock(k).await);
-    }
-    let Ok(_worker) = shared.workers.acquire().await else {
-        return Response::protocol_error(id, "server is shutting down");
+    let dispatch = match service.dispatch(&method, inputs) {
+        Ok(d) => d,
+        Err(e) => return Response::protocol_error(id, e),
     };
-    let slot = claim_slot(shared, service.action(&object.to_string(), &method));
-    debug!(id, object = %object, method = %method, "call");
-    let result = service.call(method, inputs).await;
-    release_slot(shared, slot);
+    let action = || service.action(&object.to_string(), &method);
+    let result = match dispatch.access {
+        Access::Read => {
+            let _running = shared.running.enter(action());
+            dispatch.call.await
+        }
+        Access::Change(keys) => {
+            let Ok(_slot) = Arc::clone(&shared.changes).try_acquire_owned() else {
+                warn!(id, method = %method, max = shared.max_changes, "too many changes in flight; refused");
+                let msg = format!(
+                    "vmd is busy: {} changes are in flight already; try again later",
+                    shared.max_changes
+                );
+                return Response::from_call(id, Ok(service.refuse(&method, msg)));
+            };
+            let _held = shared.locks.lock_all(keys).await;
+            let _running = shared.running.enter(action());
+            dispatch.call.await
+        }
+    };
     Response::from_call(id, result)
-}
-
-fn claim_slot(shared: &Shared, action: String) -> Option<usize> {
-    let mut slots = shared.slots.lock().unwrap_or_else(PoisonError::into_inner);
-    let i = slots.iter().position(|s| s.state == WorkerState::Free)?;
-    slots[i] = WorkerStatus {
-        state: WorkerState::Busy,
-        start_time: GoTime::now(),
-        action,
-    };
-    Some(i)
-}
-
-fn release_slot(shared: &Shared, slot: Option<usize>) {
-    if let Some(i) = slot {
-        let mut slots = shared.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        slots[i] = WorkerStatus {
-            state: WorkerState::Free,
-            start_time: GoTime::now(),
-            action: String::new(),
-        };
-    }
 }
 
 fn status_response(shared: &Shared, id: &str) -> Response {
     let status = Status {
         objects: shared.status_objects.clone(),
         workers: shared
-            .slots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone(),
+            .running
+            .snapshot(shared.changes.available_permits() > 0),
     };
     status_reply(id, &status)
 }
