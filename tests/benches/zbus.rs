@@ -22,12 +22,20 @@ use std::time::{Duration, Instant};
 
 use vmd::stub::VmdStub;
 use vmd::zbus::broker::Broker;
+use vmd_tests::vm::cpu_ticks;
 use vmd_tests::{RedisServer, VmdProcess};
 
 const ECHO_QUEUE: &str = "bench.echo@1.0";
 /// As big as a zbus `Exists` request (154 bytes in the Go vectors).
 const PAYLOAD: usize = 154;
-const SEQUENTIAL: usize = 3000;
+/// Sequential round trips per figure (`VMD_BENCH_SEQUENTIAL` changes it,
+/// e.g. to run long enough under a profiler).
+fn sequential_count() -> usize {
+    std::env::var("VMD_BENCH_SEQUENTIAL")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3000)
+}
 const WARMUP: usize = 300;
 const CLIENTS: usize = 8;
 
@@ -151,8 +159,9 @@ macro_rules! sequential {
         for _ in 0..WARMUP {
             $call;
         }
-        let mut v = Vec::with_capacity(SEQUENTIAL);
-        for _ in 0..SEQUENTIAL {
+        let n = sequential_count();
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
             let t = Instant::now();
             $call;
             v.push(t.elapsed());
@@ -186,6 +195,12 @@ where
     n as f64 / el.as_secs_f64()
 }
 
+fn clock_ticks_per_sec() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u32::try_from(t).ok().filter(|t| *t > 0).unwrap_or(100)
+}
+
 fn us(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
@@ -207,9 +222,36 @@ async fn bench(dur: Duration) {
     }
 
     let mut ec = EchoClient::new(&broker).await;
-    let raw = sequential!(ec.call().await);
     let bare = sequential!(ec.self_round_trip().await);
-    let ours = sequential!(assert!(!stub.exists("bench-vm").await.unwrap()));
+    // vmd and the echo answer alternately, so that both see the same
+    // moments of a noisy machine; each server's CPU time is read from /proc.
+    let n = sequential_count();
+    for _ in 0..WARMUP {
+        ec.call().await;
+        assert!(!stub.exists("bench-vm").await.unwrap());
+    }
+    let (mut raw, mut ours) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let cpu0 = (cpu_ticks(echo.id() as i32), cpu_ticks(vmd.pid() as i32));
+    for i in 0..n {
+        let echo_first = i % 2 == 0;
+        if echo_first {
+            let t = Instant::now();
+            ec.call().await;
+            raw.push(t.elapsed());
+        }
+        let t = Instant::now();
+        assert!(!stub.exists("bench-vm").await.unwrap());
+        ours.push(t.elapsed());
+        if !echo_first {
+            let t = Instant::now();
+            ec.call().await;
+            raw.push(t.elapsed());
+        }
+    }
+    let tick = Duration::from_secs(1) / clock_ticks_per_sec();
+    let echo_cpu = tick * (cpu_ticks(echo.id() as i32) - cpu0.0) as u32 / n as u32;
+    let vmd_cpu = tick * (cpu_ticks(vmd.pid() as i32) - cpu0.1) as u32 / n as u32;
+    let (raw, ours) = (summarise(raw), summarise(ours));
 
     let raw_tput = {
         let broker = broker.clone();
@@ -245,7 +287,8 @@ async fn bench(dur: Duration) {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!("zbus benchmark — {cpus} CPUs, redis-server on a unix socket, vmd");
     println!(
-        "sequential: {SEQUENTIAL} round trips after {WARMUP} warm-up; throughput: {CLIENTS} clients for {dur:?}"
+        "sequential: {} round trips each after {WARMUP} warm-up, vmd and the echo alternating; throughput: {CLIENTS} clients for {dur:?}",
+        sequential_count()
     );
     println!();
     println!("| figure | vmd | baseline (raw Redis echo) | ratio | goal |");
@@ -272,6 +315,12 @@ async fn bench(dur: Duration) {
         us(ours.p99),
         us(raw.p99),
         ours.p99.as_secs_f64() / raw.p99.as_secs_f64()
+    );
+    println!(
+        "| server CPU per sequential call | {} | {} | {:.2}× | |",
+        us(vmd_cpu),
+        us(echo_cpu),
+        vmd_cpu.as_secs_f64() / echo_cpu.as_secs_f64()
     );
     println!(
         "| calls/s, {CLIENTS} clients | {:.0} | {:.0} | {:.2}× | ≥ 20000/s |",

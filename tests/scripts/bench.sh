@@ -16,7 +16,7 @@ tmp=$(mktemp)
     echo
     echo "Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(free -g | awk '/Mem:/{print $2}') GiB RAM, Linux $(uname -r); $(rustc --version)."
     echo
-    for b in zbus shim vmd logstream; do
+    for b in zbus callers shim vmd logstream; do
         echo "## $b"
         echo
         cargo bench --quiet -p vmd-tests --bench "$b" 2>/dev/null

@@ -327,6 +327,22 @@ impl Backoff {
     }
 }
 
+/// How the popper takes requests: the newest way the broker supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PopMode {
+    /// Redis ≥ 7.0: `BLMPOP … COUNT n` waits and takes a batch in one round
+    /// trip.
+    Blmpop,
+    /// Redis 6.2: `BLPOP`, then `LPOP queue n` for whatever queued behind it.
+    BlpopLpop,
+    /// Older: one at a time.
+    Blpop,
+}
+
+fn unknown_command(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::ResponseError
+}
+
 async fn pop_loop(
     broker: Broker,
     queues: Vec<String>,
@@ -335,8 +351,7 @@ async fn pop_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new();
-    // Redis < 6.2 has no LPOP count; then we only pop one at a time.
-    let mut batching = true;
+    let mut mode = PopMode::Blmpop;
     'connect: while !*shutdown.borrow() {
         let mut conn = match broker.connect().await {
             Ok(c) => c,
@@ -361,14 +376,38 @@ async fn pop_loop(
                 },
                 _ = shutdown.changed() => continue,
             };
-            let popped: redis::RedisResult<Option<(String, Vec<u8>)>> = redis::cmd("BLPOP")
-                .arg(&queues)
-                .arg(POP_TIMEOUT_SECS)
-                .query_async(&mut conn)
-                .await;
-            let (queue, payload) = match popped {
+            // Under load more requests wait behind the first: take as many
+            // as there is room for.
+            let room = inflight.available_permits() + 1;
+            let popped: redis::RedisResult<Option<(String, Vec<Vec<u8>>)>> = match mode {
+                PopMode::Blmpop => {
+                    redis::cmd("BLMPOP")
+                        .arg(POP_TIMEOUT_SECS)
+                        .arg(queues.len())
+                        .arg(&queues)
+                        .arg("LEFT")
+                        .arg("COUNT")
+                        .arg(room)
+                        .query_async(&mut conn)
+                        .await
+                }
+                PopMode::BlpopLpop | PopMode::Blpop => {
+                    let one: redis::RedisResult<Option<(String, Vec<u8>)>> = redis::cmd("BLPOP")
+                        .arg(&queues)
+                        .arg(POP_TIMEOUT_SECS)
+                        .query_async(&mut conn)
+                        .await;
+                    one.map(|o| o.map(|(q, p)| (q, vec![p])))
+                }
+            };
+            let (queue, mut payloads) = match popped {
                 Ok(Some(popped)) => popped,
                 Ok(None) => continue,
+                Err(e) if mode == PopMode::Blmpop && unknown_command(&e) => {
+                    info!(error = %e, "broker has no BLMPOP (Redis < 7.0); using BLPOP");
+                    mode = PopMode::BlpopLpop;
+                    continue;
+                }
                 Err(e) => {
                     warn!(error = %e, "lost the broker while waiting for requests");
                     backoff.wait().await;
@@ -376,34 +415,40 @@ async fn pop_loop(
                 }
             };
             backoff.reset();
-            spawn_request(&shared, payload, Some(permit));
-
-            // Under load more requests wait behind this one: take as many as
-            // there is room for in one round trip, from the same queue.
-            let room = inflight.available_permits();
-            if !batching || room == 0 {
-                continue;
-            }
-            let more: redis::RedisResult<Option<Vec<Vec<u8>>>> = redis::cmd("LPOP")
-                .arg(&queue)
-                .arg(room)
-                .query_async(&mut conn)
-                .await;
-            match more {
-                Ok(more) => {
-                    for payload in more.into_iter().flatten() {
-                        let permit = Arc::clone(&inflight).try_acquire_owned().ok();
-                        spawn_request(&shared, payload, permit);
+            if mode == PopMode::BlpopLpop && room > 1 {
+                let more: redis::RedisResult<Option<Vec<Vec<u8>>>> = redis::cmd("LPOP")
+                    .arg(&queue)
+                    .arg(room - 1)
+                    .query_async(&mut conn)
+                    .await;
+                match more {
+                    Ok(more) => payloads.extend(more.into_iter().flatten()),
+                    Err(e) if unknown_command(&e) => {
+                        info!(error = %e, "broker has no LPOP count (Redis < 6.2); popping one at a time");
+                        mode = PopMode::Blpop;
+                    }
+                    Err(e) => {
+                        // What was popped is still served; the rest waits.
+                        let mut permit = Some(permit);
+                        for payload in payloads {
+                            let p = permit
+                                .take()
+                                .or_else(|| Arc::clone(&inflight).try_acquire_owned().ok());
+                            spawn_request(&shared, payload, p);
+                        }
+                        warn!(error = %e, "lost the broker while taking requests");
+                        continue 'connect;
                     }
                 }
-                Err(e) if e.kind() == redis::ErrorKind::ResponseError => {
-                    info!(error = %e, "broker has no LPOP count; popping one at a time");
-                    batching = false;
-                }
-                Err(e) => {
-                    warn!(error = %e, "lost the broker while taking requests");
-                    continue 'connect;
-                }
+            }
+            let mut permit = Some(permit);
+            for payload in payloads {
+                // At most `room` were popped, and only this task takes
+                // permits: each has one.
+                let p = permit
+                    .take()
+                    .or_else(|| Arc::clone(&inflight).try_acquire_owned().ok());
+                spawn_request(&shared, payload, p);
             }
         }
     }
