@@ -205,7 +205,11 @@ async fn bench(n_vms: usize) {
     let redis = RedisServer::start();
     let zinit = Supervisor::start();
     let grace = GRACE_SECS.to_string();
-    let vmd = VmdProcess::start_with(&redis, Some(&zinit), &["--log", "warn", "--grace-secs", &grace]);
+    let vmd = VmdProcess::start_with(
+        &redis,
+        Some(&zinit),
+        &["--log", "warn", "--grace-secs", &grace],
+    );
     let stub = Arc::new(VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(120)));
     vmd.wait_ready().await;
     let dir = tempfile::tempdir().unwrap();
@@ -255,7 +259,9 @@ async fn bench(n_vms: usize) {
     // ... and with 64 graceful Deletes interrupted by the kill.
     let mut interrupted: [Vec<Duration>; 3] = Default::default();
     for round in 0..3 {
-        let doomed: Vec<String> = (0..STUBBORN).map(|i| format!("doomed-{round}-{i}")).collect();
+        let doomed: Vec<String> = (0..STUBBORN)
+            .map(|i| format!("doomed-{round}-{i}"))
+            .collect();
         b.run_all(&doomed, true).await;
         let deletes = b.delete_all(&doomed);
         b.wait_deletes_in_flight(STUBBORN).await;
@@ -268,9 +274,15 @@ async fn bench(n_vms: usize) {
         }
         // The restarted vmd finishes them in the background.
         let s = b.stub.clone();
-        until(Duration::from_secs(GRACE_SECS * 3), "interrupted Deletes", || async {
-            s.list().await.is_ok_and(|l| !l.iter().any(|n| n.starts_with("doomed-")))
-        })
+        until(
+            Duration::from_secs(GRACE_SECS * 3),
+            "interrupted Deletes",
+            || async {
+                s.list()
+                    .await
+                    .is_ok_and(|l| !l.iter().any(|n| n.starts_with("doomed-")))
+            },
+        )
         .await;
     }
     let interrupted = [

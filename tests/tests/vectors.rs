@@ -287,3 +287,24 @@ fn status_replies_are_byte_equal_to_go() {
         &codec::encode(&status_reply(ID, &go)).unwrap(),
     );
 }
+
+#[test]
+fn requests_we_send_are_byte_equal_to_go() {
+    // The client encodes a borrowed request; it must be Go's bytes exactly.
+    let all = vectors();
+    let mut n = 0;
+    for (name, bytes) in all.iter().filter(|(n, _)| n.starts_with("req_")) {
+        let req: Request = codec::decode(bytes).unwrap();
+        let ours = codec::encode(&vmd::zbus::wire::RequestRef {
+            id: &req.id,
+            inputs: &req.inputs,
+            object: &req.object,
+            reply_to: &req.reply_to,
+            method: &req.method,
+        })
+        .unwrap();
+        assert_bytes(name, &ours);
+        n += 1;
+    }
+    assert!(n >= 10, "only {n} request vectors");
+}

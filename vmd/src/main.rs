@@ -114,21 +114,30 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The front (the bus: pops, replies, status, cheap reads) runs on this
+    // thread alone; the pool runs what may take long. See `zbus::server`.
+    let runtimes = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
+        .and_then(|front| {
+            let pool = tokio::runtime::Builder::new_multi_thread()
+                .thread_name("vmd-pool")
+                .enable_all()
+                .build()?;
+            Ok((front, pool))
+        });
+    let (front, pool) = match runtimes {
         Ok(r) => r,
         Err(e) => {
             eprintln!("vmd: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match cli.command {
-        Some(Command::Ctl(args)) => runtime.block_on(ctl::run(cli.broker, args)),
+    let code = match cli.command {
+        Some(Command::Ctl(args)) => front.block_on(ctl::run(cli.broker, args)),
         None => {
             init_tracing(&cli.daemon.log);
-            match runtime.block_on(daemon(cli.broker, cli.daemon)) {
+            match front.block_on(daemon(cli.broker, cli.daemon, pool.handle().clone())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e:#}");
@@ -136,7 +145,10 @@ fn main() -> ExitCode {
                 }
             }
         }
-    }
+    };
+    // Calls still running after the drain are given up, as the server said.
+    pool.shutdown_background();
+    code
 }
 
 fn init_tracing(default: &str) {
@@ -150,7 +162,11 @@ fn init_tracing(default: &str) {
         .init();
 }
 
-async fn daemon(broker: Broker, args: DaemonArgs) -> anyhow::Result<()> {
+async fn daemon(
+    broker: Broker,
+    args: DaemonArgs,
+    pool: tokio::runtime::Handle,
+) -> anyhow::Result<()> {
     info!(
         root = %args.root.display(),
         runtime_dir = %args.runtime_dir.display(),
@@ -220,6 +236,7 @@ async fn daemon(broker: Broker, args: DaemonArgs) -> anyhow::Result<()> {
     let mut config = ServerConfig::new(api::MODULE);
     config.max_changes = args.max_changes as usize;
     config.drain_timeout = Duration::from_secs(args.grace_secs + 10);
+    config.pool = Some(pool.clone());
     let service = Arc::new(ModuleService(Arc::clone(&manager)));
     let mut server = Server::new(broker, config);
     server
@@ -230,7 +247,7 @@ async fn daemon(broker: Broker, args: DaemonArgs) -> anyhow::Result<()> {
     // background; only calls changing one of them wait, for that one.
     let plan = reconcile::plan(&manager, &server.locks());
     info!(pending = plan.pending(), "reconciling in the background");
-    let _reconciling = reconcile::spawn(Arc::clone(&manager), server.locks(), plan);
+    let _reconciling = reconcile::spawn(&pool, Arc::clone(&manager), server.locks(), plan);
     server.run(stop_rx).await.context("zbus server")?;
     info!("vmd stopped");
     Ok(())

@@ -243,20 +243,20 @@ impl VmCall {
         }
     }
 
-    /// What the call needs before it runs. Reads see the state on disk,
-    /// which every change replaces atomically, and must never wait behind a
-    /// long change (the caller's deadline is short). Changes are serialised
-    /// per VM; a stream also has an id of its own: StreamCreate holds both,
-    /// so it cannot interleave with a Delete of the VM (which removes the
-    /// VM's streams) nor with a StreamDelete of the id.
+    /// What the call needs before it runs, and where it runs. Reads see the
+    /// state on disk, which every change replaces atomically, and must never
+    /// wait behind a long change (the caller's deadline is short): the cheap
+    /// ones are answered on the front, Metrics (a walk over every VM) and
+    /// LogsFull (up to 16 MiB) on the pool. Changes are serialised per VM; a
+    /// stream also has an id of its own: StreamCreate holds both, so it
+    /// cannot interleave with a Delete of the VM (which removes the VM's
+    /// streams) nor with a StreamDelete of the id.
     pub fn access(&self) -> Access {
         match self {
-            VmCall::Inspect(_)
-            | VmCall::Exists(_)
-            | VmCall::Logs(_)
-            | VmCall::LogsFull(_)
-            | VmCall::List
-            | VmCall::Metrics => Access::Read,
+            VmCall::Inspect(_) | VmCall::Exists(_) | VmCall::Logs(_) | VmCall::List => {
+                Access::Quick
+            }
+            VmCall::LogsFull(_) | VmCall::Metrics => Access::Read,
             VmCall::Run(vm) => Access::Change(vec![vm.name.clone()]),
             VmCall::Delete(name) | VmCall::Lock(name, _) => Access::Change(vec![name.clone()]),
             VmCall::StreamCreate(name, stream) => {

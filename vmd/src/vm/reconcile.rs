@@ -118,13 +118,15 @@ pub fn plan(m: &Manager, locks: &Arc<KeyedLocks>) -> Plan {
     plan
 }
 
-/// Runs the plan in the background; the task's result is the report.
+/// Runs the plan in the background on `runtime`; the task's result is the
+/// report.
 pub fn spawn(
+    runtime: &tokio::runtime::Handle,
     m: Arc<Manager>,
     locks: Arc<KeyedLocks>,
     plan: Plan,
 ) -> tokio::task::JoinHandle<Report> {
-    tokio::spawn(async move {
+    runtime.spawn(async move {
         let t0 = std::time::Instant::now();
         let report = run(&m, &locks, plan).await;
         tracing::info!(

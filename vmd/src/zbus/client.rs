@@ -11,7 +11,7 @@ use serde_bytes::ByteBuf;
 
 use super::broker::{Broker, BrokerError};
 use super::codec::{self, DecodeError, EncodeError};
-use super::wire::{ObjectId, Output, Request, Response, Status};
+use super::wire::{ObjectId, Output, RequestRef, Response, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -94,15 +94,16 @@ impl Client {
         method: &str,
         inputs: Vec<Vec<u8>>,
     ) -> Result<Response, ClientError> {
-        let id = uuid::Uuid::new_v4().to_string();
-        let req = Request {
-            id: id.clone(),
-            inputs: inputs.into_iter().map(ByteBuf::from).collect(),
-            object: object.clone(),
-            reply_to: id.clone(),
-            method: method.to_owned(),
-        };
-        let payload = codec::encode(&req)?;
+        let mut uuid = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let id: &str = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut uuid);
+        let inputs: Vec<ByteBuf> = inputs.into_iter().map(ByteBuf::from).collect();
+        let payload = codec::encode(&RequestRef {
+            id,
+            inputs: &inputs,
+            object,
+            reply_to: id,
+            method,
+        })?;
         let queue = object.queue(&self.module);
         let deadline = tokio::time::Instant::now() + self.timeout;
         let (mut conn, pooled) = self.take().await?;
@@ -115,7 +116,7 @@ impl Client {
                 .arg(queue)
                 .arg(&payload)
                 .cmd("BLPOP")
-                .arg(&id)
+                .arg(id)
                 .arg(wait(self.timeout));
             p
         };
@@ -141,7 +142,7 @@ impl Client {
                 });
             }
             reply = redis::cmd("BLPOP")
-                .arg(&id)
+                .arg(id)
                 .arg(wait(deadline - now))
                 .query_async(&mut conn)
                 .await?;

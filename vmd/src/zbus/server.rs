@@ -1,28 +1,35 @@
 //! The zbus v1 server side.
 //!
-//! Layout (one process, tokio):
+//! Layout (one process, two tokio runtimes):
 //!
 //! ```text
-//!  popper (own connection) ── BLPOP object queues, then LPOP up to free room
+//!  front: one thread, current-thread runtime — nothing on it ever blocks
+//!  ───────────────────────────────────────────────────────────────────
+//!  popper (own connection) ── BLMPOP object queues COUNT free room
 //!     │ one task per request; at most `max_changes + READ_ROOM` popped and
 //!     │ not yet answered
 //!     ▼
-//!  Service::dispatch: decoded once into a typed call that is a read or a
-//!  change of some keys (VMs, stream ids)
-//!     │ read   → runs at once: nothing it waits for is held by another call
+//!  Service::dispatch: decoded once into a typed call and what it needs
+//!     │ quick  → answered here (a few small files, async I/O)
+//!     │ read   → runs on the pool; never waits for a change
 //!     │ change → a slot of `max_changes` (none left: refused at once),
-//!     │          then its keys (same VM: one after the other), then runs
+//!     │          then its keys (same VM: one after the other), then the pool
 //!     ▼
-//!  replier (shared connection) ── RPUSH reply + EXPIRE 300, retried across reconnects
+//!  replier (own connection, one task) ── queued replies as one pipeline of
+//!     RPUSH + EXPIRE 300 each, retried across reconnects
+//!  status popper (own connection) ── BLMPOP vmd.zbus@1.0, answered here
 //!
-//!  status popper (own connection) ── BLPOP vmd.zbus@1.0, answered at once
+//!  pool: multi-thread runtime — changes (which may wait on guests, fsync,
+//!  run processes) and reads that take CPU or disk (Metrics, LogsFull)
 //! ```
 //!
 //! Waiting is not working: a call that waits for its guest (a graceful
 //! Delete) holds its VM's key and a change slot, nothing that calls on other
 //! VMs or reads need. The change slots bound memory, not concurrency: past
 //! them a change is answered with a method error at once rather than queued
-//! past its caller's deadline (a Go caller panics when that passes).
+//! past its caller's deadline (a Go caller panics when that passes). The
+//! whole path of a quick read stays on one thread, as lean as an echo over
+//! Redis: no hop between threads, no task of the pool involved.
 //!
 //! A request is popped only when there is room for it, so a popped request is
 //! always answered unless the process dies. Every Redis failure leads to a
@@ -35,9 +42,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use redis::aio::MultiplexedConnection;
 use serde_bytes::ByteBuf;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info, warn};
 
 use super::broker::Broker;
@@ -48,13 +56,18 @@ use super::wire::{ObjectId, Output, Request, Response, Status, WorkerState, Work
 /// The future of one call: its output, or a protocol error message.
 pub type Call = Pin<Box<dyn Future<Output = Result<Output, String>> + Send>>;
 
-/// What a call needs before it may run.
+/// What a call needs before it may run, and where it runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Access {
-    /// Reads what is on disk (every change replaces it atomically): never
-    /// waits for a change in flight.
+    /// Reads a few small files and maybe asks a socket (async): answered on
+    /// the front, at once. Never waits for a change in flight: every change
+    /// replaces what it reads atomically.
+    Quick,
+    /// Reads, but may take milliseconds of CPU or disk: runs on the pool,
+    /// never waits for a change either.
     Read,
-    /// Changes what these keys name: calls sharing a key run one at a time.
+    /// Changes what these keys name: calls sharing a key run one at a time,
+    /// on the pool.
     Change(Vec<String>),
 }
 
@@ -88,6 +101,8 @@ pub const REPLY_TTL_SECS: u64 = 300;
 /// BLPOP timeout. Short, so that shutdown never has to cancel a BLPOP whose
 /// element may already be on its way (which would lose that request).
 const POP_TIMEOUT_SECS: u64 = 1;
+/// Requests taken in one round trip, at most.
+const POP_BATCH: usize = 64;
 /// How long a reply is retried while Redis is away before it is given up.
 const REPLY_RETRY_FOR: Duration = Duration::from_secs(60);
 
@@ -100,6 +115,8 @@ pub struct ServerConfig {
     pub max_changes: usize,
     /// After shutdown is asked, how long calls in flight may still take.
     pub drain_timeout: Duration,
+    /// Where changes and heavy reads run; `None`: on the server's runtime.
+    pub pool: Option<tokio::runtime::Handle>,
 }
 
 impl ServerConfig {
@@ -108,6 +125,7 @@ impl ServerConfig {
             module: module.into(),
             max_changes: 1024,
             drain_timeout: Duration::from_secs(40),
+            pool: None,
         }
     }
 }
@@ -138,13 +156,22 @@ struct Shared {
     running: Running,
     locks: Arc<KeyedLocks>,
     replier: Replier,
+    pool: tokio::runtime::Handle,
 }
 
 /// The calls running now, as the status object shows them.
 struct Running {
-    calls: Mutex<BTreeMap<u64, WorkerStatus>>,
+    calls: Mutex<BTreeMap<u64, RunningEntry>>,
     next: AtomicU64,
     since: GoTime,
+}
+
+/// What a call was asked as; the action text is made only when the status
+/// is asked for, so a call costs no formatting.
+struct RunningEntry {
+    start_time: GoTime,
+    object: ObjectId,
+    method: String,
 }
 
 impl Running {
@@ -156,30 +183,37 @@ impl Running {
         }
     }
 
-    fn enter(&self, action: String) -> RunningCall<'_> {
+    fn enter(&self, object: ObjectId, method: String) -> RunningCall<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let status = WorkerStatus {
-            state: WorkerState::Busy,
+        let entry = RunningEntry {
             start_time: GoTime::now(),
-            action,
+            object,
+            method,
         };
         self.calls
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, status);
+            .insert(id, entry);
         RunningCall { running: self, id }
     }
 
     /// One busy worker per running call, oldest first, and a free one while
     /// another change would be taken: what a Go server with as many workers
     /// as needed would show.
-    fn snapshot(&self, room: bool) -> Vec<WorkerStatus> {
+    fn snapshot(&self, shared: &Shared, room: bool) -> Vec<WorkerStatus> {
         let mut out: Vec<WorkerStatus> = self
             .calls
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .values()
-            .cloned()
+            .map(|e| WorkerStatus {
+                state: WorkerState::Busy,
+                start_time: e.start_time,
+                action: match shared.services.get(&e.object) {
+                    Some(s) => s.action(&e.object.to_string(), &e.method),
+                    None => format!("[{}].{}()", e.object, e.method),
+                },
+            })
             .collect();
         if room {
             out.push(WorkerStatus {
@@ -260,8 +294,13 @@ impl Server {
             changes: Arc::new(Semaphore::new(self.config.max_changes)),
             max_changes: self.config.max_changes,
             running: Running::new(),
+            pool: self
+                .config
+                .pool
+                .clone()
+                .unwrap_or_else(tokio::runtime::Handle::current),
             locks: self.locks,
-            replier: Replier::new(self.broker.clone()),
+            replier: Replier::start(self.broker.clone()),
             services: self.services,
         });
 
@@ -377,8 +416,9 @@ async fn pop_loop(
                 _ = shutdown.changed() => continue,
             };
             // Under load more requests wait behind the first: take as many
-            // as there is room for.
-            let room = inflight.available_permits() + 1;
+            // as there is room for, a bounded batch at a time (what is taken
+            // is held in memory until its reply is out).
+            let room = (inflight.available_permits() + 1).min(POP_BATCH);
             let popped: redis::RedisResult<Option<(String, Vec<Vec<u8>>)>> = match mode {
                 PopMode::Blmpop => {
                     redis::cmd("BLMPOP")
@@ -450,16 +490,22 @@ async fn pop_loop(
                     .or_else(|| Arc::clone(&inflight).try_acquire_owned().ok());
                 spawn_request(&shared, payload, p);
             }
+            // Quick calls were answered inline: let the replier send them
+            // before taking more.
+            tokio::task::yield_now().await;
         }
     }
 }
 
+/// Serves one popped request. A quick call that needs no I/O (`Exists`,
+/// `List`) is answered right here, without a task; anything that waits
+/// becomes a task of its own. (A task is polled at once when spawned, so
+/// what the first poll registered with the no-op waker is registered again.)
 fn spawn_request(shared: &Arc<Shared>, payload: Vec<u8>, permit: Option<OwnedSemaphorePermit>) {
-    let shared = Arc::clone(shared);
-    tokio::spawn(async move {
-        handle(&shared, payload).await;
-        drop(permit);
-    });
+    let mut call = Box::pin(handle(Arc::clone(shared), payload, permit));
+    if (&mut call).now_or_never().is_none() {
+        tokio::spawn(call);
+    }
 }
 
 /// Finds `ID` and `ReplyTo` in a payload that is not a valid request, so
@@ -479,7 +525,7 @@ fn salvage_reply_address(payload: &[u8]) -> Option<(String, String)> {
     Some((env.id.unwrap_or_default(), reply_to))
 }
 
-async fn handle(shared: &Shared, payload: Vec<u8>) {
+async fn handle(shared: Arc<Shared>, payload: Vec<u8>, room: Option<OwnedSemaphorePermit>) {
     let req: Request = match codec::decode(&payload) {
         Ok(r) => r,
         Err(e) => {
@@ -488,7 +534,7 @@ async fn handle(shared: &Shared, payload: Vec<u8>) {
                     warn!(bytes = payload.len(), error = %e, reply_to = %reply_to,
                           "malformed request; answering with a protocol error");
                     let resp = Response::protocol_error(&id, format!("invalid request: {e}"));
-                    shared.replier.send(&reply_to, &resp).await;
+                    shared.replier.send(reply_to, &resp, room);
                 }
                 None => warn!(bytes = payload.len(), error = %e,
                               "dropping a payload that is not a zbus request (no reply address)"),
@@ -500,8 +546,8 @@ async fn handle(shared: &Shared, payload: Vec<u8>) {
         warn!(id = %req.id, method = %req.method, "dropping a request without ReplyTo");
         return;
     }
-    let response = serve(shared, req.object, req.method, req.inputs, &req.id).await;
-    shared.replier.send(&req.reply_to, &response).await;
+    let response = serve(&shared, req.object, req.method, req.inputs, &req.id).await;
+    shared.replier.send(req.reply_to, &response, room);
 }
 
 async fn serve(
@@ -522,11 +568,15 @@ async fn serve(
         Ok(d) => d,
         Err(e) => return Response::protocol_error(id, e),
     };
-    let action = || service.action(&object.to_string(), &method);
     let result = match dispatch.access {
-        Access::Read => {
-            let _running = shared.running.enter(action());
+        Access::Quick => {
+            let _running = shared.running.enter(object, method);
             dispatch.call.await
+        }
+        Access::Read => {
+            let refused = service.refuse(&method, "internal error: the call was cancelled".into());
+            let _running = shared.running.enter(object, method);
+            on_pool(shared, dispatch.call, refused).await
         }
         Access::Change(keys) => {
             let Ok(_slot) = Arc::clone(&shared.changes).try_acquire_owned() else {
@@ -537,12 +587,25 @@ async fn serve(
                 );
                 return Response::from_call(id, Ok(service.refuse(&method, msg)));
             };
+            let refused = service.refuse(&method, "internal error: the call was cancelled".into());
             let _held = shared.locks.lock_all(keys).await;
-            let _running = shared.running.enter(action());
-            dispatch.call.await
+            let _running = shared.running.enter(object, method);
+            on_pool(shared, dispatch.call, refused).await
         }
     };
     Response::from_call(id, result)
+}
+
+/// Runs `call` on the pool and waits for it. A call that cannot finish (the
+/// pool is shutting down) is answered with `refused`, a Go-safe method error.
+async fn on_pool(shared: &Shared, call: Call, refused: Output) -> Result<Output, String> {
+    match shared.pool.spawn(call).await {
+        Ok(result) => result,
+        Err(e) => {
+            error!(error = %e, "a call on the pool did not finish");
+            Ok(refused)
+        }
+    }
 }
 
 fn status_response(shared: &Shared, id: &str) -> Response {
@@ -550,7 +613,7 @@ fn status_response(shared: &Shared, id: &str) -> Response {
         objects: shared.status_objects.clone(),
         workers: shared
             .running
-            .snapshot(shared.changes.available_permits() > 0),
+            .snapshot(shared, shared.changes.available_permits() > 0),
     };
     status_reply(id, &status)
 }
@@ -566,42 +629,36 @@ pub fn status_reply(id: &str, status: &Status) -> Response {
     Response::from_call(id, result)
 }
 
-/// Sends replies on one shared connection, reconnecting when it breaks.
-struct Replier {
-    broker: Broker,
-    conn: tokio::sync::Mutex<Option<(u64, MultiplexedConnection)>>,
+/// A reply on its way, with the room its request took: the room is given
+/// back only once Redis has the reply, so that a drain waits for it.
+struct Outgoing {
+    reply_to: String,
+    payload: Vec<u8>,
+    deadline: tokio::time::Instant,
+    _room: Option<OwnedSemaphorePermit>,
 }
 
+/// Sends replies: calls queue them without waiting, one task writes
+/// whatever is queued as one pipeline (RPUSH + EXPIRE each) on its own
+/// connection, reconnecting when it breaks. A reply is retried for
+/// [`REPLY_RETRY_FOR`] while Redis is away, then given up.
+struct Replier {
+    queue: mpsc::UnboundedSender<Outgoing>,
+}
+
+/// Replies written in one pipeline, at most.
+const REPLY_BATCH: usize = 256;
+
 impl Replier {
-    fn new(broker: Broker) -> Self {
-        Replier {
-            broker,
-            conn: tokio::sync::Mutex::new(None),
-        }
+    /// Must be called on the runtime the replies are written from.
+    fn start(broker: Broker) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        tokio::spawn(reply_loop(broker, rx));
+        Replier { queue }
     }
 
-    async fn connection(&self) -> Option<(u64, MultiplexedConnection)> {
-        let mut guard = self.conn.lock().await;
-        if guard.is_none() {
-            match self.broker.connect().await {
-                Ok(c) => *guard = Some((rand_generation(), c)),
-                Err(e) => {
-                    warn!(error = %e, "cannot reach the broker to reply");
-                    return None;
-                }
-            }
-        }
-        guard.clone()
-    }
-
-    async fn invalidate(&self, generation: u64) {
-        let mut guard = self.conn.lock().await;
-        if guard.as_ref().is_some_and(|(g, _)| *g == generation) {
-            *guard = None;
-        }
-    }
-
-    async fn send(&self, reply_to: &str, response: &Response) {
+    /// Queues `response` for `reply_to`; `room` is held until it is sent.
+    fn send(&self, reply_to: String, response: &Response, room: Option<OwnedSemaphorePermit>) {
         let payload = match codec::encode(response) {
             Ok(p) => p,
             Err(e) => {
@@ -609,45 +666,86 @@ impl Replier {
                 return;
             }
         };
-        let deadline = tokio::time::Instant::now() + REPLY_RETRY_FOR;
-        let mut backoff = Backoff::new();
-        loop {
-            if let Some((generation, mut conn)) = self.connection().await {
-                // One write, no MULTI/EXEC: Redis runs both or, if it dies in
-                // between, loses the reply with everything else.
-                let sent: redis::RedisResult<()> = redis::pipe()
-                    .cmd("RPUSH")
-                    .arg(reply_to)
-                    .arg(&payload)
-                    .ignore()
-                    .cmd("EXPIRE")
-                    .arg(reply_to)
-                    .arg(REPLY_TTL_SECS)
-                    .ignore()
-                    .query_async(&mut conn)
-                    .await;
-                match sent {
-                    Ok(()) => return,
-                    Err(e) => {
-                        warn!(error = %e, reply_to, "reply failed, reconnecting");
-                        self.invalidate(generation).await;
-                    }
-                }
-            }
-            if tokio::time::Instant::now() >= deadline {
-                error!(
-                    reply_to,
-                    "giving up a reply: broker unreachable for {REPLY_RETRY_FOR:?}"
-                );
-                return;
-            }
-            backoff.wait().await;
+        let out = Outgoing {
+            reply_to,
+            payload,
+            deadline: tokio::time::Instant::now() + REPLY_RETRY_FOR,
+            _room: room,
+        };
+        if self.queue.send(out).is_err() {
+            error!("the replier is gone; a reply is lost");
         }
     }
 }
 
-fn rand_generation() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
+async fn reply_loop(broker: Broker, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+    let mut conn: Option<MultiplexedConnection> = None;
+    let mut backoff = Backoff::new();
+    let mut batch: Vec<Outgoing> = Vec::new();
+    loop {
+        if batch.is_empty() {
+            match rx.recv().await {
+                Some(o) => batch.push(o),
+                None => return,
+            }
+        }
+        while batch.len() < REPLY_BATCH {
+            match rx.try_recv() {
+                Ok(o) => batch.push(o),
+                Err(_) => break,
+            }
+        }
+        let c = match &mut conn {
+            Some(c) => c,
+            None => match broker.connect().await {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    warn!(error = %e, "cannot reach the broker to reply");
+                    give_up_expired(&mut batch);
+                    backoff.wait().await;
+                    continue;
+                }
+            },
+        };
+        // One write, no MULTI/EXEC: Redis runs each pair or, if it dies in
+        // between, loses the reply with everything else.
+        let mut pipe = redis::pipe();
+        for o in &batch {
+            pipe.cmd("RPUSH")
+                .arg(&o.reply_to)
+                .arg(&o.payload)
+                .ignore()
+                .cmd("EXPIRE")
+                .arg(&o.reply_to)
+                .arg(REPLY_TTL_SECS)
+                .ignore();
+        }
+        let sent: redis::RedisResult<()> = pipe.query_async(c).await;
+        match sent {
+            Ok(()) => {
+                batch.clear();
+                backoff.reset();
+            }
+            Err(e) => {
+                warn!(error = %e, replies = batch.len(), "reply failed, reconnecting");
+                conn = None;
+                give_up_expired(&mut batch);
+                backoff.wait().await;
+            }
+        }
+    }
+}
+
+fn give_up_expired(batch: &mut Vec<Outgoing>) {
+    let now = tokio::time::Instant::now();
+    batch.retain(|o| {
+        let keep = o.deadline > now;
+        if !keep {
+            error!(
+                reply_to = %o.reply_to,
+                "giving up a reply: broker unreachable for {REPLY_RETRY_FOR:?}"
+            );
+        }
+        keep
+    });
 }

@@ -35,7 +35,14 @@ impl ObjectId {
 
     /// The Redis list requests for this object are pushed to.
     pub fn queue(&self, module: &str) -> String {
-        format!("{module}.{self}")
+        // On every call's path: no formatting machinery.
+        let mut q = String::with_capacity(module.len() + self.name.len() + self.version.len() + 2);
+        q.push_str(module);
+        q.push('.');
+        q.push_str(&self.name);
+        q.push('@');
+        q.push_str(&self.version);
+        q
     }
 }
 
@@ -43,6 +50,22 @@ impl fmt::Display for ObjectId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}@{}", self.name, self.version)
     }
+}
+
+/// A [`Request`] to send, borrowing its parts: the same bytes on the wire
+/// (same fields, same order), without copying them first.
+#[derive(Serialize)]
+pub struct RequestRef<'a> {
+    #[serde(rename = "ID")]
+    pub id: &'a str,
+    #[serde(rename = "Inputs")]
+    pub inputs: &'a [ByteBuf],
+    #[serde(rename = "Object")]
+    pub object: &'a ObjectId,
+    #[serde(rename = "ReplyTo")]
+    pub reply_to: &'a str,
+    #[serde(rename = "Method")]
+    pub method: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
