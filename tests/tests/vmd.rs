@@ -820,19 +820,21 @@ async fn reads_answer_at_once_while_64_graceful_deletes_wait_for_their_guests() 
             (name, got, t0.elapsed())
         }));
     }
-    // All 64 are in flight, each waiting for its own guest.
+    // All 64 are in flight, each waiting for its own guest, and each past
+    // its first step (the VM is gone for callers).
     let go = VmdStub::new(env.redis.broker()).with_timeout(Duration::from_secs(1));
     until(
         Duration::from_secs(10),
         "64 Deletes never ran at once",
         || async {
-            go.status().await.is_ok_and(|st| {
+            let all_running = go.status().await.is_ok_and(|st| {
                 st.workers
                     .iter()
                     .filter(|w| w.action.ends_with(".Delete()"))
                     .count()
                     == 64
-            })
+            });
+            all_running && go.list().await.is_ok_and(|l| l == ["bystander"])
         },
     )
     .await;
