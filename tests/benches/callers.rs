@@ -119,9 +119,16 @@ impl Bench {
         })
     }
 
-    async fn wait_deletes_in_flight(&self, n: usize) {
+    /// Waits until the Deletes of `names` are all running and past their
+    /// first step (the VMs are gone for callers).
+    async fn wait_deletes_in_flight(&self, names: &[String]) {
         until(Duration::from_secs(30), "Deletes in flight", || async {
-            self.deletes_in_flight().await == n
+            self.deletes_in_flight().await == names.len()
+                && self
+                    .stub
+                    .list()
+                    .await
+                    .is_ok_and(|l| !l.iter().any(|n| names.contains(n)))
         })
         .await;
     }
@@ -237,7 +244,7 @@ async fn bench(n_vms: usize) {
         b.reads(&mut idle).await;
     }
     let deletes = b.delete_all(&stubborn);
-    b.wait_deletes_in_flight(STUBBORN).await;
+    b.wait_deletes_in_flight(&stubborn).await;
     let mut loaded = Vec::new();
     for _ in 0..300 {
         b.reads(&mut loaded).await;
@@ -264,7 +271,7 @@ async fn bench(n_vms: usize) {
             .collect();
         b.run_all(&doomed, true).await;
         let deletes = b.delete_all(&doomed);
-        b.wait_deletes_in_flight(STUBBORN).await;
+        b.wait_deletes_in_flight(&doomed).await;
         let t = b.exec_to_answers().await;
         for d in deletes {
             d.abort();

@@ -9,6 +9,8 @@ command -v redis-server >/dev/null || { echo "run tests/scripts/test.sh once fir
 cargo build --release --workspace --bins --quiet
 out=BENCHMARKS.md
 tmp=$(mktemp)
+errs=$(mktemp)
+trap 'rm -f "$tmp" "$errs"' EXIT
 {
     echo "# vmd benchmarks"
     echo
@@ -19,7 +21,11 @@ tmp=$(mktemp)
     for b in zbus callers shim vmd logstream; do
         echo "## $b"
         echo
-        cargo bench --quiet -p vmd-tests --bench "$b" 2>/dev/null
+        if ! cargo bench --quiet -p vmd-tests --bench "$b" 2>"$errs"; then
+            echo "benchmark $b failed:" >&2
+            tail -40 "$errs" >&2
+            exit 1
+        fi
         echo
     done
 } > "$tmp"

@@ -12,6 +12,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// A loopback TCP port, for tests that need `redis://host:port`.
     tcp_port: Option<u16>,
+    /// Commands this server does not have (as an older Redis).
+    without: Vec<String>,
 }
 
 fn redis_binary() -> PathBuf {
@@ -30,6 +32,24 @@ impl RedisServer {
             dir,
             child: None,
             tcp_port: None,
+            without: Vec::new(),
+        };
+        s.spawn();
+        s
+    }
+
+    /// A Redis without `commands` (renamed away, so they are unknown), as an
+    /// older Redis would be: `BLMPOP` came in 7.0, `LPOP key count` in 6.2.
+    pub fn start_without(commands: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("vmd-redis-")
+            .tempdir()
+            .expect("temp dir");
+        let mut s = RedisServer {
+            dir,
+            child: None,
+            tcp_port: None,
+            without: commands.iter().map(|c| c.to_string()).collect(),
         };
         s.spawn();
         s
@@ -49,6 +69,7 @@ impl RedisServer {
             dir,
             child: None,
             tcp_port: Some(port),
+            without: Vec::new(),
         };
         s.spawn();
         s
@@ -97,6 +118,9 @@ impl RedisServer {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
+        for c in &self.without {
+            cmd.args(["--rename-command", c, ""]);
+        }
         // If the test process dies, Redis goes with it.
         unsafe {
             cmd.pre_exec(|| {

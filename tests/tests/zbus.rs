@@ -333,6 +333,34 @@ async fn recovers_by_itself_after_a_redis_restart() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_redis_without_blmpop_or_lpop_count_is_served_too() {
+    // Redis 6.2 has no BLMPOP; before 6.2 LPOP takes no count. vmd notices
+    // and pops the older way; without that it would never take a request.
+    for without in [&["BLMPOP"][..], &["BLMPOP", "LPOP"][..]] {
+        let redis = RedisServer::start_without(without);
+        let fixture = Arc::new(Fixture::default());
+        let server = Serving::start(redis.broker(), fixture.clone(), 64);
+        let c = Arc::new(stub(&redis));
+        // Concurrent callers, so requests queue up behind each pop.
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..25 {
+                    let name = format!("vm-{t}-{i}");
+                    assert_eq!(c.logs(&name).await.unwrap(), format!("last lines of {name}\n"));
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(fixture.calls.lock().unwrap().len(), 200, "without {without:?}");
+        server.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn a_dead_broker_is_a_clear_client_error() {
     let mut redis = RedisServer::start();

@@ -378,8 +378,13 @@ enum PopMode {
     Blpop,
 }
 
+/// The broker does not know a command, or not in this form: an older Redis
+/// ("unknown command 'BLMPOP'"; before 6.2, LPOP with a count is "wrong
+/// number of arguments").
 fn unknown_command(e: &redis::RedisError) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
     e.kind() == redis::ErrorKind::ResponseError
+        && (text.contains("unknown command") || text.contains("wrong number of arguments"))
 }
 
 async fn pop_loop(
