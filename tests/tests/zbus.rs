@@ -349,14 +349,21 @@ async fn an_older_redis_without_blmpop_or_lpop_count_is_served_too() {
             tasks.push(tokio::spawn(async move {
                 for i in 0..25 {
                     let name = format!("vm-{t}-{i}");
-                    assert_eq!(c.logs(&name).await.unwrap(), format!("last lines of {name}\n"));
+                    assert_eq!(
+                        c.logs(&name).await.unwrap(),
+                        format!("last lines of {name}\n")
+                    );
                 }
             }));
         }
         for t in tasks {
             t.await.unwrap();
         }
-        assert_eq!(fixture.calls.lock().unwrap().len(), 200, "without {without:?}");
+        assert_eq!(
+            fixture.calls.lock().unwrap().len(),
+            200,
+            "without {without:?}"
+        );
         server.stop().await;
     }
 }
