@@ -23,7 +23,7 @@ use vmd::api::{self, Vm};
 use vmd::stub::VmdStub;
 use vmd::zbus::codec;
 use vmd::zbus::wire::{ObjectId, Request, Response};
-use vmd_tests::{until, RedisServer, Supervisor, VmdProcess};
+use vmd_tests::{ms, pct, until, RedisServer, Supervisor, VmdProcess};
 
 const GRACE_SECS: u64 = 10;
 const STUBBORN: usize = 64;
@@ -39,16 +39,6 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(bench(vms));
-}
-
-fn pct(v: &[Duration], p: usize) -> Duration {
-    let mut v = v.to_vec();
-    v.sort();
-    v[(v.len() * p / 100).min(v.len() - 1)]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
 struct Bench {

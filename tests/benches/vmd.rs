@@ -21,22 +21,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use vmd::api::Vm;
 use vmd::stub::VmdStub;
 use vmd_tests::vm::rss_kib;
-use vmd_tests::{bin, RedisServer, Supervisor, VmdProcess};
+use vmd_tests::{bin, ms, pct, RedisServer, Supervisor, VmdProcess};
 
 fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos()
-}
-
-fn pct(v: &mut [Duration], p: usize) -> Duration {
-    v.sort();
-    v[(v.len() * p / 100).min(v.len() - 1)]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
 fn exec_times(log: &std::path::Path) -> Vec<u128> {
@@ -106,8 +97,8 @@ async fn bench(n_vms: usize) {
         let exec = *execs.last().expect("exec time");
         to_exec.push(Duration::from_nanos((exec - before) as u64));
     }
-    let (exec_p50, exec_p99) = (pct(&mut to_exec.clone(), 50), pct(&mut to_exec, 99));
-    let run_p50 = pct(&mut run_total, 50);
+    let (exec_p50, exec_p99) = (pct(&to_exec, 50), pct(&to_exec, 99));
+    let run_p50 = pct(&run_total, 50);
     // Baseline: spawning the double directly.
     let direct_log = dir.path().join("direct.log");
     let mut direct = Vec::new();
@@ -132,7 +123,7 @@ async fn bench(n_vms: usize) {
         let _ = c.kill();
         let _ = c.wait();
     }
-    let direct_p50 = pct(&mut direct, 50);
+    let direct_p50 = pct(&direct, 50);
     for i in 0..runs {
         stub.delete(&format!("lat-{i}")).await.unwrap();
     }
@@ -213,11 +204,7 @@ async fn bench(n_vms: usize) {
         c.await.unwrap();
     }
     let delete_all = t0.elapsed();
-    let (list_p50, metrics_p50, exists_p50) = (
-        pct(&mut list, 50),
-        pct(&mut metrics, 50),
-        pct(&mut exists, 50),
-    );
+    let (list_p50, metrics_p50, exists_p50) = (pct(&list, 50), pct(&metrics, 50), pct(&exists, 50));
 
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!("vmd benchmark — {cpus} CPUs, redis + zinit double + vmd + vmd-shim + cloud-hypervisor double, release");

@@ -69,6 +69,18 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The `p`-th percentile of `v` (p in 0..=100).
+pub fn pct(v: &[std::time::Duration], p: usize) -> std::time::Duration {
+    let mut v = v.to_vec();
+    v.sort();
+    v[(v.len() * p / 100).min(v.len() - 1)]
+}
+
+/// A duration in milliseconds, for benchmark tables.
+pub fn ms(d: std::time::Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
 /// Polls `cond` every 10 ms until it holds; panics naming `what` once
 /// `limit` has passed. The one way the tests wait for something to happen.
 pub async fn until<F, Fut>(limit: std::time::Duration, what: impl std::fmt::Display, mut cond: F)

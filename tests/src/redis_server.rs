@@ -24,18 +24,7 @@ fn redis_binary() -> PathBuf {
 
 impl RedisServer {
     pub fn start() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("vmd-redis-")
-            .tempdir()
-            .expect("temp dir");
-        let mut s = RedisServer {
-            dir,
-            child: None,
-            tcp_port: None,
-            without: Vec::new(),
-        };
-        s.spawn();
-        s
+        Self::start_without(&[])
     }
 
     /// A Redis without `commands` (renamed away, so they are unknown), as an

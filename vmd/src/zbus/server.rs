@@ -474,31 +474,35 @@ async fn pop_loop(
                     }
                     Err(e) => {
                         // What was popped is still served; the rest waits.
-                        let mut permit = Some(permit);
-                        for payload in payloads {
-                            let p = permit
-                                .take()
-                                .or_else(|| Arc::clone(&inflight).try_acquire_owned().ok());
-                            spawn_request(&shared, payload, p);
-                        }
+                        serve_popped(&shared, &inflight, permit, payloads);
                         warn!(error = %e, "lost the broker while taking requests");
                         continue 'connect;
                     }
                 }
             }
-            let mut permit = Some(permit);
-            for payload in payloads {
-                // At most `room` were popped, and only this task takes
-                // permits: each has one.
-                let p = permit
-                    .take()
-                    .or_else(|| Arc::clone(&inflight).try_acquire_owned().ok());
-                spawn_request(&shared, payload, p);
-            }
+            serve_popped(&shared, &inflight, permit, payloads);
             // Quick calls were answered inline: let the replier send them
             // before taking more.
             tokio::task::yield_now().await;
         }
+    }
+}
+
+/// Serves what one pop took: the first request with the room the popper
+/// waited for, each other with room of its own (at most the room there was
+/// were popped, and only the popper takes room: each finds some).
+fn serve_popped(
+    shared: &Arc<Shared>,
+    inflight: &Arc<Semaphore>,
+    first: OwnedSemaphorePermit,
+    payloads: Vec<Vec<u8>>,
+) {
+    let mut first = Some(first);
+    for payload in payloads {
+        let room = first
+            .take()
+            .or_else(|| Arc::clone(inflight).try_acquire_owned().ok());
+        spawn_request(shared, payload, room);
     }
 }
 
