@@ -352,9 +352,13 @@ impl Manager {
         }
     }
 
-    /// Every service zinit runs or has a file for, sorted: what start-up
-    /// reconciliation checks against vmd's own records.
-    pub async fn known_services(&self) -> Vec<String> {
+    /// Every service zinit runs (`monitored`, its listing) or has a file
+    /// for, sorted: what start-up reconciliation checks against vmd's own
+    /// records.
+    pub fn known_services(
+        &self,
+        monitored: Option<&std::collections::BTreeMap<String, zinit::State>>,
+    ) -> Vec<String> {
         let mut services: Vec<String> = self
             .services
             .list()
@@ -362,8 +366,8 @@ impl Manager {
             .into_iter()
             .map(|s| s.to_string())
             .collect();
-        if let Ok(list) = self.zinit.list().await {
-            services.extend(list.into_keys());
+        if let Some(list) = monitored {
+            services.extend(list.keys().cloned());
         }
         services.sort();
         services.dedup();

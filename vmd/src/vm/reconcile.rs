@@ -143,12 +143,6 @@ pub fn spawn(
     })
 }
 
-/// The whole of reconciliation, in order (tests call it directly).
-pub async fn reconcile(m: &Arc<Manager>, locks: &Arc<KeyedLocks>) -> Report {
-    let plan = plan(m, locks);
-    run(m, locks, plan).await
-}
-
 async fn run(m: &Arc<Manager>, locks: &Arc<KeyedLocks>, plan: Plan) -> Report {
     let mut r = Report {
         orphans_removed: plan.junk,
@@ -177,9 +171,13 @@ async fn run(m: &Arc<Manager>, locks: &Arc<KeyedLocks>, plan: Plan) -> Report {
         });
     }
 
+    // What zinit monitors, asked once for every step below (not a status
+    // call per VM). Steps act under keys and re-check, so a listing that
+    // ages meanwhile only costs an idempotent remove.
+    let monitored = m.zinit().list().await;
     // Present VMs: zinit must monitor their service (it forgets everything
-    // when it restarts). One listing instead of a status call per VM.
-    match m.zinit().list().await {
+    // when it restarts).
+    match &monitored {
         Ok(monitored) => {
             for name in plan.adopt {
                 let service = name.service();
@@ -209,7 +207,9 @@ async fn run(m: &Arc<Manager>, locks: &Arc<KeyedLocks>, plan: Plan) -> Report {
         }
     }
 
-    r.orphans_removed.extend(m.reconcile_streams(locks).await);
+    let monitored = monitored.ok();
+    r.orphans_removed
+        .extend(m.reconcile_streams(locks, monitored.as_ref()).await);
 
     // Index entries of VMs whose directory is gone.
     let layout = m.layout();
@@ -234,7 +234,7 @@ async fn run(m: &Arc<Manager>, locks: &Arc<KeyedLocks>, plan: Plan) -> Report {
     }
 
     // Services of VMs that are not (or no longer) there.
-    for s in m.known_services().await {
+    for s in m.known_services(monitored.as_ref()) {
         let Some(vm) = s.strip_prefix("vm:") else {
             continue;
         };

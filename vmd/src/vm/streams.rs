@@ -272,9 +272,13 @@ impl Manager {
     }
 
     /// Start-up: streams whose VM or service is gone, services without a stream.
-    pub async fn reconcile_streams(&self, locks: &Arc<KeyedLocks>) -> Vec<String> {
+    /// Start-up reconciliation of streams; `monitored` is zinit's listing.
+    pub async fn reconcile_streams(
+        &self,
+        locks: &Arc<KeyedLocks>,
+        monitored: Option<&std::collections::BTreeMap<String, zinit::State>>,
+    ) -> Vec<String> {
         let mut removed = Vec::new();
-        let monitored = self.zinit().list().await.ok();
         for s in self.stream_specs() {
             // A StreamCreate of the same id may be running: hold its key.
             let _key = locks.lock(format!("stream:{}", s.id)).await;
@@ -289,16 +293,13 @@ impl Manager {
                 if let Err(e) = self.remove_stream(&s.id).await {
                     tracing::error!(stream = %s.id, error = %e, "cannot remove a stream whose VM is gone");
                 }
-            } else if monitored
-                .as_ref()
-                .is_some_and(|m| !m.contains_key(svc.as_str()))
-            {
+            } else if monitored.is_some_and(|m| !m.contains_key(svc.as_str())) {
                 if let Err(e) = self.zinit().monitor(&svc).await {
                     tracing::error!(stream = %s.id, error = %e, "cannot monitor the stream's worker again");
                 }
             }
         }
-        let services = self.known_services().await;
+        let services = self.known_services(monitored);
         for s in services {
             let Some(id) = s.strip_prefix("stream:") else {
                 continue;

@@ -582,11 +582,7 @@ async fn serve(
             let _running = shared.running.enter(object, method);
             dispatch.call.await
         }
-        Access::Read => {
-            let refused = service.refuse(&method, "internal error: the call was cancelled".into());
-            let _running = shared.running.enter(object, method);
-            on_pool(shared, dispatch.call, refused).await
-        }
+        Access::Read => on_pool(shared, service.as_ref(), object, method, dispatch.call).await,
         Access::Change(keys) => {
             let Ok(_slot) = Arc::clone(&shared.changes).try_acquire_owned() else {
                 warn!(id, method = %method, max = shared.max_changes, "too many changes in flight; refused");
@@ -596,23 +592,28 @@ async fn serve(
                 );
                 return Response::from_call(id, Ok(service.refuse(&method, msg)));
             };
-            let refused = service.refuse(&method, "internal error: the call was cancelled".into());
             let _held = shared.locks.lock_all(keys).await;
-            let _running = shared.running.enter(object, method);
-            on_pool(shared, dispatch.call, refused).await
+            on_pool(shared, service.as_ref(), object, method, dispatch.call).await
         }
     };
     Response::from_call(id, result)
 }
 
-/// Runs `call` on the pool and waits for it. A call that cannot finish (the
-/// pool is shutting down) is answered with `refused`, a Go-safe method error.
-async fn on_pool(shared: &Shared, call: Call, refused: Output) -> Result<Output, String> {
+/// Runs `call` on the pool, shown as running, and waits for it. A call that
+/// cannot finish (the pool is shutting down) gets a Go-safe method error.
+async fn on_pool(
+    shared: &Shared,
+    service: &dyn Service,
+    object: ObjectId,
+    method: String,
+    call: Call,
+) -> Result<Output, String> {
+    let _running = shared.running.enter(object, method.clone());
     match shared.pool.spawn(call).await {
         Ok(result) => result,
         Err(e) => {
-            error!(error = %e, "a call on the pool did not finish");
-            Ok(refused)
+            error!(error = %e, method = %method, "a call on the pool did not finish");
+            Ok(service.refuse(&method, "internal error: the call was cancelled".into()))
         }
     }
 }
