@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use vmd_shim::console::ConsoleLog;
+use vmd_runtime::console::ConsoleLog;
 use vmd_tests::vm::{cpu_ticks, private_dirty_kib, rss_kib};
 use vmd_tests::{bin, RedisServer};
 

@@ -67,7 +67,7 @@ async fn bench(dur: Duration) {
     let end = |vm: &TestVm| -> u64 {
         let log = &vm.spec.console.log;
         let len = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
-        let meta: serde_json::Value = std::fs::read_to_string(vmd_shim::console::meta_path(log))
+        let meta: serde_json::Value = std::fs::read_to_string(vmd_runtime::console::meta_path(log))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();

@@ -1,8 +1,11 @@
 //! Fixtures of the integration tests: a real `redis-server` on a private
-//! unix socket, the Go vectors, a fixture module, paths of the built binaries.
+//! unix socket, zinit (double or real), the `vmd` binary, the whole [`stack`]
+//! of them, the Go vectors, a fixture module, paths of the built binaries,
+//! and [`until`], the one way a test waits for something.
 
 pub mod fixture;
 pub mod redis_server;
+pub mod stack;
 pub mod supervisor;
 pub mod vm;
 pub mod vmd_process;
@@ -88,8 +91,28 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    until_some(limit, what, || {
+        let c = cond();
+        async move { c.await.then_some(()) }
+    })
+    .await
+}
+
+/// [`until`] for a value: polls `f` until it yields `Some`, and returns it.
+pub async fn until_some<T, F, Fut>(
+    limit: std::time::Duration,
+    what: impl std::fmt::Display,
+    mut f: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
     let t0 = std::time::Instant::now();
-    while !cond().await {
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
         assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }

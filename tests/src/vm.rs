@@ -9,8 +9,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use vmd_shim::spec::{ConsoleSpec, RestartPolicy, RunDir, VmSpec, SPEC_VERSION};
-use vmd_shim::state::ShimState;
+use vmd_runtime::spec::{ConsoleSpec, RestartPolicy, VmSpec, SPEC_VERSION};
+use vmd_runtime::state::ShimState;
+use vmd_runtime::RunDir;
 use zinit::{Command, Service, ServiceName};
 
 use crate::{bin, Supervisor};
@@ -55,8 +56,8 @@ impl TestVm {
     /// A VM description for `name` with guest knobs `knobs` (e.g. `gaction=wait`).
     pub fn new(z: &Supervisor, name: &str, knobs: &str) -> Self {
         let root = z.dir.path();
-        let run = RunDir(root.join("run").join(name));
-        std::fs::create_dir_all(&run.0).unwrap();
+        let run = RunDir::new(root.join("run").join(name));
+        std::fs::create_dir_all(run.path()).unwrap();
         let kernel = match std::env::var_os("VMD_TEST_KERNEL") {
             Some(k) => PathBuf::from(k),
             None => {
@@ -113,7 +114,7 @@ impl TestVm {
         let exec = Command::new([
             bin("vmd-shim").to_string_lossy().into_owned(),
             "--dir".into(),
-            self.run.0.to_string_lossy().into_owned(),
+            self.run.path().to_string_lossy().into_owned(),
         ])
         .unwrap();
         z.config_dir()

@@ -132,8 +132,14 @@ fn zosrc_is_safe_for_a_shell() {
 fn malformed_values_are_refused() {
     let mut vm = full_vm();
     vm.entrypoint = "/bin/sh 'unbalanced".into();
-    assert!(seed_files(&vm).unwrap_err().contains("unbalanced quotes"));
+    assert!(seed_files(&vm)
+        .unwrap_err()
+        .to_string()
+        .contains("unbalanced quotes"));
     let mut vm = full_vm();
     vm.network.ifaces[0].ips[0].mask.0 = serde_bytes::ByteBuf::from(vec![255, 0, 255, 0]);
-    assert!(seed_files(&vm).unwrap_err().contains("not a valid prefix"));
+    assert!(seed_files(&vm)
+        .unwrap_err()
+        .to_string()
+        .contains("not a valid prefix"));
 }

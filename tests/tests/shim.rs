@@ -3,10 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use vmd_shim::control;
-use vmd_shim::state::Phase;
+use vmd_runtime::control;
+use vmd_runtime::state::Phase;
 use vmd_tests::vm::{alive, boot_timeout, cpu_ticks, proc_status, real_ch, rss_kib, tail, TestVm};
-use vmd_tests::Supervisor;
+use vmd_tests::{until, Supervisor};
 use zinit::State;
 
 const SHORT: Duration = Duration::from_secs(10);
@@ -69,12 +69,12 @@ async fn starts_the_vmm_hardened_with_the_console_in_the_log() {
         "console in the ring: {ring:?}"
     );
     // The API answers.
-    let ping = vmd_shim::api::expect_ok(&vm.run.api_socket(), "GET", "vmm.ping", SHORT)
+    let ping = vmd_runtime::vmm::api::expect_ok(&vm.run.api_socket(), "GET", "vmm.ping", SHORT)
         .await
         .unwrap();
     let ping: serde_json::Value = serde_json::from_slice(&ping).unwrap();
     assert_eq!(ping["pid"].as_i64(), Some(pid as i64));
-    let info = vmd_shim::api::expect_ok(&vm.run.api_socket(), "GET", "vm.info", SHORT)
+    let info = vmd_runtime::vmm::api::expect_ok(&vm.run.api_socket(), "GET", "vm.info", SHORT)
         .await
         .unwrap();
     let info: serde_json::Value = serde_json::from_slice(&info).unwrap();
@@ -183,6 +183,7 @@ async fn a_crash_loop_gives_up_with_the_reason_and_burns_no_cpu() {
     // Idle: no VMM, no CPU, and zinit sees a running (not respawning) shim.
     let shim = shim_pid(&z, &vm).await;
     let before = cpu_ticks(shim);
+    // Watched for 3 s: an observation window, not a wait for an event.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(cpu_ticks(shim), before, "an idle failed shim used CPU");
     assert_eq!(shim_pid(&z, &vm).await, shim);
@@ -198,7 +199,13 @@ async fn a_crash_loop_gives_up_with_the_reason_and_burns_no_cpu() {
         assert!(t0.elapsed() < SHORT);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The new shim reads the state and says it stays idle.
+    let c = z.client();
+    until(SHORT, "the new shim's decision", || async {
+        let ring = c.service_log(&vm.service).await.unwrap_or_default();
+        ring.iter().any(|l| l.contains("the VM failed earlier"))
+    })
+    .await;
     let st = vm.state();
     assert_eq!(st.phase, Phase::Failed);
     assert!(st.vmm.is_none(), "a failed VM was started again");
@@ -265,7 +272,8 @@ async fn a_guest_ignoring_the_power_button_is_forced_after_the_grace_period() {
             .contains("forced after the grace period"),
         "{s:?}"
     );
-    // After a control stop the shim idles: nothing restarts the VM.
+    // After a control stop the shim idles: nothing restarts the VM
+    // (watched for 3 s: an observation window, not a wait for an event).
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(vm.state().vmm.is_none());
     let st = z.client().status(&vm.service).await.unwrap();
@@ -292,6 +300,7 @@ async fn a_powered_off_guest_is_restarted_unless_not_kept_alive() {
         })
         .await;
     assert_eq!(st.restarts, 0);
+    // Watched for 2 s: an observation window, not a wait for an event.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         off.console().matches("GUEST-POWEROFF").count(),
@@ -329,7 +338,7 @@ async fn a_stale_api_socket_does_not_prevent_the_start() {
     // What a SIGKILLed VMM leaves: a socket file nobody listens on, and its lock.
     let stale = std::os::unix::net::UnixListener::bind(vm.run.api_socket()).unwrap();
     drop(stale);
-    std::fs::write(vm.run.0.join("api.sock.lock"), "").unwrap();
+    std::fs::write(vm.run.path().join("api.sock.lock"), "").unwrap();
     vm.start(&z).await;
     vm.wait_console("GUEST-READY", 1, boot_timeout()).await;
     vm.vmm_pid(SHORT).await;
@@ -354,7 +363,7 @@ async fn a_console_flood_stays_within_bounds() {
     }
     let log = std::fs::read(&vm.spec.console.log).unwrap();
     let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(vmd_shim::console::meta_path(&vm.spec.console.log)).unwrap(),
+        &std::fs::read_to_string(vmd_runtime::console::meta_path(&vm.spec.console.log)).unwrap(),
     )
     .unwrap();
     let total = meta["base"].as_u64().unwrap() + log.len() as u64;

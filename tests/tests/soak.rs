@@ -482,9 +482,8 @@ fn read_log(path: &Path) -> (Vec<u8>, u64, u64) {
             return (Vec::new(), 0, 0);
         };
         let ino = f.metadata().map(|m| m.ino()).unwrap_or(0);
-        let base = match vmd_shim::console::read_meta(path, ino) {
-            Some(m) => m.base,
-            None if !vmd_shim::console::meta_path(path).exists() => 0,
+        let base = match vmd_runtime::console::file_base(path, ino) {
+            Some(base) => base,
             None => {
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
@@ -857,32 +856,7 @@ async fn soak(duration: Duration) {
             .unwrap_or_else(|m| panic!("final Delete({name}): {m}"));
     }
     assert!(world.stub.list().await.unwrap().is_empty());
-    let procs = world.processes();
-    assert!(procs.is_empty(), "processes left: {procs:#?}");
-    let services: Vec<String> = world
-        .zinit
-        .client()
-        .list()
-        .await
-        .unwrap()
-        .into_keys()
-        .filter(|k| k.starts_with("vm:") || k.starts_with("stream:"))
-        .collect();
-    assert!(services.is_empty(), "zinit services left: {services:?}");
-    let files = world.zinit.config_dir().list().unwrap();
-    assert!(files.is_empty(), "service files left: {files:?}");
-    for dir in [
-        world.runtime.join("vms"),
-        world.runtime.join("present"),
-        world.runtime.join("streams"),
-        world.root.join("logs"),
-        world.root.join("cloud-init"),
-    ] {
-        let left: Vec<_> = std::fs::read_dir(&dir)
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        assert!(left.is_empty(), "left in {}: {left:?}", dir.display());
-    }
+    vmd_tests::stack::assert_nothing_left(&world.zinit, &world.runtime, &world.root).await;
     let vmd_stderr = world.vmd.lock().unwrap().stderr();
     assert!(!vmd_stderr.contains("panicked"), "vmd panicked");
 

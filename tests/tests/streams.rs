@@ -5,28 +5,28 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use vmd::api::{Stream, Vm};
-use vmd::stub::VmdStub;
+use vmd::api::Stream;
 use vmd::zbus::client::ClientError;
+use vmd_tests::stack::Stack;
 use vmd_tests::vm::real_ch;
-use vmd_tests::{gunzip, RedisServer, Supervisor, VmdProcess};
+use vmd_tests::{gunzip, RedisServer};
 
 /// 10 MB of console output: 64-byte lines.
 const FLOOD: u64 = 10_000_000;
 
-struct Env {
-    _redis: RedisServer,
-    zinit: Supervisor,
-    vmd: VmdProcess,
-    stub: VmdStub,
-    dir: tempfile::TempDir,
+/// The stack, with console logs big enough that nothing is rotated away
+/// during a test.
+struct Env(Stack);
+
+impl std::ops::Deref for Env {
+    type Target = Stack;
+    fn deref(&self) -> &Stack {
+        &self.0
+    }
 }
 
 impl Env {
     async fn start(extra: &[&str]) -> Env {
-        let redis = RedisServer::start();
-        let zinit = Supervisor::start();
-        // Big enough logs that nothing is rotated away during a test.
         let mut flags = vec![
             "--log-rotate-bytes",
             "67108864",
@@ -34,51 +34,36 @@ impl Env {
             "33554432",
         ];
         flags.extend_from_slice(extra);
-        let vmd = VmdProcess::start_with(&redis, Some(&zinit), &flags);
-        let stub = VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(60));
-        vmd.wait_ready().await;
-        Env {
-            _redis: redis,
-            zinit,
-            vmd,
-            stub,
-            dir: tempfile::tempdir().unwrap(),
-        }
+        Env(Stack::start(&flags).await)
     }
 
     /// A VM that starts printing `FLOOD` bytes `delay_ms` after it booted.
     async fn flooding_vm(&self, name: &str, delay_ms: u64, bps: u64) {
-        let kernel = self.dir.path().join("vmlinux");
-        std::fs::write(&kernel, "x").unwrap();
-        let mut vm = Vm {
-            name: name.into(),
-            cpu: 1,
-            memory: 256 << 20,
-            kernel_image: kernel.to_string_lossy().into_owned(),
-            ..Default::default()
-        };
-        for (k, v) in [
-            ("double.boot_ms", delay_ms.to_string()),
-            ("double.flood_bps", bps.to_string()),
-            ("double.flood_bytes", FLOOD.to_string()),
-        ] {
-            vm.kernel_args.insert(k.into(), v);
-        }
+        let (delay, bps, bytes) = (delay_ms.to_string(), bps.to_string(), FLOOD.to_string());
+        let vm = self.vm(
+            name,
+            &[
+                ("double.boot_ms", &delay),
+                ("double.flood_bps", &bps),
+                ("double.flood_bytes", &bytes),
+            ],
+        );
         self.stub.run(&vm).await.unwrap();
     }
 
-    fn log(&self, name: &str) -> Vec<u8> {
-        std::fs::read(self.vmd.root().join("logs").join(name)).unwrap_or_default()
+    /// What the console log of `name` holds.
+    fn console(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.log(name)).unwrap_or_default()
     }
 
     /// Waits until the VM printed all of its flood.
     async fn wait_flood_done(&self, name: &str) -> Vec<u8> {
         let t0 = Instant::now();
         loop {
-            let log = self.log(name);
+            let log = self.console(name);
             if log.len() as u64 >= FLOOD {
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                return self.log(name);
+                return self.console(name);
             }
             assert!(
                 t0.elapsed() < Duration::from_secs(60),
@@ -125,6 +110,17 @@ async fn assert_received(received: &Arc<Mutex<Vec<u8>>>, want: &[u8]) {
     let got = received.lock().unwrap().clone();
     assert_eq!(got.len(), want.len());
     assert!(got == want, "received bytes differ from the console");
+}
+
+/// The names of the files in `dir` (none when it does not exist).
+fn files_in(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn skip() -> bool {
@@ -409,18 +405,7 @@ async fn a_killed_worker_is_restarted_by_zinit_and_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_streams_are_refused_and_nothing_is_left_behind() {
     let env = Env::start(&[]).await;
-    let kernel = env.dir.path().join("vmlinux");
-    std::fs::write(&kernel, "x").unwrap();
-    env.stub
-        .run(&Vm {
-            name: "svm".into(),
-            cpu: 1,
-            memory: 256 << 20,
-            kernel_image: kernel.to_string_lossy().into_owned(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    env.stub.run(&env.vm("svm", &[])).await.unwrap();
     let s = |id: &str, out: &str, ns: &str| Stream {
         id: id.into(),
         namespace: ns.into(),
@@ -479,10 +464,8 @@ async fn bad_streams_are_refused_and_nothing_is_left_behind() {
         "{services:?}"
     );
     let streams = env.vmd.runtime().join("streams");
-    assert!(
-        std::fs::read_dir(&streams).map_or(true, |mut d| d.next().is_none()),
-        "stream files left"
-    );
+    let left = files_in(&streams);
+    assert!(left.is_empty(), "stream files left: {left:?}");
     // Unknown or invalid ids delete fine; a taken id is refused, unless the
     // call is an identical retry (a caller that lost the reply).
     env.stub.stream_delete("never-existed").await.unwrap();
@@ -510,10 +493,8 @@ async fn bad_streams_are_refused_and_nothing_is_left_behind() {
         .await
         .unwrap()
         .contains_key("stream:dup"));
-    assert!(
-        std::fs::read_dir(&streams).map_or(true, |mut d| d.next().is_none()),
-        "stream files left"
-    );
+    let left = files_in(&streams);
+    assert!(left.is_empty(), "stream files left: {left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,16 +7,21 @@ use std::time::{Duration, Instant};
 
 use vmd::api::{Boot, SharedDir, Vm, VmDisk, VmIface};
 use vmd::stub::VmdStub;
-use vmd::vm::validate::{validate, Settings};
-use vmd::vm::Layout;
-use vmd_shim::args::hypervisor_args;
+use vmd::vm::plan::{plan, DevicesInUse, Plan, Settings};
+use vmd::vm::Host;
+use vmd_runtime::vmm::args::hypervisor_args;
+use vmd_runtime::HostPaths;
 use vmd_tests::supervisor::processes_with;
 use vmd_tests::{RedisServer, Supervisor, VmdProcess};
 
-fn layout(t: &Path) -> Layout {
-    Layout {
-        root: t.join("root"),
-        runtime: t.join("run"),
+/// The plan of `vm` on `host`, no PCI device owned by another VM.
+fn validate(vm: &Vm, host: &Host, settings: &Settings) -> Result<Plan, String> {
+    plan(vm, host, settings, &DevicesInUse::new()).map_err(|e| e.to_string())
+}
+
+fn layout(t: &Path) -> Host {
+    Host {
+        paths: HostPaths::new(t.join("root"), t.join("run")),
         zinit_dir: t.join("zinit"),
         zinit_socket: t.join("zinit.sock"),
         shim: "/usr/bin/vmd-shim".into(),
@@ -47,7 +52,7 @@ fn fixture(t: &Path) -> (Settings, String) {
 fn argv(vm: &Vm, t: &Path, settings: &Settings) -> String {
     let l = layout(t);
     let valid = validate(vm, &l, settings).unwrap();
-    let args = hypervisor_args(&valid.spec, &l.run_dir(&valid.name));
+    let args = hypervisor_args(&valid.spec, &l.paths.run_dir(&valid.name));
     args.join(" ").replace(&t.display().to_string(), "{T}")
 }
 

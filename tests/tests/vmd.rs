@@ -1,190 +1,38 @@
 //! vmd end to end: the zbus client → a real Redis → the `vmd` binary →
 //! zinit (double or real) → vmd-shim → cloud-hypervisor (double or real).
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use vmd::api::{Vm, VmDisk, VmIface};
-use vmd::stub::VmdStub;
 use vmd::zbus::client::ClientError;
-use vmd_tests::supervisor::processes_with;
+use vmd_tests::stack::Stack;
+use vmd_tests::until;
 use vmd_tests::vm::{alive, boot_timeout, real_ch};
-use vmd_tests::{until, RedisServer, Supervisor, VmdProcess};
 
-struct Env {
-    redis: RedisServer,
-    zinit: Supervisor,
-    vmd: VmdProcess,
-    stub: VmdStub,
-    sys: tempfile::TempDir,
+type Env = Stack;
+
+/// Starts vmd again and asks, as a Go caller with a 1 s deadline that
+/// starts with the process: the status object, then `Exists(bystander)`.
+async fn restart_and_serve_at_once(env: &mut Env, bystander: &str) -> Duration {
+    let go = env.caller(Duration::from_secs(1));
+    let t0 = Instant::now();
+    env.vmd.restart();
+    let answered = tokio::time::timeout(Duration::from_secs(1), async {
+        go.status().await.map(drop)?;
+        go.exists(bystander).await
+    })
+    .await;
+    match answered {
+        Ok(Ok(true)) => t0.elapsed(),
+        other => panic!(
+            "status and Exists({bystander}) not answered within 1 s of the restart: {other:?}\n{}",
+            env.vmd.stderr()
+        ),
+    }
 }
 
-impl Env {
-    async fn start(extra: &[&str]) -> Env {
-        let redis = RedisServer::start();
-        let zinit = Supervisor::start();
-        let sys = tempfile::tempdir().unwrap();
-        let sys_net = sys.path().join("net").to_string_lossy().into_owned();
-        let mut flags = vec!["--sys-net", &sys_net];
-        flags.extend_from_slice(extra);
-        let vmd = VmdProcess::start_with(&redis, Some(&zinit), &flags);
-        let stub = VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(90));
-        let env = Env {
-            redis,
-            zinit,
-            vmd,
-            stub,
-            sys,
-        };
-        env.wait_ready().await;
-        env
-    }
-
-    async fn wait_ready(&self) {
-        self.vmd.wait_ready().await;
-    }
-
-    fn kernel(&self) -> String {
-        match std::env::var("VMD_TEST_KERNEL") {
-            Ok(k) => k,
-            Err(_) => {
-                let k = self.sys.path().join("vmlinux");
-                if !k.exists() {
-                    std::fs::write(&k, "not a kernel").unwrap();
-                }
-                k.to_string_lossy().into_owned()
-            }
-        }
-    }
-
-    /// A VM whose guest is steered by `knobs` (`gaction=wait`, double knobs…).
-    fn vm(&self, name: &str, knobs: &[(&str, &str)]) -> Vm {
-        let mut args: BTreeMap<String, String> = BTreeMap::new();
-        if real_ch() {
-            // The test guest's needs on an emulated KVM (shared/guest).
-            args.insert(
-                "clearcpuid".into(),
-                "141,151,158,306,308,145,298,59,534".into(),
-            );
-            args.insert("noxsave".into(), String::new());
-            args.insert("nofsgsbase".into(), String::new());
-        }
-        for (k, v) in knobs {
-            args.insert((*k).into(), (*v).into());
-        }
-        Vm {
-            name: name.into(),
-            cpu: 1,
-            memory: 256 << 20,
-            kernel_image: self.kernel(),
-            initrd_image: std::env::var("VMD_TEST_INITRD").unwrap_or_default(),
-            kernel_args: args,
-            ..Default::default()
-        }
-    }
-
-    /// A fake tap in the sysfs vmd looks at, with its counters.
-    fn tap(&self, name: &str, c: [u64; 4]) {
-        let dir = self.sys.path().join("net").join(name);
-        std::fs::create_dir_all(dir.join("statistics")).unwrap();
-        std::fs::write(dir.join("tun_flags"), "0x1002\n").unwrap();
-        for (f, v) in ["rx_bytes", "rx_packets", "tx_bytes", "tx_packets"]
-            .iter()
-            .zip(c)
-        {
-            std::fs::write(dir.join("statistics").join(f), format!("{v}\n")).unwrap();
-        }
-    }
-
-    fn run_dir(&self, name: &str) -> PathBuf {
-        self.vmd.runtime().join("vms").join(name)
-    }
-
-    fn log(&self, name: &str) -> PathBuf {
-        self.vmd.root().join("logs").join(name)
-    }
-
-    async fn wait_logs(&self, name: &str, marker: &str) {
-        let t0 = Instant::now();
-        loop {
-            let logs = self.stub.logs_full(name).await.unwrap();
-            if logs.contains(marker) {
-                return;
-            }
-            assert!(
-                t0.elapsed() < boot_timeout(),
-                "{marker} never on {name}'s console:\n{logs}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Nothing of VM `name` is left: files, service, processes.
-    async fn assert_gone(&self, name: &str) {
-        assert!(!self.run_dir(name).exists(), "run dir of {name} left");
-        assert!(!self.log(name).exists(), "log of {name} left");
-        let seed = self
-            .vmd
-            .root()
-            .join("cloud-init")
-            .join(format!("{name}.img"));
-        assert!(!seed.exists(), "cloud-init image of {name} left");
-        let svc = format!("vm:{name}");
-        assert!(
-            !self
-                .zinit
-                .config_path()
-                .join(format!("{svc}.yaml"))
-                .exists(),
-            "service file left"
-        );
-        let list = self.zinit.client().list().await.unwrap();
-        assert!(!list.contains_key(&svc), "zinit still has {svc}");
-        let marker = self.run_dir(name).to_string_lossy().into_owned();
-        assert!(
-            processes_with(&marker).is_empty(),
-            "processes of {name} left"
-        );
-    }
-
-    /// Waits until the files of `name` are gone (start-up reconciliation
-    /// finishes in the background), then checks that nothing at all is left.
-    async fn wait_gone(&self, name: &str) {
-        let run = self.run_dir(name);
-        let svc = self.zinit.config_path().join(format!("vm:{name}.yaml"));
-        until(
-            Duration::from_secs(30),
-            format!("{name} never went"),
-            || std::future::ready(!run.exists() && !svc.exists()),
-        )
-        .await;
-        self.assert_gone(name).await;
-    }
-
-    /// Starts vmd again and asks, as a Go caller with a 1 s deadline that
-    /// starts with the process: the status object, then `Exists(bystander)`.
-    async fn restart_and_serve_at_once(&mut self, bystander: &str) -> Duration {
-        let go = VmdStub::new(self.redis.broker()).with_timeout(Duration::from_secs(1));
-        let t0 = Instant::now();
-        self.vmd.restart();
-        let answered = tokio::time::timeout(Duration::from_secs(1), async {
-            go.status().await.map(drop)?;
-            go.exists(bystander).await
-        })
-        .await;
-        match answered {
-            Ok(Ok(true)) => t0.elapsed(),
-            other => panic!(
-                "status and Exists({bystander}) not answered within 1 s of the restart: {other:?}\n{}",
-                self.vmd.stderr()
-            ),
-        }
-    }
-
-    fn vms_dir_is_empty(&self) -> bool {
-        std::fs::read_dir(self.vmd.runtime().join("vms")).map_or(true, |mut d| d.next().is_none())
-    }
+fn vms_dir_is_empty(env: &Env) -> bool {
+    std::fs::read_dir(env.vmd.runtime().join("vms")).map_or(true, |mut d| d.next().is_none())
 }
 
 fn method_err(e: ClientError) -> String {
@@ -508,7 +356,7 @@ async fn invalid_vms_and_hostile_names_are_refused_and_nothing_is_written() {
         );
         assert!(e.contains(want), "{:?}: {e:?} lacks {want:?}", vm.name);
     }
-    assert!(env.vms_dir_is_empty(), "something was written");
+    assert!(vms_dir_is_empty(&env), "something was written");
     assert!(
         env.zinit.config_dir().list().unwrap().is_empty(),
         "a service file was written"
@@ -625,8 +473,26 @@ async fn a_lock_outlives_a_vmm_crash_and_a_locked_vm_still_deletes_gracefully() 
     }
     // Console output of this (third) boot starts here.
     let third_boot = s.logs_full("frozen").await.unwrap().len();
-    wait_state(&env, "frozen", "running").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The shim decides about the lock once per boot, and says so: after its
+    // third decision the unlocked VM must still run.
+    let svc = zinit::ServiceName::new("vm:frozen").unwrap();
+    until(
+        Duration::from_secs(20),
+        "the third boot's lock decision",
+        || async {
+            let ring = env
+                .zinit
+                .client()
+                .service_log(&svc)
+                .await
+                .unwrap_or_default();
+            ring.iter()
+                .filter(|l| l.contains("the guest booted"))
+                .count()
+                >= 3
+        },
+    )
+    .await;
     wait_state(&env, "frozen", "running").await;
     // A paused guest cannot see the power button: the shim resumes it for
     // its shutdown instead of waiting out the 30 s grace.
@@ -702,7 +568,7 @@ async fn a_crash_loop_is_reported_failed_listed_and_deletable() {
 
 /// Starts a Run in the background and kills vmd `after` into it.
 async fn kill_vmd_during_run(env: &mut Env, vm: Vm, after: Duration) {
-    let stub = VmdStub::new(env.redis.broker()).with_timeout(Duration::from_secs(60));
+    let stub = env.caller(Duration::from_secs(60));
     let call = tokio::spawn(async move { stub.run(&vm).await });
     tokio::time::sleep(after).await;
     env.vmd.crash();
@@ -723,7 +589,7 @@ async fn vmd_killed_during_run_serves_at_once_and_rolls_the_run_back() {
         let name = format!("half-{i}");
         let vm = env.vm(&name, &[("double.api_delay_ms", "1500")]);
         kill_vmd_during_run(&mut env, vm.clone(), Duration::from_millis(*at)).await;
-        let took = env.restart_and_serve_at_once("bystander").await;
+        let took = restart_and_serve_at_once(&mut env, "bystander").await;
         eprintln!("killed {at} ms into a Run: served {took:?} after the restart");
         // The caller got no answer: the Run is rolled back, completely.
         assert!(!env.stub.exists(&name).await.unwrap(), "killed at {at} ms");
@@ -736,7 +602,7 @@ async fn vmd_killed_during_run_serves_at_once_and_rolls_the_run_back() {
     env.stub.run(&env.vm("whole", &[])).await.unwrap();
     let pid = vmm_pid(&env, "whole").await;
     env.vmd.crash_and_restart();
-    env.wait_ready().await;
+    env.vmd.wait_ready().await;
     assert!(env.stub.exists("whole").await.unwrap());
     assert_eq!(
         vmm_pid(&env, "whole").await,
@@ -766,7 +632,7 @@ async fn vmd_killed_during_a_graceful_delete_serves_at_once_and_finishes_it() {
             .await
             .unwrap();
         let pid = vmm_pid(&env, &name).await;
-        let stub = VmdStub::new(env.redis.broker()).with_timeout(Duration::from_secs(60));
+        let stub = env.caller(Duration::from_secs(60));
         let n = name.clone();
         let call = tokio::spawn(async move { stub.delete(&n).await });
         tokio::time::sleep(Duration::from_millis(*at)).await;
@@ -774,7 +640,7 @@ async fn vmd_killed_during_a_graceful_delete_serves_at_once_and_finishes_it() {
         call.abort();
         // The restarted vmd finishes the Delete in the background, waiting
         // for the guest, and serves everyone else meanwhile.
-        let took = env.restart_and_serve_at_once("bystander").await;
+        let took = restart_and_serve_at_once(&mut env, "bystander").await;
         eprintln!("killed {at} ms into a graceful Delete: served {took:?} after the restart");
         assert!(!env.stub.exists(&name).await.unwrap());
         if i == 0 {
@@ -803,7 +669,7 @@ async fn reads_answer_at_once_while_64_graceful_deletes_wait_for_their_guests() 
     let names: Vec<String> = (0..64).map(|i| format!("stubborn-{i}")).collect();
     let mut runs = Vec::new();
     for name in &names {
-        let stub = VmdStub::new(env.redis.broker()).with_timeout(Duration::from_secs(120));
+        let stub = env.caller(Duration::from_secs(120));
         let vm = env.vm(name, &[("double.ignore_power_button", "1")]);
         runs.push(tokio::spawn(async move { stub.run(&vm).await }));
     }
@@ -812,7 +678,7 @@ async fn reads_answer_at_once_while_64_graceful_deletes_wait_for_their_guests() 
     }
     let mut deletes = Vec::new();
     for name in &names {
-        let stub = VmdStub::new(env.redis.broker()).with_timeout(Duration::from_secs(120));
+        let stub = env.caller(Duration::from_secs(120));
         let name = name.clone();
         deletes.push(tokio::spawn(async move {
             let t0 = Instant::now();
@@ -822,7 +688,7 @@ async fn reads_answer_at_once_while_64_graceful_deletes_wait_for_their_guests() 
     }
     // All 64 are in flight, each waiting for its own guest, and each past
     // its first step (the VM is gone for callers).
-    let go = VmdStub::new(env.redis.broker()).with_timeout(Duration::from_secs(1));
+    let go = env.caller(Duration::from_secs(1));
     until(
         Duration::from_secs(10),
         "64 Deletes never ran at once",
@@ -900,7 +766,7 @@ async fn orphans_are_removed_at_start_up() {
     std::fs::create_dir_all(&stray).unwrap();
     std::fs::write(stray.join("vm.json"), "{}").unwrap();
     env.vmd.restart();
-    env.wait_ready().await;
+    env.vmd.wait_ready().await;
     // Reconciliation runs in the background.
     let z = env.zinit.client();
     until(Duration::from_secs(20), "orphans never removed", || async {
@@ -919,13 +785,11 @@ async fn two_hundred_run_delete_cycles_leave_nothing_behind() {
         return;
     }
     let env = Env::start(&[]).await;
-    // Shims and VMMs name their run dir (`<runtime>/vms/<name>`); vmd does not.
-    let marker = format!("{}/vms/", env.vmd.runtime().display());
     let t0 = Instant::now();
     for round in 0..20 {
         let mut calls = Vec::new();
         for i in 0..10 {
-            let stub = VmdStub::new(env.redis.broker()).with_timeout(Duration::from_secs(60));
+            let stub = env.caller(Duration::from_secs(60));
             let vm = env.vm(&format!("cycle-{round}-{i}"), &[]);
             calls.push(tokio::spawn(async move {
                 stub.run(&vm).await.unwrap();
@@ -938,36 +802,5 @@ async fn two_hundred_run_delete_cycles_leave_nothing_behind() {
     }
     eprintln!("200 Run/Delete cycles in {:?}", t0.elapsed());
     assert!(env.stub.list().await.unwrap().is_empty());
-    assert!(env.vms_dir_is_empty(), "VM directories left");
-    let procs: Vec<String> = processes_with(&marker)
-        .iter()
-        .map(|p| {
-            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-            format!(
-                "{p}: {} [{}]",
-                String::from_utf8_lossy(&cmd).replace('\0', " "),
-                stat.split(' ').nth(2).unwrap_or("?")
-            )
-        })
-        .collect();
-    assert!(procs.is_empty(), "processes left: {procs:#?}");
-    let left: Vec<_> = env
-        .zinit
-        .client()
-        .list()
-        .await
-        .unwrap()
-        .into_keys()
-        .filter(|k| k.starts_with("vm:"))
-        .collect();
-    assert!(left.is_empty(), "services left: {left:?}");
-    assert!(
-        env.zinit.config_dir().list().unwrap().is_empty(),
-        "service files left"
-    );
-    let logs = std::fs::read_dir(env.vmd.root().join("logs"))
-        .unwrap()
-        .count();
-    assert_eq!(logs, 0, "console logs left");
+    env.assert_nothing_left().await;
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use vmd_tests::supervisor::processes_with;
-use vmd_tests::{bin, Supervisor};
+use vmd_tests::{bin, until_some, Supervisor};
 use zinit::{
     Command, Log, Service, ServiceName, SignalName, Signals, State, Target, WaitStatus, ZinitError,
 };
@@ -41,29 +41,10 @@ async fn install(z: &Supervisor, n: &str, svc: &Service) {
     z.client().monitor(&name(n)).await.unwrap();
 }
 
-/// Polls `f` until it yields `Some`, failing after `limit`.
-async fn until<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            t0.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn running_pid(z: &Supervisor, n: &str) -> u32 {
     let c = z.client();
     let n = name(n);
-    until("Running", Duration::from_secs(10), || async {
+    until_some(Duration::from_secs(10), "Running", || async {
         let st = c.status(&n).await.unwrap();
         (st.state == State::Running && st.pid > 0).then_some(st.pid)
     })
@@ -101,7 +82,7 @@ async fn a_killed_service_is_respawned_about_two_seconds_later() {
     }
     let c = z.client();
     // First the exit is recorded…
-    let st = until("the exit", Duration::from_secs(2), || async {
+    let st = until_some(Duration::from_secs(2), "the exit", || async {
         let st = c.status(&name("svc:r")).await.unwrap();
         (st.pid == 0).then_some(st)
     })
@@ -115,7 +96,7 @@ async fn a_killed_service_is_respawned_about_two_seconds_later() {
         })
     );
     // …then a new process after the respawn delay.
-    let second = until("the respawn", Duration::from_secs(6), || async {
+    let second = until_some(Duration::from_secs(6), "the respawn", || async {
         let st = c.status(&name("svc:r")).await.unwrap();
         (st.pid != 0 && st.pid != first).then_some(st.pid)
     })
@@ -143,7 +124,8 @@ async fn stop_then_forget() {
         .unwrap();
     let st = c.status(&name("svc:s")).await.unwrap();
     assert_eq!((st.pid, st.target), (0, Target::Down));
-    // Stopped means not respawned.
+    // Stopped means not respawned: watched for longer than zinit's 2 s
+    // respawn delay (an observation window, not a wait for an event).
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(c.status(&name("svc:s")).await.unwrap().pid, 0);
     assert!(processes_with(&m).is_empty());
@@ -221,8 +203,14 @@ async fn the_configured_stop_signal_is_sent() {
     });
     install(&z, "svc:sig", &svc).await;
     running_pid(&z, "svc:sig").await;
-    // Give the probe a moment to block its signals before stopping it.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Stop it once it catches its signals (before, SIGINT would just kill it).
+    let ready = z.dir.path().join("signal.ready");
+    until_some(
+        Duration::from_secs(5),
+        "the probe to block its signals",
+        || std::future::ready(ready.exists().then_some(())),
+    )
+    .await;
     z.client()
         .stop_and_wait(&name("svc:sig"), Duration::from_secs(5))
         .await
@@ -240,11 +228,13 @@ async fn oneshots_are_not_respawned() {
     install(&z, "once:ok", &ok).await;
     install(&z, "once:bad", &bad).await;
     let c = z.client();
-    until("both oneshots to end", Duration::from_secs(5), || async {
+    until_some(Duration::from_secs(5), "both oneshots to end", || async {
         let l = c.list().await.unwrap();
         (l["once:ok"] == State::Success && matches!(l["once:bad"], State::Error(_))).then_some(())
     })
     .await;
+    // Oneshots are not respawned: watched for longer than zinit's 2 s
+    // respawn delay (an observation window, not a wait for an event).
     tokio::time::sleep(Duration::from_millis(2600)).await;
     let st = c.status(&name("once:bad")).await.unwrap();
     assert!(
@@ -277,11 +267,13 @@ async fn test_gates_running() {
     svc.test = Some(Command::new(["/usr/bin/test", "-e", flag.to_str().unwrap()]).unwrap());
     install(&z, "svc:t", &svc).await;
     let c = z.client();
-    until("Spawned", Duration::from_secs(5), || async {
+    until_some(Duration::from_secs(5), "Spawned", || async {
         let st = c.status(&name("svc:t")).await.unwrap();
         (st.state == State::Spawned && st.pid > 0).then_some(())
     })
     .await;
+    // A failing test keeps it Spawned: watched for longer than zinit's 2 s
+    // retry delay (an observation window, not a wait for an event).
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
         c.status(&name("svc:t")).await.unwrap().state,
@@ -313,20 +305,21 @@ async fn after_is_respected() {
     install(&z, "svc:later", &later).await;
     install(&z, "svc:dep", &dep).await;
     let c = z.client();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let st = c.status(&name("svc:later")).await.unwrap();
+    // `dep` is spawned but its test keeps failing: `later` waits for it.
+    let st = until_some(Duration::from_secs(5), "svc:dep to be spawned", || async {
+        let st = c.status(&name("svc:later")).await.unwrap();
+        (st.after.get("svc:dep") == Some(&State::Spawned)).then_some(st)
+    })
+    .await;
     assert_eq!((st.state, st.pid), (State::Blocked, 0));
-    assert_eq!(st.after.get("svc:dep"), Some(&State::Spawned));
     std::fs::write(&flag, "").unwrap();
     running_pid(&z, "svc:dep").await;
     running_pid(&z, "svc:later").await;
     // After a oneshot: starts once it succeeded.
     install(&z, "svc:after-init", &after_init).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        c.status(&name("svc:after-init")).await.unwrap().state,
-        State::Blocked
-    );
+    let st = c.status(&name("svc:after-init")).await.unwrap();
+    assert_eq!((&st.state, st.pid), (&State::Blocked, 0), "{st:?}");
+    assert_eq!(st.after.get("svc:init"), Some(&State::Unknown), "{st:?}");
     install(&z, "svc:init", &init).await;
     running_pid(&z, "svc:after-init").await;
 }
@@ -375,7 +368,7 @@ async fn the_log_ring_carries_stdout_stderr_and_start_markers() {
     svc.log = Log::Ring;
     install(&z, "svc:log", &svc).await;
     let c = z.client();
-    let lines = until("the service's lines", Duration::from_secs(5), || async {
+    let lines = until_some(Duration::from_secs(5), "the service's lines", || async {
         let l = c.service_log(&name("svc:log")).await.unwrap();
         (l.len() >= 3).then_some(l)
     })
@@ -424,7 +417,7 @@ async fn hostile_argv_and_env_reach_the_process_intact() {
     svc.env.insert("MULTI".into(), "line one\nline two".into());
     svc.dir = Some(z.dir.path().to_path_buf());
     install(&z, "svc:hostile", &svc).await;
-    let rec = until("the record", Duration::from_secs(5), || async {
+    let rec = until_some(Duration::from_secs(5), "the record", || async {
         let text = std::fs::read_to_string(&out).ok()?;
         serde_json::from_str::<serde_json::Value>(&text).ok()
     })

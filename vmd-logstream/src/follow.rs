@@ -11,7 +11,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use vmd_shim::console::read_meta;
+use vmd_runtime::console::file_base;
 
 pub struct Follower {
     path: PathBuf,
@@ -36,17 +36,8 @@ pub enum Start {
 fn open(path: &Path) -> io::Result<(File, u64, u64)> {
     let file = File::open(path)?;
     let ino = file.metadata()?.ino();
-    // A log without a sidecar was never rotated: it starts at 0.
-    let base = match read_meta(path, ino) {
-        Some(m) => m.base,
-        None if !vmd_shim::console::meta_path(path).exists() => 0,
-        None => {
-            return Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                "sidecar not yet updated",
-            ))
-        }
-    };
+    let base = file_base(path, ino)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::WouldBlock, "sidecar not yet updated"))?;
     Ok((file, ino, base))
 }
 
@@ -112,7 +103,7 @@ impl Follower {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmd_shim::console::ConsoleLog;
+    use vmd_runtime::console::ConsoleLog;
 
     fn drain(f: &mut Follower) -> Vec<u8> {
         let mut out = Vec::new();

@@ -1,14 +1,14 @@
 //! vmd-logstream: one worker per log stream, shipping a VM's console log to
 //! a receiver.
 //!
-//! * [`output`] — the output URLs receivers accept;
 //! * [`follow`] — following the rotated console log in absolute offsets;
 //! * [`sink`] — Redis PUBLISH, WebSocket binary messages, stdout;
-//! * [`progress`] — what the worker persists and reports.
+//! * [`Gzip`] — one gzip member per chunk.
+//!
+//! The outputs it accepts and the progress file it keeps are part of the
+//! contract with vmd: `vmd_runtime::{output, progress}`.
 
 pub mod follow;
-pub mod output;
-pub mod progress;
 pub mod sink;
 
 /// gzip, one complete member per chunk (what receivers gunzip one by one).

@@ -5,13 +5,15 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use vmd_logstream::follow::{Follower, Start};
-use vmd_logstream::output::Output;
-use vmd_logstream::progress::Progress;
 use vmd_logstream::sink::{tls_config, Sink};
+use vmd_runtime::output::Output;
+use vmd_runtime::process::{current_thread_runtime, say};
+use vmd_runtime::progress::Progress;
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum Compression {
@@ -52,13 +54,6 @@ struct Cli {
     ca_file: Option<PathBuf>,
 }
 
-fn say(msg: impl AsRef<str>) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{}", msg.as_ref());
-    let _ = out.flush();
-}
-
 /// Enters the named network namespace. Before any thread exists: setns
 /// applies to the calling thread, and threads created later inherit it.
 fn enter_netns(dir: &std::path::Path, name: &str) -> Result<(), String> {
@@ -80,17 +75,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+    match current_thread_runtime() {
+        Ok(rt) => rt.block_on(run(cli)),
         Err(e) => {
-            say(format!("cannot start: {e}"));
-            return ExitCode::FAILURE;
+            say(e);
+            ExitCode::FAILURE
         }
-    };
-    rt.block_on(run(cli))
+    }
 }
 
 async fn run(cli: Cli) -> ExitCode {
@@ -105,13 +96,12 @@ async fn run(cli: Cli) -> ExitCode {
         },
         _ => None,
     };
-    let mut progress = Progress::load(&cli.state);
-    let start = match &progress {
+    let saved = Progress::load(&cli.state);
+    let start = match &saved {
         Some(p) => Start::At(p.pos),
         None => Start::Tail(cli.tail),
     };
-    let mut progress = progress.take().unwrap_or_default();
-    let mut follower = loop {
+    let follower = loop {
         match Follower::open(&cli.log, start) {
             Ok(f) => break f,
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -123,25 +113,82 @@ async fn run(cli: Cli) -> ExitCode {
         cli.output,
         follower.position()
     ));
+    let mut worker = Worker {
+        progress: saved.unwrap_or_default(),
+        reported_drop: follower.dropped,
+        follower,
+        tls,
+        queue: VecDeque::new(),
+        queued: 0,
+        gzip: vmd_logstream::Gzip::default(),
+        sink: None,
+        backoff: FIRST_BACKOFF,
+        retry_at: Instant::now(),
+        last_save: Instant::now(),
+        unheard: 0,
+        cli,
+    };
     // Where a first start begins is recorded before anything is sent: a
     // worker killed before its first periodic save resumes there, instead of
     // at a later tail with a gap in between.
-    progress.pos = follower.position();
-    let _ = progress.save(&cli.state);
-    let mut queue: VecDeque<(u64, usize, Vec<u8>)> = VecDeque::new();
-    let mut queued = 0usize;
-    let mut buf = vec![0u8; 8192];
-    let mut sink: Option<Sink> = None;
-    let mut backoff = Duration::from_millis(250);
-    let mut retry_at = Instant::now();
-    let mut reported_drop = follower.dropped;
-    let mut last_save = Instant::now();
-    let mut unheard = 0u64;
-    let mut gzip = vmd_logstream::Gzip::default();
-    loop {
-        // Read what the bound allows; the rotated log is the buffer beyond it.
-        while queued < cli.buffer_bytes {
-            let n = match follower.read(&mut buf) {
+    worker.progress.pos = worker.follower.position();
+    worker.save();
+    worker.run().await
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const IDLE_POLL: Duration = Duration::from_millis(20);
+
+/// A chunk read but not yet heard by the receiver.
+struct Chunk {
+    /// Absolute offset just past its last byte.
+    end: u64,
+    /// Console bytes in it (before compression).
+    raw: usize,
+    wire: Vec<u8>,
+}
+
+/// One stream: the console log it follows, the chunks in flight, the link
+/// to the receiver and the progress it reports.
+struct Worker {
+    cli: Cli,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    follower: Follower,
+    progress: Progress,
+    /// Read, not yet sent; at most `--buffer-bytes` of console bytes: the
+    /// rotated log is the buffer beyond that.
+    queue: VecDeque<Chunk>,
+    queued: usize,
+    gzip: vmd_logstream::Gzip,
+    sink: Option<Sink>,
+    backoff: Duration,
+    retry_at: Instant,
+    reported_drop: u64,
+    last_save: Instant,
+    unheard: u64,
+}
+
+impl Worker {
+    async fn run(mut self) -> ExitCode {
+        let mut buf = vec![0u8; 8192];
+        loop {
+            self.fill(&mut buf);
+            self.note_drops();
+            if self.queue.is_empty() {
+                self.save_if_older(Duration::from_millis(500));
+                tokio::time::sleep(IDLE_POLL).await;
+                continue;
+            }
+            if self.connected().await {
+                self.send_batch().await;
+            }
+        }
+    }
+
+    /// Reads what the bound allows into the queue.
+    fn fill(&mut self, buf: &mut [u8]) {
+        while self.queued < self.cli.buffer_bytes {
+            let n = match self.follower.read(buf) {
                 Ok(n) => n,
                 Err(e) => {
                     say(format!("cannot read the console log: {e}"));
@@ -149,103 +196,132 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             };
             if n == 0 {
-                break;
+                return;
             }
-            let chunk = match cli.compression {
-                Compression::Gzip => gzip.member(&buf[..n]),
+            let wire = match self.cli.compression {
+                Compression::Gzip => self.gzip.member(&buf[..n]),
                 Compression::None => buf[..n].to_vec(),
             };
-            queued += n;
-            queue.push_back((follower.position(), n, chunk));
+            self.queued += n;
+            self.queue.push_back(Chunk {
+                end: self.follower.position(),
+                raw: n,
+                wire,
+            });
         }
-        if follower.dropped > reported_drop {
+    }
+
+    fn note_drops(&mut self) {
+        let dropped = self.follower.dropped;
+        if dropped > self.reported_drop {
             say(format!(
-                "the console log rotated past the stream: {} bytes dropped ({} in all)",
-                follower.dropped - reported_drop,
-                follower.dropped
+                "the console log rotated past the stream: {} bytes dropped ({dropped} in all)",
+                dropped - self.reported_drop,
             ));
-            reported_drop = follower.dropped;
-            progress.dropped_bytes = follower.dropped;
+            self.reported_drop = dropped;
+            self.progress.dropped_bytes = dropped;
         }
-        if queue.is_empty() {
-            if last_save.elapsed() > Duration::from_millis(500) {
-                let _ = progress.save(&cli.state);
-                last_save = Instant::now();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
+    }
+
+    /// Whether a sink is there, connecting when the back-off allows.
+    async fn connected(&mut self) -> bool {
+        if self.sink.is_some() {
+            return true;
         }
-        if sink.is_none() {
-            if Instant::now() < retry_at {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-            match Sink::connect(&cli.output, tls.as_ref()).await {
-                Ok(s) => {
-                    say(format!("connected to {}", cli.output));
-                    sink = Some(s);
-                    backoff = Duration::from_millis(250);
-                    progress.connected = true;
-                }
-                Err(e) => {
-                    say(format!(
-                        "cannot reach {}: {e}; retrying in {:?}",
-                        cli.output, backoff
-                    ));
-                    progress.connected = false;
-                    progress.last_error = Some(e);
-                    let _ = progress.save(&cli.state);
-                    retry_at = Instant::now() + backoff;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    continue;
-                }
-            }
+        if Instant::now() < self.retry_at {
+            tokio::time::sleep(IDLE_POLL).await;
+            return false;
         }
-        let Some(s) = sink.as_mut() else { continue };
-        // Up to 32 chunks or 256 KiB on the wire per round trip.
-        let mut batch = 0;
-        let mut wire = 0;
-        while batch < queue.len() && batch < 32 && wire < 256 << 10 {
-            wire += queue[batch].2.len();
-            batch += 1;
-        }
-        let chunks: Vec<&[u8]> = queue
-            .iter()
-            .take(batch)
-            .map(|(_, _, c)| c.as_slice())
-            .collect();
-        match s.send(&chunks).await {
-            Ok(heard) => {
-                for h in heard {
-                    let Some((end, raw, _)) = queue.pop_front() else {
-                        break;
-                    };
-                    queued -= raw;
-                    progress.pos = end;
-                    progress.sent_bytes += raw as u64;
-                    if h == Some(0) {
-                        unheard += 1;
-                        progress.unheard_bytes += raw as u64;
-                        if unheard == 1 || unheard.is_power_of_two() {
-                            say(format!(
-                                "{unheard} chunks published with no subscriber listening"
-                            ));
-                        }
-                    }
-                }
-                if last_save.elapsed() > Duration::from_millis(200) {
-                    let _ = progress.save(&cli.state);
-                    last_save = Instant::now();
-                }
+        match Sink::connect(&self.cli.output, self.tls.as_ref()).await {
+            Ok(s) => {
+                say(format!("connected to {}", self.cli.output));
+                self.sink = Some(s);
+                self.backoff = FIRST_BACKOFF;
+                self.progress.connected = true;
+                true
             }
             Err(e) => {
-                say(format!("lost {}: {e}; reconnecting", cli.output));
-                sink = None;
-                progress.connected = false;
-                progress.last_error = Some(e);
-                let _ = progress.save(&cli.state);
-                retry_at = Instant::now() + backoff;
+                say(format!(
+                    "cannot reach {}: {e}; retrying in {:?}",
+                    self.cli.output, self.backoff
+                ));
+                self.lost(e);
+                self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+                false
             }
+        }
+    }
+
+    /// The receiver is unreachable: say why and retry after the back-off.
+    fn lost(&mut self, e: String) {
+        self.sink = None;
+        self.progress.connected = false;
+        self.progress.last_error = Some(e);
+        self.save();
+        self.retry_at = Instant::now() + self.backoff;
+    }
+
+    /// Sends up to 32 chunks or 256 KiB in one round trip.
+    async fn send_batch(&mut self) {
+        let Some(sink) = self.sink.as_mut() else {
+            return;
+        };
+        let mut batch = 0;
+        let mut wire = 0;
+        while batch < self.queue.len() && batch < 32 && wire < 256 << 10 {
+            wire += self.queue[batch].wire.len();
+            batch += 1;
+        }
+        let chunks: Vec<&[u8]> = self
+            .queue
+            .iter()
+            .take(batch)
+            .map(|c| c.wire.as_slice())
+            .collect();
+        match sink.send(&chunks).await {
+            Ok(heard) => {
+                for h in heard {
+                    self.sent(h == Some(0));
+                }
+                self.save_if_older(Duration::from_millis(200));
+            }
+            Err(e) => {
+                say(format!("lost {}: {e}; reconnecting", self.cli.output));
+                self.lost(e);
+            }
+        }
+    }
+
+    /// The oldest chunk was delivered (`unheard`: published to nobody).
+    fn sent(&mut self, unheard: bool) {
+        let Some(c) = self.queue.pop_front() else {
+            return;
+        };
+        self.queued -= c.raw;
+        self.progress.pos = c.end;
+        self.progress.sent_bytes += c.raw as u64;
+        if unheard {
+            self.unheard += 1;
+            self.progress.unheard_bytes += c.raw as u64;
+            if self.unheard == 1 || self.unheard.is_power_of_two() {
+                say(format!(
+                    "{} chunks published with no subscriber listening",
+                    self.unheard
+                ));
+            }
+        }
+    }
+
+    fn save(&mut self) {
+        if let Err(e) = self.progress.save(&self.cli.state) {
+            say(format!("cannot save {}: {e}", self.cli.state.display()));
+        }
+        self.last_save = Instant::now();
+    }
+
+    fn save_if_older(&mut self, age: Duration) {
+        if self.last_save.elapsed() > age {
+            self.save();
         }
     }
 }

@@ -1,51 +1,62 @@
-//! The shim's control socket (`<run dir>/shim.sock`, mode 0600): one
-//! command line per connection, one reply line.
-//!
-//! * `stop` — stop the VM gracefully (power button, grace period, force);
-//!   the reply `stopped` comes once the VMM is gone. The shim then stays idle
-//!   and starts nothing until zinit stops it. This is how vmd drives the
-//!   graceful part before asking zinit to stop the service, whatever zinit
-//!   does on `stop` (v0.2.14 signals; later versions SIGKILL 500 ms after).
-//! * `status` — the shim's state, as JSON.
+//! The shim's side of the control socket ([`vmd_runtime::control`]).
 
-use std::path::Path;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
 
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    #[error("cannot reach the shim at {0}: {1}")]
-    Connect(String, std::io::Error),
-    #[error("shim i/o: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("the shim did not answer `{0}` within {1:?}")]
-    Timeout(String, Duration),
-    #[error("the shim refused `{0}`: {1}")]
-    Refused(String, String),
-}
+use vmd_runtime::control::{self, error_reply, json_reply, Command, Status};
+use vmd_runtime::state::Phase;
+use vmd_runtime::vmm::VmmApi;
 
-/// Sends `command` and returns the reply line.
-pub async fn request(
-    socket: &Path,
-    command: &str,
-    timeout: Duration,
-) -> Result<String, ControlError> {
-    let run = async {
-        let mut s = UnixStream::connect(socket)
-            .await
-            .map_err(|e| ControlError::Connect(socket.display().to_string(), e))?;
-        s.write_all(format!("{command}\n").as_bytes()).await?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).await?;
-        let line = line.trim_end().to_owned();
-        match line.strip_prefix("error: ") {
-            Some(e) => Err(ControlError::Refused(command.to_owned(), e.to_owned())),
-            None => Ok(line),
+use crate::lock::Locker;
+use crate::supervisor::{Shared, StopFrom};
+
+/// Listens on the control socket (mode 0600: vmd runs as the same user).
+pub fn listen(
+    shared: Shared,
+    locker: Arc<Locker>,
+    stops: mpsc::Sender<StopFrom>,
+) -> std::io::Result<()> {
+    let path = shared.run.control_socket();
+    vmd_runtime::files::remove_file(&path)?;
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let api = VmmApi::new(shared.run.api_socket());
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let (shared, locker, stops, api) = (
+                shared.clone(),
+                Arc::clone(&locker),
+                stops.clone(),
+                api.clone(),
+            );
+            tokio::spawn(control::serve(s, move |command| async move {
+                match command {
+                    Command::Status => {
+                        let shim = shared.snapshot();
+                        // Only a live VMM is asked (a dead one would cost a timeout).
+                        let vm = match shim.vmm {
+                            Some(v) if shim.phase == Phase::Running && v.alive() => {
+                                api.state(Duration::from_millis(400)).await
+                            }
+                            _ => None,
+                        };
+                        json_reply(&Status { shim, vm })
+                    }
+                    Command::Lock => json_reply(&locker.apply().await),
+                    Command::Stop => {
+                        let (tx, rx) = oneshot::channel();
+                        if stops.send(StopFrom::Control(tx)).await.is_err() {
+                            return error_reply("shim exiting");
+                        }
+                        rx.await.unwrap_or_else(|_| error_reply("shim exiting"))
+                    }
+                }
+            }));
         }
-    };
-    tokio::time::timeout(timeout, run)
-        .await
-        .map_err(|_| ControlError::Timeout(command.to_owned(), timeout))?
+    });
+    Ok(())
 }

@@ -1,8 +1,10 @@
-//! How the VMM is started: least privilege and no orphans.
+//! How the shim starts a process (the VMM, virtiofsd): least privilege and
+//! no orphans.
 //!
 //! * own process group: zinit's `stop` signals the shim's group; the VMM
 //!   must not get that SIGTERM (it would hard-stop the guest) — the shim
-//!   stops it gracefully instead;
+//!   stops it gracefully instead — nor virtiofsd (a guest shutting down
+//!   still needs its shares);
 //! * `PR_SET_PDEATHSIG(SIGKILL)` and a parent check: if the shim dies, the
 //!   VMM dies with it and never lingers holding a tap. The death signal is
 //!   tied to the *thread* that forked, so the shim forks from its main
@@ -16,13 +18,31 @@
 
 use caps::{CapSet, Capability};
 
-use crate::spec::VmSpec;
+use vmd_runtime::spec::VmSpec;
+use vmd_runtime::vmm::args::EVENT_FD;
 
 pub struct Hardening {
     parent: libc::pid_t,
     drop: Vec<libc::c_ulong>,
     event_fd: Option<libc::c_int>,
 }
+
+/// What virtiofsd keeps: the capabilities it keeps for itself after its own
+/// drop (it serves files as the guest's users), chroot for its sandbox,
+/// CAP_SETPCAP to make that drop, and raising its open-file limit.
+const VIRTIOFSD_CAPS: [Capability; 11] = [
+    Capability::CAP_CHOWN,
+    Capability::CAP_DAC_OVERRIDE,
+    Capability::CAP_FOWNER,
+    Capability::CAP_FSETID,
+    Capability::CAP_SETGID,
+    Capability::CAP_SETUID,
+    Capability::CAP_MKNOD,
+    Capability::CAP_SETFCAP,
+    Capability::CAP_SYS_CHROOT,
+    Capability::CAP_SETPCAP,
+    Capability::CAP_SYS_RESOURCE,
+];
 
 /// The capabilities the VMM keeps for `spec`, with the reason.
 pub fn needed_caps(spec: &VmSpec) -> Vec<(Capability, &'static str)> {
@@ -48,8 +68,17 @@ pub fn needed_caps(spec: &VmSpec) -> Vec<(Capability, &'static str)> {
 impl Hardening {
     /// Prepares the hardening of a VMM for `spec`. `event_fd` is handed to
     /// the VMM as fd 3 (its event monitor).
-    pub fn new(spec: &VmSpec, event_fd: Option<libc::c_int>) -> Self {
+    pub fn vmm(spec: &VmSpec, event_fd: libc::c_int) -> Self {
         let keep: Vec<Capability> = needed_caps(spec).into_iter().map(|(c, _)| c).collect();
+        Hardening::keeping(&keep, Some(event_fd))
+    }
+
+    /// Prepares the hardening of a virtiofsd.
+    pub fn virtiofsd() -> Self {
+        Hardening::keeping(&VIRTIOFSD_CAPS, None)
+    }
+
+    fn keeping(keep: &[Capability], event_fd: Option<libc::c_int>) -> Self {
         // Without CAP_SETPCAP (an unprivileged shim) nothing can be dropped,
         // and nothing needs to be: the VMM has no capabilities to begin with.
         let can_drop =
@@ -105,7 +134,7 @@ impl Hardening {
             return Err(err());
         }
         if let Some(fd) = self.event_fd {
-            const TARGET: libc::c_int = crate::args::EVENT_FD;
+            const TARGET: libc::c_int = EVENT_FD;
             if fd == TARGET {
                 // dup2 onto itself keeps close-on-exec: clear it instead.
                 let flags = libc::fcntl(fd, libc::F_GETFD);

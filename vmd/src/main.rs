@@ -13,11 +13,12 @@ use tracing::{error, info};
 
 use vmd::api;
 use vmd::module::ModuleService;
-use vmd::vm::layout::resolve_program;
-use vmd::vm::{reconcile, Layout, Manager, Settings};
+use vmd::vm::{reconcile, Host, Manager, Settings};
 use vmd::zbus::broker::Broker;
 use vmd::zbus::server::{Server, ServerConfig};
 use vmd::zbus::wire::ObjectId;
+use vmd_runtime::layout::resolve_program;
+use vmd_runtime::HostPaths;
 
 mod ctl;
 
@@ -206,9 +207,8 @@ async fn daemon(
     if args.log_keep_bytes >= args.log_rotate_bytes {
         anyhow::bail!("--log-keep-bytes must be below --log-rotate-bytes");
     }
-    let layout = Layout {
-        root: args.root.clone(),
-        runtime: args.runtime_dir.clone(),
+    let host = Host {
+        paths: HostPaths::new(&args.root, &args.runtime_dir),
         zinit_dir: args.zinit_dir.clone(),
         zinit_socket: args.zinit_socket.clone(),
         shim,
@@ -220,7 +220,7 @@ async fn daemon(
     };
     let settings = Settings {
         grace_secs: args.grace_secs,
-        restart: vmd_shim::spec::RestartPolicy {
+        restart: vmd_runtime::spec::RestartPolicy {
             max_exits: args.restart_max.max(1),
             window_secs: args.restart_window_secs,
             ..Default::default()
@@ -231,7 +231,7 @@ async fn daemon(
         sys_pci: args.sys_pci.clone(),
     };
     let manager =
-        Arc::new(Manager::new(layout, settings).context("cannot prepare vmd's directories")?);
+        Arc::new(Manager::new(host, settings).context("cannot prepare vmd's directories")?);
 
     let mut config = ServerConfig::new(api::MODULE);
     config.max_changes = args.max_changes as usize;

@@ -227,6 +227,24 @@ impl VmCall {
         })
     }
 
+    /// The request's arguments, encoded as Go's stub encodes them: the
+    /// inverse of [`VmCall::decode`] (the typed client sends these).
+    pub fn inputs(&self) -> Result<Vec<Vec<u8>>, codec::EncodeError> {
+        use codec::encode as e;
+        Ok(match self {
+            VmCall::Run(vm) => vec![e(vm.as_ref())?],
+            VmCall::Inspect(s)
+            | VmCall::Delete(s)
+            | VmCall::Exists(s)
+            | VmCall::Logs(s)
+            | VmCall::LogsFull(s)
+            | VmCall::StreamDelete(s) => vec![e(s)?],
+            VmCall::List | VmCall::Metrics => Vec::new(),
+            VmCall::Lock(name, lock) => vec![e(name)?, e(lock)?],
+            VmCall::StreamCreate(name, stream) => vec![e(name)?, e(stream)?],
+        })
+    }
+
     pub fn method(&self) -> Method {
         match self {
             VmCall::Run(_) => Method::Run,

@@ -1,13 +1,14 @@
 //! `VmdStub`: a typed client of vmd, the Rust counterpart of Go's generated
-//! `VMModuleStub`. The operator CLI and the tests use it.
+//! `VMModuleStub`. The operator CLI and the tests use it. A call is the same
+//! [`VmCall`] the server decodes: the arguments are encoded by it.
 
 use std::time::Duration;
 
 use crate::api::{self, MachineInfo, MachineMetrics, Stream, Vm, VmInfo};
-use crate::module::Method;
+use crate::module::VmCall;
 use crate::zbus::broker::Broker;
-use crate::zbus::client::{arg, unit, value, Client, ClientError};
-use crate::zbus::wire::{ObjectId, Status};
+use crate::zbus::client::{unit, value, Client, ClientError};
+use crate::zbus::wire::{ObjectId, Output, Status};
 
 pub struct VmdStub {
     client: Client,
@@ -38,52 +39,49 @@ impl VmdStub {
         &self.client
     }
 
-    async fn call(
-        &self,
-        method: Method,
-        inputs: Vec<Vec<u8>>,
-    ) -> Result<crate::zbus::wire::Output, ClientError> {
-        self.client.call(&self.object, method.name(), inputs).await
+    /// Sends one call of the interface and returns its raw output.
+    pub async fn send(&self, call: &VmCall) -> Result<Output, ClientError> {
+        let inputs = call.inputs()?;
+        self.client
+            .call(&self.object, call.method().name(), inputs)
+            .await
     }
 
     pub async fn run(&self, vm: &Vm) -> Result<MachineInfo, ClientError> {
-        value(self.call(Method::Run, vec![arg(vm)?]).await?)
+        value(self.send(&VmCall::Run(Box::new(vm.clone()))).await?)
     }
     pub async fn inspect(&self, name: &str) -> Result<VmInfo, ClientError> {
-        value(self.call(Method::Inspect, vec![arg(name)?]).await?)
+        value(self.send(&VmCall::Inspect(name.into())).await?)
     }
     pub async fn delete(&self, name: &str) -> Result<(), ClientError> {
-        unit(self.call(Method::Delete, vec![arg(name)?]).await?)
+        unit(self.send(&VmCall::Delete(name.into())).await?)
     }
     pub async fn exists(&self, name: &str) -> Result<bool, ClientError> {
-        value(self.call(Method::Exists, vec![arg(name)?]).await?)
+        value(self.send(&VmCall::Exists(name.into())).await?)
     }
     pub async fn logs(&self, name: &str) -> Result<String, ClientError> {
-        value(self.call(Method::Logs, vec![arg(name)?]).await?)
+        value(self.send(&VmCall::Logs(name.into())).await?)
     }
     pub async fn logs_full(&self, name: &str) -> Result<String, ClientError> {
-        value(self.call(Method::LogsFull, vec![arg(name)?]).await?)
+        value(self.send(&VmCall::LogsFull(name.into())).await?)
     }
     pub async fn list(&self) -> Result<Vec<String>, ClientError> {
-        value(self.call(Method::List, Vec::new()).await?)
+        value(self.send(&VmCall::List).await?)
     }
     pub async fn metrics(&self) -> Result<MachineMetrics, ClientError> {
-        value(self.call(Method::Metrics, Vec::new()).await?)
+        value(self.send(&VmCall::Metrics).await?)
     }
     pub async fn lock(&self, name: &str, lock: bool) -> Result<(), ClientError> {
-        unit(
-            self.call(Method::Lock, vec![arg(name)?, arg(&lock)?])
-                .await?,
-        )
+        unit(self.send(&VmCall::Lock(name.into(), lock)).await?)
     }
     pub async fn stream_create(&self, name: &str, stream: &Stream) -> Result<(), ClientError> {
         unit(
-            self.call(Method::StreamCreate, vec![arg(name)?, arg(stream)?])
+            self.send(&VmCall::StreamCreate(name.into(), stream.clone()))
                 .await?,
         )
     }
     pub async fn stream_delete(&self, id: &str) -> Result<(), ClientError> {
-        unit(self.call(Method::StreamDelete, vec![arg(id)?]).await?)
+        unit(self.send(&VmCall::StreamDelete(id.into())).await?)
     }
     pub async fn status(&self) -> Result<Status, ClientError> {
         self.client.status().await

@@ -5,7 +5,8 @@
 //! * `sleep MARKER` — sleeps; MARKER only makes it findable in /proc;
 //! * `print OUT ERR` — prints OUT on stdout and ERR on stderr, then sleeps;
 //! * `ignore-term MARKER` — ignores SIGTERM, sleeps;
-//! * `signal-log FILE` — writes the name of the first signal it gets to FILE and exits 0;
+//! * `signal-log FILE` — once its signals are blocked, creates FILE.ready; writes the name
+//!   of the first signal it gets to FILE and exits 0;
 //! * `exit CODE` — exits with CODE at once.
 
 use std::io::Write;
@@ -82,6 +83,10 @@ fn main() {
                     libc::sigaddset(&mut set, s);
                 }
                 libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
+            // From here on every signal is caught: say so.
+            std::fs::write(format!("{file}.ready"), "").expect("write the ready mark");
+            unsafe {
                 libc::sigwait(&set, &mut sig);
             }
             let name = match sig {

@@ -21,6 +21,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::error::{invalid, Invalid};
 use crate::api::{Ip, IpNet, Vm};
 
 /// Zero-OS's size for the seed image.
@@ -41,7 +42,7 @@ fn addr(ip: &Ip) -> Option<IpAddr> {
 
 /// `a.b.c.d/len` from an address and a mask; `None` when the mask is not
 /// contiguous or does not fit the address.
-fn cidr(net: &IpNet) -> Result<String, String> {
+fn cidr(net: &IpNet) -> Result<String, Invalid> {
     let ip = addr(&net.ip).ok_or("an address is not an IP")?;
     let mask = &net.mask.0;
     let bits = mask.len() * 8;
@@ -53,7 +54,7 @@ fn cidr(net: &IpNet) -> Result<String, String> {
         .all(|b| b == 0);
     let family_bits = if ip.is_ipv4() { 32 } else { 128 };
     if !contiguous || (bits != family_bits && !(ip.is_ipv4() && bits == 128)) {
-        return Err(format!("mask of {ip} is not a valid prefix"));
+        return invalid(format!("mask of {ip} is not a valid prefix"));
     }
     // A 16-byte mask on an IPv4 address (Go's ::ffff: form) counts its
     // last 32 bits.
@@ -126,8 +127,8 @@ struct UserData {
     mounts: Vec<[String; 4]>,
 }
 
-fn yaml<T: Serialize>(v: &T) -> Result<String, String> {
-    serde_yaml_ng::to_string(v).map_err(|e| e.to_string())
+fn yaml<T: Serialize>(v: &T) -> Result<String, Invalid> {
+    serde_yaml_ng::to_string(v).map_err(|e| Invalid(e.to_string()))
 }
 
 /// The guest device name of the `i`-th disk (`vda`, `vdb`, …).
@@ -145,7 +146,7 @@ fn disk_device(i: usize) -> String {
 }
 
 /// The seed's files for `vm`.
-pub fn seed_files(vm: &Vm) -> Result<SeedFiles, String> {
+pub fn seed_files(vm: &Vm) -> Result<SeedFiles, Invalid> {
     let mut files = SeedFiles::new();
     let hostname = if vm.hostname.is_empty() {
         &vm.name
@@ -264,10 +265,12 @@ pub fn seed_files(vm: &Vm) -> Result<SeedFiles, String> {
     Ok(files)
 }
 
-/// Writes the FAT image holding `files` at `path` (sparse, 2 MiB).
+/// Writes the FAT image holding `files` at `path` (sparse, 2 MiB), durably.
+/// Not `files::write_atomic`: the image is formatted in place in its temp
+/// file, so that it stays sparse instead of 2 MiB in memory and on disk.
 pub fn write_image(path: &Path, files: &SeedFiles) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
+    let tmp = vmd_runtime::files::temp_path(path);
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .read(true)

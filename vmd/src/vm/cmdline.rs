@@ -8,6 +8,8 @@
 
 use std::collections::BTreeMap;
 
+use super::error::{invalid, Invalid};
+
 /// Zero-OS's defaults for a disk boot.
 pub const DISK_DEFAULTS: &[(&str, &str)] = &[
     ("rw", ""),
@@ -30,12 +32,12 @@ pub const VIRTIOFS_DEFAULTS: &[(&str, &str)] = &[
     ("boot.shell_on_fail", ""),
 ];
 
-fn check(what: &str, s: &str) -> Result<(), String> {
+fn check(what: &str, s: &str) -> Result<(), Invalid> {
     if let Some(c) = s
         .chars()
         .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\''))
     {
-        return Err(format!(
+        return invalid(format!(
             "kernel argument {what} {s:?} contains {c:?}, which cannot be put on the command line"
         ));
     }
@@ -46,15 +48,15 @@ fn check(what: &str, s: &str) -> Result<(), String> {
 pub fn kernel_cmdline(
     defaults: &[(&str, &str)],
     args: &BTreeMap<String, String>,
-) -> Result<String, String> {
+) -> Result<String, Invalid> {
     let mut merged: BTreeMap<String, String> = BTreeMap::new();
     for (k, v) in args {
         if k.is_empty() {
-            return Err("kernel argument with an empty name".into());
+            return invalid("kernel argument with an empty name".into());
         }
         check("name", k)?;
         if k.contains('=') {
-            return Err(format!("kernel argument name {k:?} contains '='"));
+            return invalid(format!("kernel argument name {k:?} contains '='"));
         }
         check("value", v)?;
         merged.insert(k.clone(), v.clone());

@@ -13,16 +13,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-use vmd_shim::state::ShimState;
-
 use std::sync::Arc;
 
-use vmd_shim::spec::VmSpec;
+use serde::{Deserialize, Serialize};
+use vmd_runtime::files;
+use vmd_runtime::spec::VmSpec;
+use vmd_runtime::state::ShimState;
+use vmd_runtime::{HostPaths, VmName};
 
-use super::layout::Layout;
-use super::manager::{write_atomic, Manager};
-use super::name::VmName;
+use super::manager::Manager;
 use crate::api::{MachineMetric, MachineMetrics, NetMetric};
 
 /// rx_bytes, rx_packets, tx_bytes, tx_packets.
@@ -88,19 +87,14 @@ fn process_usage(pid: i32) -> Option<(u64, u64)> {
     Some((ticks * 1000 / ticks_per_sec(), rss_pages * page))
 }
 
-fn one(layout: &Layout, name: &VmName, sys_net: &Path) -> MachineMetric {
+fn one(paths: &HostPaths, name: &VmName, sys_net: &Path) -> MachineMetric {
     let mut out = MachineMetric::default();
-    let run = layout.run_dir(name);
-    let taps: Vec<String> = std::fs::read_to_string(run.spec())
-        .ok()
-        .and_then(|t| serde_json::from_str::<VmSpec>(&t).ok())
+    let run = paths.run_dir(name);
+    let taps: Vec<String> = files::read_json::<VmSpec>(&run.spec())
         .map(|spec| spec.nets.into_iter().map(|n| n.tap).collect())
         .unwrap_or_default();
-    let seen_path = layout.metrics(name);
-    let mut seen: BTreeMap<String, Seen> = std::fs::read_to_string(&seen_path)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
+    let seen_path = run.metrics();
+    let mut seen: BTreeMap<String, Seen> = files::read_json(&seen_path).unwrap_or_default();
     for tap in &taps {
         let s = seen.entry(tap.clone()).or_default();
         let now = read_tap(sys_net, tap);
@@ -123,8 +117,9 @@ fn one(layout: &Layout, name: &VmName, sys_net: &Path) -> MachineMetric {
         }
     }
     if !taps.is_empty() {
-        if let Ok(data) = serde_json::to_vec(&seen) {
-            let _ = write_atomic(&seen_path, &data);
+        if let Err(e) = files::write_json(&seen_path, &seen, 0o600) {
+            // The counters are still right; a later drop of a tap may not be.
+            tracing::warn!(vm = %name, error = %e, "cannot save the tap counters seen");
         }
     }
     let st = ShimState::load(&run.state());
@@ -142,8 +137,14 @@ fn one(layout: &Layout, name: &VmName, sys_net: &Path) -> MachineMetric {
     out
 }
 
-pub async fn collect(m: &Manager) -> MachineMetrics {
-    let layout = Arc::new(m.layout().clone());
+impl Manager {
+    pub async fn metrics(&self) -> MachineMetrics {
+        collect(self).await
+    }
+}
+
+async fn collect(m: &Manager) -> MachineMetrics {
+    let paths = Arc::new(m.paths().clone());
     let sys_net = Arc::new(m.settings().sys_net.clone());
     let names = m.names();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -151,12 +152,12 @@ pub async fn collect(m: &Manager) -> MachineMetrics {
     let tasks: Vec<_> = names
         .chunks(per)
         .map(|chunk| {
-            let (chunk, layout, sys_net) =
-                (chunk.to_vec(), Arc::clone(&layout), Arc::clone(&sys_net));
+            let (chunk, paths, sys_net) =
+                (chunk.to_vec(), Arc::clone(&paths), Arc::clone(&sys_net));
             tokio::task::spawn_blocking(move || {
                 chunk
                     .iter()
-                    .map(|n| (n.as_str().to_owned(), one(&layout, n, &sys_net)))
+                    .map(|n| (n.as_str().to_owned(), one(&paths, n, &sys_net)))
                     .collect::<Vec<_>>()
             })
         })

@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
-use super::layout::CREATING_MARK;
-use super::manager::Manager;
-use super::name::VmName;
+use vmd_runtime::VmName;
+
+use super::manager::{service_of, Manager};
 use crate::zbus::keyed::{KeyGuard, KeyedLocks};
 
 /// What reconciliation did, logged when it is over.
@@ -66,7 +66,7 @@ impl Plan {
 /// the server pops its first request, so that no change of such a VM can
 /// run before its reconciliation.
 pub fn plan(m: &Manager, locks: &Arc<KeyedLocks>) -> Plan {
-    let layout = m.layout();
+    let paths = m.paths();
     let mut plan = Plan {
         finish: Vec::new(),
         adopt: Vec::new(),
@@ -75,10 +75,10 @@ pub fn plan(m: &Manager, locks: &Arc<KeyedLocks>) -> Plan {
     if let Err(e) = m.services().sweep_temp_files() {
         tracing::warn!(error = %e, "cannot sweep temp files of the zinit config dir");
     }
-    let entries = match std::fs::read_dir(layout.vms()) {
+    let entries = match std::fs::read_dir(paths.vms_dir()) {
         Ok(d) => d.flatten().collect::<Vec<_>>(),
         Err(e) => {
-            tracing::error!(dir = %layout.vms().display(), error = %e, "cannot read the VM directory");
+            tracing::error!(dir = %paths.vms_dir().display(), error = %e, "cannot read the VM directory");
             Vec::new()
         }
     };
@@ -92,15 +92,15 @@ pub fn plan(m: &Manager, locks: &Arc<KeyedLocks>) -> Plan {
             plan.junk.push(file_name);
             continue;
         };
-        let run = layout.run_dir(&name);
+        let run = paths.run_dir(&name);
         let finish = if run.deleted_mark().exists() {
             Some(Finish::Delete)
-        } else if run.0.join(CREATING_MARK).exists() || !run.spec().exists() {
+        } else if run.creating_mark().exists() || !run.spec().exists() {
             Some(Finish::RollBack)
         } else if !m.present(&name) {
             // Delete had begun (the index entry goes first) but not marked yet.
             Some(Finish::Delete)
-        } else if !m.services().exists(&name.service()) {
+        } else if !m.services().exists(&service_of(&name)) {
             Some(Finish::Orphan)
         } else {
             None
@@ -180,7 +180,7 @@ async fn run(m: &Arc<Manager>, locks: &Arc<KeyedLocks>, plan: Plan) -> Report {
     match &monitored {
         Ok(monitored) => {
             for name in plan.adopt {
-                let service = name.service();
+                let service = service_of(&name);
                 if monitored.contains_key(service.as_str()) {
                     r.adopted.push(name.as_str().to_owned());
                     continue;
@@ -212,8 +212,8 @@ async fn run(m: &Arc<Manager>, locks: &Arc<KeyedLocks>, plan: Plan) -> Report {
         .extend(m.reconcile_streams(locks, monitored.as_ref()).await);
 
     // Index entries of VMs whose directory is gone.
-    let layout = m.layout();
-    for e in std::fs::read_dir(layout.present_dir())
+    let paths = m.paths();
+    for e in std::fs::read_dir(paths.present_dir())
         .into_iter()
         .flatten()
         .flatten()
@@ -224,11 +224,11 @@ async fn run(m: &Arc<Manager>, locks: &Arc<KeyedLocks>, plan: Plan) -> Report {
             continue;
         };
         // Checked again under the key: a Run may be creating it.
-        if being_finished.contains(&n) || layout.run_dir(&name).0.exists() {
+        if being_finished.contains(&n) || paths.run_dir(&name).exists() {
             continue;
         }
         let _key = locks.lock(n.clone()).await;
-        if !layout.run_dir(&name).0.exists() {
+        if !paths.run_dir(&name).exists() {
             remove_index_entry(&e.path(), &n, &mut r);
         }
     }
@@ -242,13 +242,11 @@ async fn run(m: &Arc<Manager>, locks: &Arc<KeyedLocks>, plan: Plan) -> Report {
             continue;
         };
         let _key = match VmName::new(vm) {
-            Ok(n) if being_finished.contains(n.as_str()) || layout.run_dir(&n).0.exists() => {
-                continue
-            }
+            Ok(n) if being_finished.contains(n.as_str()) || paths.run_dir(&n).exists() => continue,
             Ok(n) => {
                 let key = locks.lock(n.as_str().to_owned()).await;
                 // Checked under the key: a Run may have created it meanwhile.
-                if layout.run_dir(&n).0.exists() {
+                if paths.run_dir(&n).exists() {
                     continue;
                 }
                 Some(key)

@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use crate::spec::{RunDir, VmSpec};
+use crate::layout::RunDir;
+use crate::spec::VmSpec;
 
 /// The fd the event monitor pipe is handed to the VMM on.
 pub const EVENT_FD: i32 = 3;
@@ -79,8 +80,8 @@ pub fn hypervisor_args(spec: &VmSpec, run: &RunDir) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::SpecError;
     use crate::spec::*;
-    use std::path::PathBuf;
 
     fn base() -> VmSpec {
         VmSpec {
@@ -109,7 +110,7 @@ mod tests {
     }
 
     fn run() -> RunDir {
-        RunDir(PathBuf::from("/run/vmd/web"))
+        RunDir::new("/run/vmd/web")
     }
 
     fn value_of<'a>(a: &'a [String], flag: &str) -> Vec<&'a str> {
@@ -269,7 +270,7 @@ mod tests {
         assert!(s.validate().is_err());
         let mut s = base();
         s.version = 2;
-        assert_eq!(s.validate(), Err(SpecError::Version(2)));
+        assert!(matches!(s.validate(), Err(SpecError::Version(2))));
         assert!(base().validate().is_ok());
     }
 }

@@ -10,6 +10,7 @@
 //! the absolute offset of byte 0 of the file whose inode is `I`. It is
 //! written *before* the rename, for the inode of the file about to become the
 //! log; a reader whose open file has another inode simply retries.
+//! [`file_base`] is that rule, the one reader of the sidecar.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -25,17 +26,59 @@ pub struct LogMeta {
     pub ino: u64,
 }
 
-pub fn meta_path(log: &Path) -> PathBuf {
+/// `log` with `suffix` appended to its whole name (VM names hold dots:
+/// `with_extension` would make `a.x` and `a.y` share files).
+fn beside(log: &Path, suffix: &str) -> PathBuf {
     let mut p = log.as_os_str().to_owned();
-    p.push(".meta");
+    p.push(suffix);
     PathBuf::from(p)
 }
 
+pub fn meta_path(log: &Path) -> PathBuf {
+    beside(log, ".meta")
+}
+
+/// The copy of the kept tail during a rotation.
+fn rotating_path(log: &Path) -> PathBuf {
+    beside(log, ".rotating")
+}
+
 /// Reads the sidecar of `log`, if it describes the file with inode `ino`.
-pub fn read_meta(log: &Path, ino: u64) -> Option<LogMeta> {
-    let text = fs::read_to_string(meta_path(log)).ok()?;
-    let m: LogMeta = serde_json::from_str(&text).ok()?;
-    (m.ino == ino).then_some(m)
+fn read_meta(log: &Path, ino: u64) -> Option<LogMeta> {
+    crate::files::read_json::<LogMeta>(&meta_path(log)).filter(|m| m.ino == ino)
+}
+
+/// Where the log file with inode `ino` starts in the VM's whole console
+/// stream. A log without a sidecar was never rotated: it starts at 0. A
+/// sidecar naming another inode means a rotation is in progress (the sidecar
+/// is written before the rename): `None`, read again in a moment.
+pub fn file_base(log: &Path, ino: u64) -> Option<u64> {
+    match read_meta(log, ino) {
+        Some(m) => Some(m.base),
+        None if !meta_path(log).exists() => Some(0),
+        None => None,
+    }
+}
+
+/// The absolute offsets of the first and past the last byte the log holds
+/// now; `(0, 0)` for a log not yet written, `None` while it is being rotated.
+pub fn extent(log: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let md = match fs::metadata(log) {
+        Ok(md) => md,
+        Err(_) => return Some((0, 0)),
+    };
+    let base = file_base(log, md.ino())?;
+    Some((base, base + md.len()))
+}
+
+/// Removes a console log, its sidecar, and what a shim killed during a
+/// rotation left (a new VM starts a new log; a deleted one leaves nothing).
+/// Only once no shim writes it.
+pub fn remove(log: &Path) -> io::Result<()> {
+    crate::files::remove_file(&rotating_path(log))?;
+    crate::files::remove_file(log)?;
+    crate::files::remove_state(&meta_path(log))
 }
 
 pub struct ConsoleLog {
@@ -50,10 +93,8 @@ pub struct ConsoleLog {
 }
 
 fn write_meta(log: &Path, meta: LogMeta) -> io::Result<()> {
-    let path = meta_path(log);
-    let tmp = path.with_extension("meta.tmp");
-    fs::write(&tmp, serde_json::to_vec(&meta).unwrap_or_default())?;
-    fs::rename(&tmp, &path)
+    let data = serde_json::to_vec(&meta).map_err(io::Error::other)?;
+    crate::files::write_atomic(&meta_path(log), &data, 0o640)
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
@@ -132,7 +173,7 @@ impl ConsoleLog {
                 from += nl as u64 + 1;
             }
         }
-        let tmp = self.path.with_extension("rotating");
+        let tmp = rotating_path(&self.path);
         let mut dst = OpenOptions::new()
             .create(true)
             .write(true)
@@ -207,9 +248,11 @@ mod tests {
         );
         // The sidecar places the file exactly in the whole stream.
         let ino = fs::metadata(&path).unwrap().ino();
-        let meta = read_meta(&path, ino).unwrap();
-        assert_eq!(meta.base as usize + text.len(), all.len());
-        assert_eq!(&all[meta.base as usize..], &text[..]);
+        let base = file_base(&path, ino).unwrap();
+        assert_eq!(base as usize + text.len(), all.len());
+        assert_eq!(&all[base as usize..], &text[..]);
+        assert_eq!(extent(&path), Some((base, all.len() as u64)));
+        assert_eq!(file_base(&path, ino + 1), None, "another inode: rotating");
         assert_eq!(log.end(), all.len() as u64);
         // Reopening appends and keeps the offsets.
         drop(log);

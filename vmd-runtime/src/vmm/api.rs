@@ -4,11 +4,75 @@
 //! the shim makes a handful of calls in a VM's life, and a full HTTP stack
 //! would cost more memory than the rest of the shim.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
+
+/// The state of the VM inside a VMM (`vm.info`'s `state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    Created,
+    Running,
+    Shutdown,
+    Paused,
+    BreakPoint,
+    /// A state this vmd does not know (a newer cloud-hypervisor).
+    #[serde(other)]
+    Unknown,
+}
+
+impl VmState {
+    /// Booted: the guest runs, or ran and is paused.
+    pub fn is_booted(self) -> bool {
+        matches!(self, VmState::Running | VmState::Paused)
+    }
+}
+
+/// The part of `vm.info` vmd reads.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct VmInfo {
+    pub state: VmState,
+}
+
+/// The API of one VMM, by its socket.
+#[derive(Debug, Clone)]
+pub struct VmmApi {
+    socket: PathBuf,
+}
+
+impl VmmApi {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        VmmApi {
+            socket: socket.into(),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// `GET vm.info`.
+    pub async fn info(&self, timeout: Duration) -> Result<VmInfo, ApiError> {
+        let body = expect_ok(&self.socket, "GET", "vm.info", timeout).await?;
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadReply(format!("vm.info: {e}")))
+    }
+
+    /// The VM's state, `None` when the VMM does not answer (or has no VM).
+    pub async fn state(&self, timeout: Duration) -> Option<VmState> {
+        self.info(timeout).await.ok().map(|i| i.state)
+    }
+
+    /// `PUT <action>` (`vm.pause`, `vm.power-button`, `vmm.shutdown`…), which
+    /// must succeed.
+    pub async fn put(&self, action: &str, timeout: Duration) -> Result<(), ApiError> {
+        expect_ok(&self.socket, "PUT", action, timeout)
+            .await
+            .map(drop)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

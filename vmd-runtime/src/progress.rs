@@ -1,4 +1,5 @@
-//! The worker's progress, persisted: where it is in the console stream (so a
+//! A stream worker's progress (`<runtime>/streams/<id>.progress`), written by
+//! the worker and read by vmd for `Inspect`: where it is in the console stream (so a
 //! restarted worker resumes without loss or repeats) and what it did.
 
 use std::path::Path;
@@ -24,12 +25,12 @@ pub struct Progress {
 
 impl Progress {
     pub fn load(path: &Path) -> Option<Self> {
-        serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+        crate::files::read_json(path)
     }
 
+    /// Durably: a position saved is a position resumed from.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(self).unwrap_or_default())?;
-        std::fs::rename(&tmp, path)
+        let data = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        crate::files::write_atomic(path, &data, 0o600)
     }
 }

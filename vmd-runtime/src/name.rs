@@ -1,5 +1,6 @@
-//! VM names. A name becomes a directory, a file, a zinit service name
-//! (`vm:<name>`) and part of command lines, so it is one plain word.
+//! Names that become paths, zinit service names (`vm:<name>`,
+//! `stream:<id>`) and parts of command lines: each is one plain word, checked
+//! once when it comes in and carried as its type from then on.
 
 use std::fmt;
 
@@ -37,14 +38,53 @@ impl VmName {
         &self.0
     }
 
-    /// The zinit service of this VM.
-    pub fn service(&self) -> zinit::ServiceName {
-        // Valid by construction: `vm:` + a plain word within zinit's rules.
-        zinit::ServiceName::new(format!("vm:{}", self.0)).expect("vm service name")
+    /// The zinit service of this VM (`vm:` and a plain word: always a valid
+    /// service name).
+    pub fn service(&self) -> String {
+        format!("vm:{}", self.0)
     }
 }
 
 impl fmt::Display for VmName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A log stream's id (a caller's choice, used as a file and service name).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamId(String);
+
+impl StreamId {
+    /// 1-64 letters, digits, `-`, `_` or `.`, starting with a letter or digit.
+    pub fn new(id: &str) -> Result<Self, String> {
+        if id.is_empty() {
+            return Err("missing stream id".into());
+        }
+        let ok = id.len() <= 64
+            && id.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            return Err(format!(
+                "invalid stream id {id:?}: 1-64 letters, digits, '-', '_' or '.'"
+            ));
+        }
+        Ok(StreamId(id.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The zinit service of the stream's worker.
+    pub fn service(&self) -> String {
+        format!("stream:{}", self.0)
+    }
+}
+
+impl fmt::Display for StreamId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }

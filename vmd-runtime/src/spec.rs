@@ -1,10 +1,10 @@
 //! The runtime description of one VM: what vmd writes and vmd-shim reads.
 //!
-//! It lives at `<runtime dir>/<vm>/vm.json`. Everything the shim needs is in
-//! it, already validated and resolved by vmd (kernel command line, memory in
-//! MiB, paths); the shim still checks what would break the hypervisor's
-//! command line. A `deleted` file beside it tells a shim respawned by zinit
-//! that the VM is being removed: exit at once, start nothing.
+//! It lives at [`crate::RunDir::spec`]. Everything the shim needs is in it,
+//! resolved by vmd (kernel command line, memory in MiB, paths). What would
+//! break cloud-hypervisor's command line is checked here, once, by
+//! [`VmSpec::validate`]: vmd calls it before writing the file, the shim when
+//! it loads it (a file from another vmd version, or edited by hand).
 
 use std::path::{Path, PathBuf};
 
@@ -13,14 +13,6 @@ use serde::{Deserialize, Serialize};
 /// The format of `vm.json`. Bumped on incompatible changes; the shim refuses
 /// what it does not understand rather than guessing.
 pub const SPEC_VERSION: u32 = 1;
-
-pub const SPEC_FILE: &str = "vm.json";
-pub const LOCKED_MARK: &str = "locked";
-pub const DELETED_MARK: &str = "deleted";
-pub const API_SOCKET: &str = "api.sock";
-pub const SERIAL_SOCKET: &str = "serial.sock";
-pub const CONTROL_SOCKET: &str = "shim.sock";
-pub const STATE_FILE: &str = "state.json";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
@@ -115,7 +107,7 @@ impl ConsoleSpec {
     pub const ZOS_KEEP: u64 = 4 << 20;
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     #[error("unsupported vm.json version {0} (this shim reads {SPEC_VERSION})")]
     Version(u32),
@@ -127,6 +119,12 @@ pub enum SpecError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("cannot read {0}: {1}")]
+    Read(String, #[source] std::io::Error),
+    #[error("{0} is not a VM description: {1}")]
+    Parse(String, #[source] serde_json::Error),
+    #[error("{0}: {1}")]
+    InFile(String, Box<SpecError>),
 }
 
 fn plain(what: &'static str, value: &str) -> Result<(), SpecError> {
@@ -220,43 +218,19 @@ impl VmSpec {
         Ok(())
     }
 
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let spec: VmSpec = serde_json::from_str(&text)
-            .map_err(|e| format!("{} is not a VM description: {e}", path.display()))?;
+    /// Reads and validates a `vm.json`.
+    pub fn load(path: &Path) -> Result<Self, SpecError> {
+        let shown = || path.display().to_string();
+        let text = std::fs::read(path).map_err(|e| SpecError::Read(shown(), e))?;
+        let spec: VmSpec =
+            serde_json::from_slice(&text).map_err(|e| SpecError::Parse(shown(), e))?;
         spec.validate()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|e| SpecError::InFile(shown(), Box::new(e)))?;
         Ok(spec)
     }
-}
 
-/// Files of one VM's runtime directory.
-#[derive(Debug, Clone)]
-pub struct RunDir(pub PathBuf);
-
-impl RunDir {
-    pub fn spec(&self) -> PathBuf {
-        self.0.join(SPEC_FILE)
-    }
-    pub fn deleted_mark(&self) -> PathBuf {
-        self.0.join(DELETED_MARK)
-    }
-    /// Present while the VM is locked (`Lock(name, true)`): every VMM the
-    /// shim starts is paused once booted, so a crash does not unlock it.
-    pub fn locked_mark(&self) -> PathBuf {
-        self.0.join(LOCKED_MARK)
-    }
-    pub fn api_socket(&self) -> PathBuf {
-        self.0.join(API_SOCKET)
-    }
-    pub fn serial_socket(&self) -> PathBuf {
-        self.0.join(SERIAL_SOCKET)
-    }
-    pub fn control_socket(&self) -> PathBuf {
-        self.0.join(CONTROL_SOCKET)
-    }
-    pub fn state(&self) -> PathBuf {
-        self.0.join(STATE_FILE)
+    /// Writes the spec, durably (see [`crate::files`]).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        crate::files::write_json(path, self, 0o600)
     }
 }

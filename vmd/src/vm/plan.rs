@@ -1,13 +1,18 @@
-//! From a `Vm` as a caller sent it to what the shim will run — or a clear
-//! reason why not, before anything is written.
+//! From a `Vm` as a caller sent it to everything Run writes — the shim's
+//! `VmSpec`, the cloud-init seed, the zinit service — or a clear reason why
+//! not, before anything is written. Pure checks on the request, plus the
+//! host's files they name (kernel, disks, taps, PCI devices) and the PCI
+//! devices other VMs own.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use vmd_shim::spec::{ConsoleSpec, Disk, Net, RestartPolicy, Share, VmSpec, SPEC_VERSION};
+use vmd_runtime::spec::{ConsoleSpec, Disk, Net, RestartPolicy, Share, VmSpec, SPEC_VERSION};
+use vmd_runtime::VmName;
 
 use super::cmdline::{kernel_cmdline, DISK_DEFAULTS, VIRTIOFS_DEFAULTS};
-use super::layout::Layout;
-use super::name::VmName;
+use super::error::{invalid, Invalid};
+use super::host::Host;
 use crate::api::{Ip, Vm};
 
 /// Zero-OS's minimum.
@@ -39,99 +44,106 @@ impl Default for Settings {
     }
 }
 
-pub struct Valid {
+/// What Run writes for a VM.
+#[derive(Debug)]
+pub struct Plan {
     pub name: VmName,
     pub spec: VmSpec,
     /// The files of the cloud-init seed, written at start as the last disk.
     pub seed: super::cloudinit::SeedFiles,
+    /// The zinit service running the VM's shim.
+    pub service: zinit::Service,
 }
+
+/// PCI devices owned by VMs, by address.
+pub type DevicesInUse = BTreeMap<String, VmName>;
 
 fn host_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-fn plain_path(what: &str, p: &str) -> Result<PathBuf, String> {
+fn plain_path(what: &str, p: &str) -> Result<PathBuf, Invalid> {
     if p.is_empty() {
-        return Err(format!("{what} is required"));
+        return invalid(format!("{what} is required"));
     }
     if !p.starts_with('/') {
-        return Err(format!("{what} {p:?} must be an absolute path"));
+        return invalid(format!("{what} {p:?} must be an absolute path"));
     }
     if let Some(c) = p.chars().find(|c| c.is_control() || *c == ',') {
-        return Err(format!("{what} {p:?} contains {c:?}"));
+        return invalid(format!("{what} {p:?} contains {c:?}"));
     }
     Ok(PathBuf::from(p))
 }
 
-fn existing_file(what: &str, p: &str) -> Result<PathBuf, String> {
+fn existing_file(what: &str, p: &str) -> Result<PathBuf, Invalid> {
     let path = plain_path(what, p)?;
     match std::fs::metadata(&path) {
-        Ok(m) if m.is_dir() => Err(format!("{what} {p:?} is a directory")),
+        Ok(m) if m.is_dir() => invalid(format!("{what} {p:?} is a directory")),
         Ok(_) => Ok(path),
-        Err(e) => Err(format!("{what} {p:?}: {e}")),
+        Err(e) => invalid(format!("{what} {p:?}: {e}")),
     }
 }
 
-fn target(what: &str, t: &str) -> Result<(), String> {
+fn target(what: &str, t: &str) -> Result<(), Invalid> {
     if t.is_empty() {
         return Ok(());
     }
     if t == "/" {
-        return Err(format!("{what} target cannot be '/'"));
+        return invalid(format!("{what} target cannot be '/'"));
     }
     if !t.starts_with('/') || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!(
+        return invalid(format!(
             "{what} target {t:?} must be an absolute path without spaces"
         ));
     }
     Ok(())
 }
 
-fn mac(m: &str) -> Result<(), String> {
+fn mac(m: &str) -> Result<(), Invalid> {
     let parts: Vec<&str> = m.split(':').collect();
     let ok = parts.len() == 6
         && parts
             .iter()
             .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
     if !ok {
-        return Err(format!("invalid MAC address {m:?}"));
+        return invalid(format!("invalid MAC address {m:?}"));
     }
     Ok(())
 }
 
-fn tap(t: &str, sys_net: &Path) -> Result<(), String> {
+fn tap(t: &str, sys_net: &Path) -> Result<(), Invalid> {
     if t.is_empty()
         || t.len() > 15
         || !t
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
     {
-        return Err(format!("invalid tap name {t:?}"));
+        return invalid(format!("invalid tap name {t:?}"));
     }
     let dev = sys_net.join(t);
     if !dev.exists() {
-        return Err(format!("tap device {t:?} does not exist"));
+        return invalid(format!("tap device {t:?} does not exist"));
     }
     if !dev.join("tun_flags").exists() {
-        return Err(format!("network device {t:?} is not a tap"));
+        return invalid(format!("network device {t:?} is not a tap"));
     }
     Ok(())
 }
 
-fn ip(what: &str, i: &Ip, required: bool) -> Result<(), String> {
+fn ip(what: &str, i: &Ip, required: bool) -> Result<(), Invalid> {
     if i.is_nil() {
         return if required {
-            Err(format!("{what} is missing"))
+            invalid(format!("{what} is missing"))
         } else {
             Ok(())
         };
     }
     i.addr()
         .map(drop)
-        .ok_or_else(|| format!("{what} has {} bytes: not an IP address", i.0.len()))
+        .ok_or_else(|| Invalid(format!("{what} has {} bytes: not an IP address", i.0.len())))
 }
 
-fn pci(id: &str, sys_pci: &Path) -> Result<(), String> {
+fn pci(id: &str, sys_pci: &Path) -> Result<(), Invalid> {
     let b = id.as_bytes();
     let hex = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_hexdigit);
     let shape = b.len() == 12
@@ -143,28 +155,36 @@ fn pci(id: &str, sys_pci: &Path) -> Result<(), String> {
         && b[10] == b'.'
         && (b'0'..=b'7').contains(&b[11]);
     if !shape {
-        return Err(format!(
+        return invalid(format!(
             "invalid PCI address {id:?} (expected 0000:01:00.0)"
         ));
     }
     if !sys_pci.join(id).exists() {
-        return Err(format!("PCI device {id} does not exist"));
+        return invalid(format!("PCI device {id} does not exist"));
     }
     Ok(())
 }
 
-/// Validates `vm` against Zero-OS's rules and stricter ones of vmd.
-pub fn validate(vm: &Vm, layout: &Layout, settings: &Settings) -> Result<Valid, String> {
+/// Validates `vm` against Zero-OS's rules and stricter ones of vmd, and
+/// plans what runs it. A PCI device in `in_use` by another VM is refused: a
+/// device belongs to one VM at a time.
+pub fn plan(
+    vm: &Vm,
+    host: &Host,
+    settings: &Settings,
+    in_use: &DevicesInUse,
+) -> Result<Plan, Invalid> {
     let name = VmName::new(&vm.name)?;
+    let paths = &host.paths;
     if vm.memory < MIN_MEMORY {
-        return Err(format!(
+        return invalid(format!(
             "memory {} bytes is below the minimum of 250 MiB",
             vm.memory
         ));
     }
     let cpus = host_cpus();
     if vm.cpu == 0 || usize::from(vm.cpu) > cpus {
-        return Err(format!(
+        return invalid(format!(
             "cpu {} must be between 1 and {cpus} (host cpus)",
             vm.cpu
         ));
@@ -174,10 +194,10 @@ pub fn validate(vm: &Vm, layout: &Layout, settings: &Settings) -> Result<Valid, 
         "" => None,
         p => Some(existing_file("initrd image", p)?),
     };
-    let run = layout.run_dir(&name);
+    let run = paths.run_dir(&name);
     let mut disks = Vec::new();
     let mut shares = Vec::new();
-    let mut add_share = |tag: &str, dir: &str, what: &str| -> Result<(), String> {
+    let mut add_share = |tag: &str, dir: &str, what: &str| -> Result<(), Invalid> {
         // virtio-fs tags are at most 36 bytes; they end up on command lines.
         let ok = !tag.is_empty()
             && tag.len() <= 36
@@ -185,20 +205,20 @@ pub fn validate(vm: &Vm, layout: &Layout, settings: &Settings) -> Result<Valid, 
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if !ok {
-            return Err(format!(
+            return invalid(format!(
                 "invalid share id {tag:?}: 1-36 letters, digits, '-', '_' or '.'"
             ));
         }
         if shares.iter().any(|s: &Share| s.tag == tag) {
-            return Err(format!("share id {tag:?} is used twice"));
+            return invalid(format!("share id {tag:?} is used twice"));
         }
         let source = plain_path(what, dir)?;
         if !source.is_dir() {
-            return Err(format!("{what} {dir:?} is not a directory"));
+            return invalid(format!("{what} {dir:?} is not a directory"));
         }
         shares.push(Share {
             tag: tag.to_owned(),
-            socket: run.0.join(format!("fs-{}.sock", shares.len())),
+            socket: run.share_socket(shares.len()),
             source,
         });
         Ok(())
@@ -217,7 +237,7 @@ pub fn validate(vm: &Vm, layout: &Layout, settings: &Settings) -> Result<Valid, 
             add_share("vroot", &vm.boot.path, "virtio-fs root")?;
             VIRTIOFS_DEFAULTS
         }
-        k => return Err(format!("unknown boot type {k} (0: disk, 1: virtio-fs)")),
+        k => return invalid(format!("unknown boot type {k} (0: disk, 1: virtio-fs)")),
     };
     for d in &vm.disks {
         target("disk", &d.target)?;
@@ -230,8 +250,8 @@ pub fn validate(vm: &Vm, layout: &Layout, settings: &Settings) -> Result<Valid, 
         target("share", &s.target)?;
         add_share(&s.id, &s.path, "share path")?;
     }
-    if !shares.is_empty() && layout.virtiofsd.is_none() {
-        return Err("virtio-fs needs virtiofsd, which is not installed (--virtiofsd)".into());
+    if !shares.is_empty() && host.virtiofsd.is_none() {
+        return invalid("virtio-fs needs virtiofsd, which is not installed (--virtiofsd)".into());
     }
     let mut nets = Vec::new();
     for (i, nic) in vm.network.ifaces.iter().enumerate() {
@@ -269,12 +289,15 @@ pub fn validate(vm: &Vm, layout: &Layout, settings: &Settings) -> Result<Valid, 
     }
     for d in &vm.devices {
         pci(d, &settings.sys_pci)?;
+        if let Some(owner) = in_use.get(d).filter(|o| **o != name) {
+            return invalid(format!("PCI device {d} is already used by vm {owner}"));
+        }
     }
     for k in vm.environment.keys() {
         let ok = k.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
             && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !ok {
-            return Err(format!("invalid environment variable name {k:?}"));
+            return invalid(format!("invalid environment variable name {k:?}"));
         }
     }
     if !vm.hostname.is_empty()
@@ -285,23 +308,20 @@ pub fn validate(vm: &Vm, layout: &Layout, settings: &Settings) -> Result<Valid, 
                 .all(|c| c.is_ascii_alphanumeric() || c == '-')
             || vm.hostname.starts_with('-'))
     {
-        return Err(format!("invalid hostname {:?}", vm.hostname));
+        return invalid(format!("invalid hostname {:?}", vm.hostname));
     }
     let cmdline = kernel_cmdline(defaults, &vm.kernel_args)?;
     let seed = super::cloudinit::seed_files(vm)?;
     // Zero-OS order: boot disk, `Disks`, then the seed, read-only.
     disks.push(Disk {
-        path: layout.seed(&name),
+        path: paths.seed(&name),
         readonly: true,
     });
     let spec = VmSpec {
         version: SPEC_VERSION,
         name: name.as_str().to_owned(),
-        hypervisor: layout.hypervisor.clone(),
-        virtiofsd: layout
-            .virtiofsd
-            .clone()
-            .unwrap_or_else(|| "virtiofsd".into()),
+        hypervisor: host.hypervisor.clone(),
+        virtiofsd: host.virtiofsd.clone().unwrap_or_else(|| "virtiofsd".into()),
         vcpus: vm.cpu,
         memory_mib: vm.memory >> 20,
         kernel,
@@ -315,11 +335,35 @@ pub fn validate(vm: &Vm, layout: &Layout, settings: &Settings) -> Result<Valid, 
         grace_secs: settings.grace_secs,
         restart: settings.restart,
         console: ConsoleSpec {
-            log: layout.log(&name),
+            log: paths.log(&name),
             rotate_bytes: settings.log_rotate_bytes,
             keep_bytes: settings.log_keep_bytes,
         },
     };
-    spec.validate().map_err(|e| e.to_string())?;
-    Ok(Valid { name, spec, seed })
+    spec.validate().map_err(|e| Invalid(e.to_string()))?;
+    let service = service_file(host, settings, &run)?;
+    Ok(Plan {
+        name,
+        spec,
+        seed,
+        service,
+    })
+}
+
+/// The zinit service that runs the shim of the VM in `run`.
+fn service_file(
+    host: &Host,
+    settings: &Settings,
+    run: &vmd_runtime::RunDir,
+) -> Result<zinit::Service, Invalid> {
+    let exec = zinit::Command::new([
+        host.shim.to_string_lossy().into_owned(),
+        "--dir".to_owned(),
+        run.path().to_string_lossy().into_owned(),
+    ])
+    .map_err(|e| Invalid(e.to_string()))?;
+    let mut svc = zinit::Service::new(exec);
+    // At system shutdown zinit waits this long for the graceful stop.
+    svc.shutdown_timeout = Some(settings.grace_secs + 10);
+    Ok(svc)
 }

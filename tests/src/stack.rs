@@ -1,0 +1,217 @@
+//! The whole stack a test drives: a real Redis, zinit (the double, or the
+//! real one with `VMD_TEST_ZINIT`), the `vmd` binary on private paths, a
+//! stub, and a directory of host files VMs use (kernel, disks, a fake sysfs).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use vmd::api::Vm;
+use vmd::stub::VmdStub;
+
+use crate::supervisor::processes_with;
+use crate::vm::{boot_timeout, real_ch};
+use crate::{until, RedisServer, Supervisor, VmdProcess};
+
+pub struct Stack {
+    pub redis: RedisServer,
+    pub zinit: Supervisor,
+    pub vmd: VmdProcess,
+    /// A patient caller (Run waits for a boot).
+    pub stub: VmdStub,
+    /// Host files: `vmlinux`, disks, `net/<tap>` (vmd's `--sys-net`).
+    pub sys: tempfile::TempDir,
+}
+
+impl Stack {
+    /// Starts everything; `extra` flags go to vmd. Returns once vmd answers.
+    pub async fn start(extra: &[&str]) -> Stack {
+        let redis = RedisServer::start();
+        let zinit = Supervisor::start();
+        let sys = tempfile::tempdir().unwrap();
+        let sys_net = sys.path().join("net").to_string_lossy().into_owned();
+        let mut flags = vec!["--sys-net", &sys_net];
+        flags.extend_from_slice(extra);
+        let vmd = VmdProcess::start_with(&redis, Some(&zinit), &flags);
+        let stub = VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(90));
+        vmd.wait_ready().await;
+        Stack {
+            redis,
+            zinit,
+            vmd,
+            stub,
+            sys,
+        }
+    }
+
+    /// Another caller, with its own deadline (a Go caller's is short).
+    pub fn caller(&self, timeout: Duration) -> VmdStub {
+        VmdStub::new(self.redis.broker()).with_timeout(timeout)
+    }
+
+    /// The guest kernel: `VMD_TEST_KERNEL`, or a file the double accepts.
+    pub fn kernel(&self) -> String {
+        match std::env::var("VMD_TEST_KERNEL") {
+            Ok(k) => k,
+            Err(_) => {
+                let k = self.sys.path().join("vmlinux");
+                if !k.exists() {
+                    std::fs::write(&k, "not a kernel: the double only opens it").unwrap();
+                }
+                k.to_string_lossy().into_owned()
+            }
+        }
+    }
+
+    /// A VM whose guest is steered by `knobs` (`gaction=wait`, double knobs…).
+    pub fn vm(&self, name: &str, knobs: &[(&str, &str)]) -> Vm {
+        let mut args: BTreeMap<String, String> = BTreeMap::new();
+        if real_ch() {
+            // The test guest's needs on an emulated KVM (shared/guest).
+            args.insert(
+                "clearcpuid".into(),
+                "141,151,158,306,308,145,298,59,534".into(),
+            );
+            args.insert("noxsave".into(), String::new());
+            args.insert("nofsgsbase".into(), String::new());
+        }
+        for (k, v) in knobs {
+            args.insert((*k).into(), (*v).into());
+        }
+        Vm {
+            name: name.into(),
+            cpu: 1,
+            memory: 256 << 20,
+            kernel_image: self.kernel(),
+            initrd_image: std::env::var("VMD_TEST_INITRD").unwrap_or_default(),
+            kernel_args: args,
+            ..Default::default()
+        }
+    }
+
+    /// A fake tap in the sysfs vmd looks at, with its counters.
+    pub fn tap(&self, name: &str, c: [u64; 4]) {
+        let dir = self.sys.path().join("net").join(name);
+        std::fs::create_dir_all(dir.join("statistics")).unwrap();
+        std::fs::write(dir.join("tun_flags"), "0x1002\n").unwrap();
+        for (f, v) in ["rx_bytes", "rx_packets", "tx_bytes", "tx_packets"]
+            .iter()
+            .zip(c)
+        {
+            std::fs::write(dir.join("statistics").join(f), format!("{v}\n")).unwrap();
+        }
+    }
+
+    pub fn run_dir(&self, name: &str) -> PathBuf {
+        self.vmd.runtime().join("vms").join(name)
+    }
+
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.vmd.root().join("logs").join(name)
+    }
+
+    /// Waits until `marker` is on `name`'s console (as `LogsFull` shows it).
+    pub async fn wait_logs(&self, name: &str, marker: &str) {
+        until(
+            boot_timeout(),
+            format!("{marker} on {name}'s console"),
+            || async {
+                self.stub
+                    .logs_full(name)
+                    .await
+                    .is_ok_and(|l| l.contains(marker))
+            },
+        )
+        .await;
+    }
+
+    /// Nothing of VM `name` is left: files, service, processes.
+    pub async fn assert_gone(&self, name: &str) {
+        assert!(!self.run_dir(name).exists(), "run dir of {name} left");
+        assert!(!self.log(name).exists(), "log of {name} left");
+        let seed = self
+            .vmd
+            .root()
+            .join("cloud-init")
+            .join(format!("{name}.img"));
+        assert!(!seed.exists(), "cloud-init image of {name} left");
+        let svc = format!("vm:{name}");
+        assert!(
+            !self
+                .zinit
+                .config_path()
+                .join(format!("{svc}.yaml"))
+                .exists(),
+            "service file left"
+        );
+        let list = self.zinit.client().list().await.unwrap();
+        assert!(!list.contains_key(&svc), "zinit still has {svc}");
+        let marker = self.run_dir(name).to_string_lossy().into_owned();
+        assert!(
+            processes_with(&marker).is_empty(),
+            "processes of {name} left"
+        );
+    }
+
+    /// Waits until the files of `name` are gone (start-up reconciliation
+    /// finishes in the background), then checks that nothing at all is left.
+    pub async fn wait_gone(&self, name: &str) {
+        let run = self.run_dir(name);
+        let svc = self.zinit.config_path().join(format!("vm:{name}.yaml"));
+        until(Duration::from_secs(30), format!("{name} gone"), || {
+            std::future::ready(!run.exists() && !svc.exists())
+        })
+        .await;
+        self.assert_gone(name).await;
+    }
+
+    /// Nothing of any VM or stream is left anywhere (after deleting all).
+    pub async fn assert_nothing_left(&self) {
+        assert_nothing_left(&self.zinit, &self.vmd.runtime(), &self.vmd.root()).await;
+    }
+}
+
+/// What a vmd on `runtime`/`root` under `zinit` may leave once every VM and
+/// stream is deleted: nothing — no service (running or as a file), no VM
+/// directory, index entry, stream record or console log, no process.
+pub async fn assert_nothing_left(zinit: &Supervisor, runtime: &Path, root: &Path) {
+    // Shims, VMMs and virtiofsd name their run dir, stream workers their
+    // progress file; vmd itself names neither.
+    let procs: Vec<String> = ["vms", "streams"]
+        .iter()
+        .flat_map(|d| processes_with(&format!("{}/{d}/", runtime.display())))
+        .map(|p| {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            format!(
+                "{p}: {} [{}]",
+                String::from_utf8_lossy(&cmd).replace('\0', " "),
+                stat.split(' ').nth(2).unwrap_or("?")
+            )
+        })
+        .collect();
+    assert!(procs.is_empty(), "processes left: {procs:#?}");
+    let services: Vec<String> = zinit
+        .client()
+        .list()
+        .await
+        .unwrap()
+        .into_keys()
+        .filter(|k| k.starts_with("vm:") || k.starts_with("stream:"))
+        .collect();
+    assert!(services.is_empty(), "zinit services left: {services:?}");
+    let files = zinit.config_dir().list().unwrap();
+    assert!(files.is_empty(), "service files left: {files:?}");
+    for dir in [
+        runtime.join("vms"),
+        runtime.join("present"),
+        runtime.join("streams"),
+        root.join("logs"),
+        root.join("cloud-init"),
+    ] {
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{} not empty: {left:?}", dir.display());
+    }
+}

@@ -1,0 +1,224 @@
+//! The shim's control socket ([`crate::RunDir::control_socket`], mode 0600):
+//! one command line per connection, one reply line. Both sides are here.
+//!
+//! * `stop` — stop the VM gracefully (power button, grace period, force);
+//!   the reply `stopped` comes once the VMM is gone. The shim then stays idle
+//!   and starts nothing until zinit stops it. This is how vmd drives the
+//!   graceful part before asking zinit to stop the service, whatever zinit
+//!   does on `stop` (v0.2.14 signals; later versions SIGKILL 500 ms after).
+//! * `status` — the shim's state and the VM's ([`Status`], JSON).
+//! * `lock` — make the VMM match the lock mark vmd keeps in the run
+//!   directory: pause it when marked, resume it when not ([`LockReply`]).
+//!
+//! vmd never talks to a VMM itself: the shim is its only owner.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::layout::RunDir;
+use crate::state::ShimState;
+use crate::vmm::VmState;
+
+/// How long the shim waits for a command line once connected.
+const READ_COMMAND: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Stop,
+    Status,
+    Lock,
+}
+
+impl Command {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Command::Stop => "stop",
+            Command::Status => "status",
+            Command::Lock => "lock",
+        }
+    }
+
+    pub fn parse(line: &str) -> Option<Command> {
+        [Command::Stop, Command::Status, Command::Lock]
+            .into_iter()
+            .find(|c| c.as_str() == line)
+    }
+}
+
+/// The reply to `stop`.
+pub const STOPPED: &str = "stopped";
+
+/// The reply to `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    #[serde(flatten)]
+    pub shim: ShimState,
+    /// The VM's state as its VMM reports it; `None` when no VMM answers.
+    #[serde(default)]
+    pub vm: Option<VmState>,
+}
+
+/// The reply to `lock`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockReply {
+    /// The VMM is now in this state (`Paused` when locked, else `Running`).
+    Applied(VmState),
+    /// No VMM runs a booted VM: the mark applies when one does.
+    NotRunning(String),
+    /// The VMM refused the pause or resume.
+    Failed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach the shim at {0}: {1}")]
+    Connect(String, #[source] std::io::Error),
+    #[error("shim i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the shim did not answer `{0}` within {1:?}")]
+    Timeout(String, Duration),
+    #[error("the shim refused `{0}`: {1}")]
+    Refused(String, String),
+    #[error("the shim answered `{0}` with {1:?}")]
+    BadReply(String, String),
+}
+
+/// Sends `command` and returns the reply line (`error: …` replies are
+/// [`ControlError::Refused`]).
+pub async fn request(
+    socket: &Path,
+    command: &str,
+    timeout: Duration,
+) -> Result<String, ControlError> {
+    let run = async {
+        let mut s = UnixStream::connect(socket)
+            .await
+            .map_err(|e| ControlError::Connect(socket.display().to_string(), e))?;
+        s.write_all(format!("{command}\n").as_bytes()).await?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).await?;
+        let line = line.trim_end().to_owned();
+        match line.strip_prefix("error: ") {
+            Some(e) => Err(ControlError::Refused(command.to_owned(), e.to_owned())),
+            None => Ok(line),
+        }
+    };
+    tokio::time::timeout(timeout, run)
+        .await
+        .map_err(|_| ControlError::Timeout(command.to_owned(), timeout))?
+}
+
+/// vmd's side: the shim of one VM.
+#[derive(Debug, Clone)]
+pub struct ShimClient {
+    socket: PathBuf,
+}
+
+impl ShimClient {
+    pub fn new(run: &RunDir) -> Self {
+        ShimClient {
+            socket: run.control_socket(),
+        }
+    }
+
+    /// Whether a shim ever listened here (it may be restarting).
+    pub fn exists(&self) -> bool {
+        self.socket.exists()
+    }
+
+    async fn json<T: for<'de> Deserialize<'de>>(
+        &self,
+        command: Command,
+        timeout: Duration,
+    ) -> Result<T, ControlError> {
+        let line = request(&self.socket, command.as_str(), timeout).await?;
+        serde_json::from_str(&line)
+            .map_err(|_| ControlError::BadReply(command.as_str().into(), line))
+    }
+
+    /// Stops the VM gracefully; returns once its VMM is gone.
+    pub async fn stop(&self, timeout: Duration) -> Result<(), ControlError> {
+        let line = request(&self.socket, Command::Stop.as_str(), timeout).await?;
+        if line != STOPPED {
+            return Err(ControlError::BadReply("stop".into(), line));
+        }
+        Ok(())
+    }
+
+    pub async fn status(&self, timeout: Duration) -> Result<Status, ControlError> {
+        self.json(Command::Status, timeout).await
+    }
+
+    /// Applies the lock mark to the running VMM.
+    pub async fn lock(&self, timeout: Duration) -> Result<LockReply, ControlError> {
+        self.json(Command::Lock, timeout).await
+    }
+}
+
+/// The shim's side: reads one command from `stream`, answers with the line
+/// `handle` returns. Unknown commands and silent clients get nothing done.
+pub async fn serve<F, Fut>(stream: UnixStream, handle: F)
+where
+    F: FnOnce(Command) -> Fut,
+    Fut: Future<Output = String>,
+{
+    let mut s = BufReader::new(stream);
+    let mut line = String::new();
+    match tokio::time::timeout(READ_COMMAND, s.read_line(&mut line)).await {
+        Ok(Ok(_)) => {}
+        _ => return,
+    }
+    let reply = match Command::parse(line.trim()) {
+        Some(c) => handle(c).await,
+        None => error_reply(format!("unknown command {:?}", line.trim())),
+    };
+    let _ = s.get_mut().write_all(format!("{reply}\n").as_bytes()).await;
+}
+
+/// A reply line carrying a value.
+pub fn json_reply<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|e| error_reply(e.to_string()))
+}
+
+/// A reply line refusing the command.
+pub fn error_reply(message: impl std::fmt::Display) -> String {
+    // One line: the protocol is line-based.
+    format!("error: {}", message.to_string().replace('\n', " "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_round_trip() {
+        for r in [
+            LockReply::Applied(VmState::Paused),
+            LockReply::NotRunning("no VMM".into()),
+            LockReply::Failed("VM is not running".into()),
+        ] {
+            let line = json_reply(&r);
+            assert!(!line.contains('\n'));
+            assert_eq!(serde_json::from_str::<LockReply>(&line).unwrap(), r);
+        }
+        let st = Status {
+            shim: ShimState::new(),
+            vm: Some(VmState::Running),
+        };
+        let back: Status = serde_json::from_str(&json_reply(&st)).unwrap();
+        assert_eq!(back, st);
+        // The state alone (an older shim) is a status without a VM state.
+        let old: Status = serde_json::from_str(&json_reply(&st.shim)).unwrap();
+        assert_eq!(old.vm, None);
+        for c in [Command::Stop, Command::Status, Command::Lock] {
+            assert_eq!(Command::parse(c.as_str()), Some(c));
+        }
+        assert_eq!(Command::parse("reboot"), None);
+    }
+}

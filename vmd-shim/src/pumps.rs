@@ -1,0 +1,92 @@
+//! What a running VMM produces, moved to where it belongs: its log lines to
+//! the console log and stderr, its events to the exit judgement, its serial
+//! console to the console log.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::time::{sleep, Instant};
+
+use vmd_runtime::console::ConsoleLog;
+
+/// The VMM's stdout or stderr.
+pub type Pipe = Box<dyn AsyncRead + Unpin + Send>;
+
+fn append(log: &Mutex<ConsoleLog>, bytes: &[u8]) {
+    let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
+    if let Err(e) = l.write(bytes) {
+        eprintln!("console log write failed: {e}");
+    }
+}
+
+/// The VMM's own output: into the console log and to our stderr. A vCPU
+/// error is remembered: the VMM then exits 0 although the guest died.
+pub async fn vmm_lines(pipe: Pipe, log: Arc<Mutex<ConsoleLog>>, vcpu_error: Arc<AtomicBool>) {
+    let mut lines = BufReader::new(pipe).split(b'\n');
+    while let Ok(Some(mut line)) = lines.next_segment().await {
+        if line.windows(20).any(|w| w == b"VCPU generated error") {
+            vcpu_error.store(true, Ordering::SeqCst);
+        }
+        line.push(b'\n');
+        append(&log, &line);
+        let _ = std::io::stderr().lock().write_all(&line);
+    }
+}
+
+/// The event monitor: a stream of JSON objects; we look for the VM's shutdown.
+pub async fn events(fd: std::os::fd::OwnedFd, shutdown: Arc<AtomicBool>) {
+    let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
+        return;
+    };
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = match rx.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut consumed = 0;
+        let mut stream =
+            serde_json::Deserializer::from_slice(&buf).into_iter::<serde_json::Value>();
+        while let Some(Ok(ev)) = stream.next() {
+            consumed = stream.byte_offset();
+            if ev["source"] == "vm" && ev["event"] == "shutdown" {
+                shutdown.store(true, Ordering::SeqCst);
+            }
+        }
+        buf.drain(..consumed);
+        if buf.len() > 1 << 20 {
+            buf.clear();
+        }
+    }
+}
+
+/// Serial output: connect to the VMM's serial socket and append everything.
+pub async fn serial(path: PathBuf, log: Arc<Mutex<ConsoleLog>>, pid: i32) {
+    let started = Instant::now();
+    let mut s = loop {
+        match UnixStream::connect(&path).await {
+            Ok(s) => break s,
+            Err(_) => {
+                let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+                if !alive || started.elapsed() > Duration::from_secs(60) {
+                    return;
+                }
+                sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => append(&log, &buf[..n]),
+        }
+    }
+}

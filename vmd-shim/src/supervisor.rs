@@ -1,0 +1,323 @@
+//! The life of one VM: start the VMM, watch it, apply the restart policy,
+//! stop it when asked. State changes are saved to `state.json` as they
+//! happen, so vmd (and a later shim) always see where the VM is.
+
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{sleep, timeout};
+
+use vmd_runtime::console::ConsoleLog;
+use vmd_runtime::control::STOPPED;
+use vmd_runtime::process::say;
+use vmd_runtime::spec::VmSpec;
+use vmd_runtime::state::{now_secs, Exit, Phase, ShimState};
+use vmd_runtime::RunDir;
+
+use crate::hygiene::needed_caps;
+use crate::lock::Locker;
+use crate::policy::{decide, Decision};
+use crate::vmm::Vmm;
+
+/// Who asked for a stop.
+pub enum StopFrom {
+    /// SIGTERM/SIGINT (zinit stop): stop, then exit.
+    Signal,
+    /// vmd on the control socket: stop, reply, then stay idle.
+    Control(oneshot::Sender<String>),
+}
+
+/// The shim's state, shared with the control server.
+#[derive(Clone)]
+pub struct Shared {
+    pub run: RunDir,
+    state: Arc<Mutex<ShimState>>,
+}
+
+impl Shared {
+    pub fn snapshot(&self) -> ShimState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Changes the state and saves it.
+    fn set(&self, f: impl FnOnce(&mut ShimState)) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut st);
+        if let Err(e) = st.save(&self.run.state()) {
+            eprintln!("cannot save {}: {e}", self.run.state().display());
+        }
+    }
+}
+
+struct Shim {
+    spec: VmSpec,
+    shared: Shared,
+    locker: Arc<Locker>,
+    log: Arc<Mutex<ConsoleLog>>,
+    stops: mpsc::Receiver<StopFrom>,
+}
+
+/// Runs the VM of `run` until stopped.
+pub async fn run(run: RunDir) -> ExitCode {
+    if run.deleted_mark().exists() {
+        say("the VM is being deleted: not starting it");
+        return ExitCode::SUCCESS;
+    }
+    if !run.spec().exists() {
+        say(format!(
+            "no VM description at {}: nothing to run",
+            run.spec().display()
+        ));
+        return ExitCode::SUCCESS;
+    }
+    let spec = match VmSpec::load(&run.spec()) {
+        Ok(s) => s,
+        Err(e) => {
+            say(format!("cannot start: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    let c = &spec.console;
+    let log = match ConsoleLog::open(&c.log, c.rotate_bytes, c.keep_bytes) {
+        Ok(l) => l,
+        Err(e) => {
+            say(format!(
+                "cannot open the console log {}: {e}",
+                c.log.display()
+            ));
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut state = ShimState::load(&run.state());
+    // A shim that died with its VMM: the death signal killed the VMM,
+    // but make sure, identity-checked so a reused pid is left alone.
+    if let Some(old) = state.vmm.take() {
+        if old.alive() {
+            say(format!(
+                "killing the VMM left by a previous shim (pid {})",
+                old.pid
+            ));
+            // SAFETY: kill has no memory effects; the pid is identity-checked.
+            unsafe {
+                libc::kill(old.pid, libc::SIGKILL);
+            }
+        }
+    }
+    let (stop_tx, stops) = mpsc::channel(4);
+    let shared = Shared {
+        run: run.clone(),
+        state: Arc::new(Mutex::new(state)),
+    };
+    let locker = Arc::new(Locker::new(run));
+    if let Err(e) = crate::control::listen(shared.clone(), Arc::clone(&locker), stop_tx.clone()) {
+        say(format!("cannot open the control socket: {e}"));
+        return ExitCode::FAILURE;
+    }
+    tokio::spawn(forward_signals(stop_tx));
+    let caps: Vec<String> = needed_caps(&spec)
+        .iter()
+        .map(|(c, why)| format!("{c} ({why})"))
+        .collect();
+    say(format!(
+        "shim for vm {} (pid {}); VMM keeps capabilities: {}",
+        spec.name,
+        std::process::id(),
+        if caps.is_empty() {
+            "none".into()
+        } else {
+            caps.join(", ")
+        }
+    ));
+    let mut shim = Shim {
+        spec,
+        shared,
+        locker,
+        log: Arc::new(Mutex::new(log)),
+        stops,
+    };
+    shim.supervise().await
+}
+
+impl Shim {
+    fn phase(&self) -> Phase {
+        self.shared.snapshot().phase
+    }
+
+    async fn supervise(&mut self) -> ExitCode {
+        match self.phase() {
+            Phase::Failed => {
+                say("the VM failed earlier; staying idle until it is deleted");
+                return self.idle().await;
+            }
+            Phase::PoweredOff => {
+                say("the guest powered off earlier and is not kept alive; staying idle");
+                return self.idle().await;
+            }
+            _ => {}
+        }
+        loop {
+            let restart = self.shared.snapshot().vmm_started_at.is_some();
+            self.shared.set(|s| {
+                s.phase = Phase::Starting;
+                if restart {
+                    s.restarts += 1;
+                }
+            });
+            let exit = match self.start_vmm() {
+                Err(e) => Exit {
+                    at: now_secs(),
+                    status: format!("could not start the VMM: {e}"),
+                    clean: false,
+                },
+                Ok(mut vmm) => {
+                    let locker = tokio::spawn(Arc::clone(&self.locker).keep_locked());
+                    let status = tokio::select! {
+                        st = vmm.child.wait() => st,
+                        stop = self.stops.recv() => {
+                            locker.abort();
+                            return self.stop_vmm(vmm, stop).await;
+                        }
+                    };
+                    locker.abort();
+                    // Let the console and events drain before judging the exit.
+                    vmm.drain_pumps().await;
+                    vmm.classify(status)
+                }
+            };
+            say(format!("vmm exited: {}", exit.status));
+            let decision = {
+                let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                let d = decide(
+                    &self.spec.restart,
+                    self.spec.keep_alive,
+                    &mut st.exits,
+                    exit.clone(),
+                );
+                st.vmm = None;
+                d
+            };
+            match decision {
+                Decision::Restart { after } => {
+                    self.shared.set(|s| {
+                        s.phase = Phase::BackingOff;
+                        s.reason = Some(exit.status.clone());
+                    });
+                    say(format!("restarting in {} s", after.as_secs()));
+                    tokio::select! {
+                        _ = sleep(after) => {}
+                        stop = self.stops.recv() => return self.stopped(stop).await,
+                    }
+                }
+                Decision::StayOff => {
+                    self.shared.set(|s| {
+                        s.phase = Phase::PoweredOff;
+                        s.reason = Some("the guest powered off".into());
+                    });
+                    say("the guest powered off; not restarting it (no keep-alive)");
+                    return self.idle().await;
+                }
+                Decision::GiveUp { reason } => {
+                    let tail = self.log.lock().map(|l| l.tail(2048)).unwrap_or_default();
+                    self.shared.set(|s| {
+                        s.phase = Phase::Failed;
+                        s.reason = Some(reason.clone());
+                        s.last_console = Some(tail);
+                    });
+                    say(format!("gave up: {reason}"));
+                    return self.idle().await;
+                }
+            }
+        }
+    }
+
+    fn start_vmm(&mut self) -> Result<Vmm, String> {
+        let vmm = Vmm::start(&self.spec, &self.shared.run, &self.log)?;
+        let identity = vmd_runtime::state::ProcessIdentity::of(vmm.pid);
+        self.shared.set(|s| {
+            s.phase = Phase::Running;
+            s.vmm = identity;
+            s.vmm_started_at = Some(now_secs());
+        });
+        say(format!("vmm running pid={}", vmm.pid));
+        Ok(vmm)
+    }
+
+    /// Waits, starting nothing, until asked to stop.
+    async fn idle(&mut self) -> ExitCode {
+        loop {
+            match self.stops.recv().await {
+                None | Some(StopFrom::Signal) => {
+                    say("stopped");
+                    return ExitCode::SUCCESS;
+                }
+                Some(StopFrom::Control(reply)) => {
+                    let _ = reply.send(STOPPED.into());
+                }
+            }
+        }
+    }
+
+    /// A stop that came while no VMM ran (during a back-off).
+    async fn stopped(&mut self, stop: Option<StopFrom>) -> ExitCode {
+        self.shared.set(|s| s.phase = Phase::Stopped);
+        say("stopped");
+        self.after_stop(stop).await
+    }
+
+    /// Stops a running VMM gracefully, then reports and exits or idles.
+    async fn stop_vmm(&mut self, mut vmm: Vmm, stop: Option<StopFrom>) -> ExitCode {
+        self.shared.set(|s| s.phase = Phase::Stopping);
+        let how = vmm
+            .stop_gracefully(Duration::from_secs(self.spec.grace_secs))
+            .await;
+        vmm.drain_pumps().await;
+        self.shared.set(|s| {
+            s.phase = Phase::Stopped;
+            s.vmm = None;
+            s.reason = Some(how.clone());
+        });
+        say(format!("stopped: {how}"));
+        self.after_stop(stop).await
+    }
+
+    async fn after_stop(&mut self, stop: Option<StopFrom>) -> ExitCode {
+        match stop {
+            Some(StopFrom::Control(reply)) => {
+                let _ = reply.send(STOPPED.into());
+                self.idle().await
+            }
+            _ => ExitCode::SUCCESS,
+        }
+    }
+}
+
+async fn forward_signals(stops: mpsc::Sender<StopFrom>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if stops.send(StopFrom::Signal).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Waits up to 2 s for `tasks` to end (what is left of a dead VMM's output).
+pub async fn drain(tasks: &mut Vec<tokio::task::JoinHandle<()>>) {
+    let _ = timeout(Duration::from_secs(2), async {
+        for t in tasks.drain(..) {
+            let _ = t.await;
+        }
+    })
+    .await;
+}

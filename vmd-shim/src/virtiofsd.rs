@@ -1,0 +1,70 @@
+//! One virtiofsd per share, started before the VMM (which connects to them
+//! at start) and killed once the VMM is gone.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Child;
+
+use vmd_runtime::process::say;
+use vmd_runtime::spec::VmSpec;
+
+use crate::hygiene::Hardening;
+use crate::vmm::describe;
+
+/// Starts one virtiofsd per share of `spec` and waits for its socket. Each
+/// runs hardened like the VMM (own process group: zinit's stop must not take
+/// a share away from a guest that is shutting down; death signal; only the
+/// capabilities a file server needs; `no_new_privs`), and is killed when
+/// dropped (`kill_on_drop`).
+pub fn start(spec: &VmSpec) -> Result<Vec<Child>, String> {
+    let mut daemons = Vec::new();
+    for share in &spec.shares {
+        let _ = vmd_runtime::files::remove_file(&share.socket);
+        let hardening = Hardening::virtiofsd();
+        let mut cmd = tokio::process::Command::new(&spec.virtiofsd);
+        cmd.arg(format!("--socket-path={}", share.socket.display()))
+            .arg(format!("--shared-dir={}", share.source.display()))
+            .args(["--cache=auto", "--sandbox=chroot"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .kill_on_drop(true);
+        // SAFETY: `apply` only makes raw system calls on data prepared above.
+        unsafe {
+            cmd.pre_exec(move || hardening.apply());
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            format!(
+                "cannot start {} for share {}: {e}",
+                spec.virtiofsd.display(),
+                share.tag
+            )
+        })?;
+        let t0 = std::time::Instant::now();
+        while !share.socket.exists() {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(format!(
+                    "virtiofsd for share {} exited: {}",
+                    share.tag,
+                    describe(&st)
+                ));
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                return Err(format!(
+                    "virtiofsd for share {} did not create its socket",
+                    share.tag
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        say(format!(
+            "virtiofsd for share {} running pid={}",
+            share.tag,
+            child.id().unwrap_or(0)
+        ));
+        daemons.push(child);
+    }
+    Ok(daemons)
+}

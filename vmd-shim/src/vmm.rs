@@ -1,0 +1,210 @@
+//! One run of cloud-hypervisor: start it hardened with its pumps, tell a
+//! guest power-off from a crash when it exits, stop it gracefully.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::process::Child;
+use tokio::time::{timeout, Instant};
+
+use vmd_runtime::console::ConsoleLog;
+use vmd_runtime::process::say;
+use vmd_runtime::spec::VmSpec;
+use vmd_runtime::state::{now_secs, Exit};
+use vmd_runtime::vmm::{args, VmState, VmmApi};
+use vmd_runtime::RunDir;
+
+use crate::hygiene::Hardening;
+use crate::pumps;
+
+/// A running VMM and what watches it.
+pub struct Vmm {
+    /// One virtiofsd per share; killed when the VMM is gone (on drop).
+    _fs_daemons: Vec<Child>,
+    pub child: Child,
+    pub pid: i32,
+    api: VmmApi,
+    shutdown_event: Arc<AtomicBool>,
+    vcpu_error: Arc<AtomicBool>,
+    pumps: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// An exit status as operators read it: `exit 1`, `signal 9 (SIGKILL)`.
+pub fn describe(status: &ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(s)) => {
+            let name = nix::sys::signal::Signal::try_from(s).map_or("?", |s| s.as_str());
+            format!("signal {s} ({name})")
+        }
+        _ => "unknown status".into(),
+    }
+}
+
+impl Vmm {
+    /// Starts the shares' virtiofsd, then the VMM, with its output, events
+    /// and serial console pumped into `log`.
+    pub fn start(spec: &VmSpec, run: &RunDir, log: &Arc<Mutex<ConsoleLog>>) -> Result<Vmm, String> {
+        for stale in [run.api_socket(), run.serial_socket()] {
+            let _ = vmd_runtime::files::remove_file(&stale);
+            // cloud-hypervisor v53 leaves `<socket>.lock` behind.
+            let mut lock = stale.into_os_string();
+            lock.push(".lock");
+            let _ = vmd_runtime::files::remove_file(std::path::Path::new(&lock));
+        }
+        let fs_daemons = crate::virtiofsd::start(spec)?;
+        let (ev_r, ev_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| format!("event pipe: {e}"))?;
+        let hardening = Hardening::vmm(spec, ev_w.as_raw_fd());
+        let mut cmd = tokio::process::Command::new(&spec.hypervisor);
+        cmd.args(args::hypervisor_args(spec, run))
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        // SAFETY: `apply` only makes raw system calls on data prepared above.
+        unsafe {
+            cmd.pre_exec(move || hardening.apply());
+        }
+        say(format!("starting the VMM: {}", spec.hypervisor.display()));
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", spec.hypervisor.display()))?;
+        drop(ev_w);
+        let pid = child.id().map_or(0, |p| p as i32);
+        let shutdown_event = Arc::new(AtomicBool::new(false));
+        let vcpu_error = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for out in [
+            child.stdout.take().map(|o| Box::new(o) as pumps::Pipe),
+            child.stderr.take().map(|e| Box::new(e) as pumps::Pipe),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            tasks.push(tokio::spawn(pumps::vmm_lines(
+                out,
+                Arc::clone(log),
+                Arc::clone(&vcpu_error),
+            )));
+        }
+        tasks.push(tokio::spawn(pumps::events(
+            ev_r,
+            Arc::clone(&shutdown_event),
+        )));
+        tasks.push(tokio::spawn(pumps::serial(
+            run.serial_socket(),
+            Arc::clone(log),
+            pid,
+        )));
+        Ok(Vmm {
+            _fs_daemons: fs_daemons,
+            child,
+            pid,
+            api: VmmApi::new(run.api_socket()),
+            shutdown_event,
+            vcpu_error,
+            pumps: tasks,
+        })
+    }
+
+    /// Lets what the VMM still had to say reach the log (up to 2 s).
+    pub async fn drain_pumps(&mut self) {
+        crate::supervisor::drain(&mut self.pumps).await;
+    }
+
+    /// What an exit of the VMM was. Exit code 0 alone proves nothing: the
+    /// VMM also exits 0 when a vCPU died; only the VM's own shutdown event
+    /// makes it a guest power-off.
+    pub fn classify(&self, status: std::io::Result<ExitStatus>) -> Exit {
+        let at = now_secs();
+        let st = match status {
+            Ok(st) => st,
+            Err(e) => {
+                return Exit {
+                    at,
+                    status: format!("lost track of the VMM: {e}"),
+                    clean: false,
+                }
+            }
+        };
+        let vcpu = self.vcpu_error.load(Ordering::SeqCst);
+        let event = self.shutdown_event.load(Ordering::SeqCst);
+        let (status, clean) = match st.code() {
+            Some(0) if event && !vcpu => ("guest powered off".to_owned(), true),
+            Some(0) if vcpu => (
+                "exit 0 after a vCPU error (the guest died)".to_owned(),
+                false,
+            ),
+            Some(0) => ("exit 0 without a guest shutdown".to_owned(), false),
+            _ => (describe(&st), false),
+        };
+        Exit { at, status, clean }
+    }
+
+    /// Power button, repeated with growing pauses (4 s, 8 s, 16 s …) through
+    /// the grace period — a press before the guest armed its ACPI handler is
+    /// lost, while pressing too often makes a slow guest run one power-off
+    /// handler per press (seen on emulated KVM: they crash each other) —
+    /// then the API's hard stops, then SIGKILL. Returns how it ended.
+    pub async fn stop_gracefully(&mut self, grace: Duration) -> String {
+        say(format!(
+            "stopping: power button, grace {} s",
+            grace.as_secs()
+        ));
+        let deadline = Instant::now() + grace;
+        let api = self.api.clone();
+        let second = Duration::from_secs(1);
+        // A paused (locked) guest cannot see the power button; it may hold
+        // data it still has to flush, so it gets to run for its shutdown.
+        if api.state(second).await == Some(VmState::Paused) {
+            say("the VM is paused (locked): resuming it so it can shut down cleanly");
+            let _ = api.put("vm.resume", second).await;
+        }
+        let mut pause = Duration::from_secs(4);
+        loop {
+            // Best effort: a guest that ignores it is forced below.
+            let _ = api.put("vm.power-button", second).await;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Ok(st) = timeout(left.min(pause), self.child.wait()).await {
+                let st = st.map(|s| describe(&s)).unwrap_or_default();
+                return format!("the guest powered off ({st})");
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            pause *= 2;
+        }
+        say("the guest did not power off in time: shutting the VMM down");
+        let two = Duration::from_secs(2);
+        if let Err(e) = api.put("vm.shutdown", two).await {
+            say(format!("vm.shutdown failed: {e}"));
+        }
+        if let Err(e) = api.put("vmm.shutdown", two).await {
+            say(format!("vmm.shutdown failed: {e}"));
+        }
+        if let Ok(st) = timeout(Duration::from_secs(3), self.child.wait()).await {
+            let st = st.map(|s| describe(&s)).unwrap_or_default();
+            return format!("forced after the grace period ({st})");
+        }
+        say("the VMM ignored vmm.shutdown: SIGKILL");
+        // SAFETY: killpg has no memory effects; the group is the VMM's own.
+        unsafe {
+            libc::killpg(self.pid, libc::SIGKILL);
+        }
+        let st = self
+            .child
+            .wait()
+            .await
+            .map(|s| describe(&s))
+            .unwrap_or_default();
+        format!("killed after the grace period ({st})")
+    }
+}

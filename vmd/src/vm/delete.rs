@@ -1,0 +1,73 @@
+//! `Delete`, and the removal every rollback and reconciliation shares.
+
+use std::time::{Duration, Instant};
+
+use vmd_runtime::control::ShimClient;
+use vmd_runtime::{console, files, VmName};
+
+use super::error::{IoContext, VmError};
+use super::manager::{service_of, Manager};
+
+impl Manager {
+    pub async fn delete(&self, name: &str) -> Result<(), VmError> {
+        let n = VmName::new(name).map_err(VmError::InvalidName)?;
+        let t0 = Instant::now();
+        self.remove(&n, true).await?;
+        tracing::info!(vm = %n, took = ?t0.elapsed(), "vm deleted");
+        Ok(())
+    }
+
+    /// Removes every trace of `name`: graceful stop through the shim (when
+    /// `graceful`), the zinit service, the files, the log. Safe to repeat at
+    /// any point.
+    pub async fn remove(&self, name: &VmName, graceful: bool) -> Result<(), VmError> {
+        let paths = self.paths();
+        // First: from now on the VM does not exist for callers.
+        self.unlink(&paths.present_mark(name))?;
+        self.remove_streams_of(name).await?;
+        let run = self.run_dir(name);
+        let service = service_of(name);
+        if !run.exists() && !self.services().exists(&service) {
+            // Nothing of it on disk, so nothing vmd ever started: no need to
+            // ask zinit (which may be down).
+            return files::remove_state(&paths.seed(name))
+                .what(|| format!("cannot remove the cloud-init image of vm {name}"));
+        }
+        if run.exists() {
+            // From here on a shim respawned by zinit starts nothing.
+            self.mark(&run.deleted_mark())?;
+        }
+        let shim = ShimClient::new(&run);
+        if graceful && shim.exists() {
+            let wait = Duration::from_secs(self.settings().grace_secs + 15);
+            if let Err(e) = shim.stop(wait).await {
+                tracing::warn!(vm = %name, error = %e, "graceful stop through the shim failed; zinit will stop it");
+            }
+        }
+        match self.zinit().remove(&service, Duration::from_secs(10)).await {
+            Ok(()) => {}
+            // Rolling back a Run that zinit could not take: there is no
+            // service to stop (zinit never had it or is gone), and leaving
+            // the files would leak them. Reconciliation removes a service
+            // zinit still had once it is back.
+            Err(e @ zinit::ZinitError::Connect { .. }) if !graceful => {
+                tracing::warn!(vm = %name, error = %e, "zinit unreachable; removing the files of the failed Run anyway");
+            }
+            Err(source) => {
+                return Err(VmError::ServiceRemove {
+                    service: service.to_string(),
+                    source,
+                })
+            }
+        }
+        self.services()
+            .remove(&service)
+            .what(|| format!("cannot remove the service file of {service}"))?;
+        console::remove(&paths.log(name))
+            .what(|| format!("cannot remove the console log of vm {name}"))?;
+        files::remove_state(&paths.seed(name))
+            .what(|| format!("cannot remove the cloud-init image of vm {name}"))?;
+        files::remove_dir_all(run.path())
+            .what(|| format!("cannot remove the run directory of vm {name}"))
+    }
+}

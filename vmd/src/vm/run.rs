@@ -1,0 +1,171 @@
+//! `Run`: plan, write, start, wait until booted, commit — or roll back.
+
+use std::time::{Duration, Instant};
+
+use vmd_runtime::control::ShimClient;
+use vmd_runtime::state::{Phase, ShimState};
+use vmd_runtime::{console, files, VmName};
+
+use super::error::{IoContext, VmError};
+use super::manager::{service_of, Manager};
+use super::plan::{plan, DevicesInUse, Plan};
+use crate::api::{MachineInfo, Vm};
+
+/// How long Run waits for the VM to boot.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a failed Run shows of the console.
+const CONSOLE_TAIL: u64 = 2048;
+
+impl Manager {
+    pub async fn run(&self, vm: Vm) -> Result<MachineInfo, VmError> {
+        let plan = plan(&vm, self.host(), self.settings(), &self.devices_in_use())
+            .map_err(VmError::InvalidVm)?;
+        let name = plan.name.clone();
+        if self.present(&name) {
+            // A retried Run of the same VM is answered as the first one was.
+            if self.request(&name).as_ref() == Some(&vm) {
+                return Ok(MachineInfo::default());
+            }
+            return Err(VmError::AlreadyExists);
+        }
+        let t0 = Instant::now();
+        if let Err(e) = self.start(&vm, &plan).await {
+            self.roll_back(&name).await;
+            return Err(e);
+        }
+        match self.wait_up(&name).await {
+            Ok(()) => {
+                // The commit point: the VM exists.
+                self.mark(&self.paths().present_mark(&name))?;
+                self.unlink(&self.run_dir(&name).creating_mark())?;
+                tracing::info!(vm = %name, took = ?t0.elapsed(), "vm started");
+                Ok(MachineInfo::default())
+            }
+            Err(reason) => {
+                let console = console::tail_of(&self.paths().log(&name), CONSOLE_TAIL);
+                self.roll_back(&name).await;
+                tracing::warn!(vm = %name, %reason, "vm failed to start");
+                Err(VmError::StartFailed {
+                    name: name.to_string(),
+                    reason,
+                    console,
+                })
+            }
+        }
+    }
+
+    /// The PCI devices of every VM present.
+    fn devices_in_use(&self) -> DevicesInUse {
+        let mut used = DevicesInUse::new();
+        for other in self.names() {
+            let spec: Option<vmd_runtime::spec::VmSpec> =
+                files::read_json(&self.run_dir(&other).spec());
+            for d in spec.map(|s| s.devices).unwrap_or_default() {
+                used.insert(d, other.clone());
+            }
+        }
+        used
+    }
+
+    /// Undoes a Run that failed; what cannot be undone now is logged and
+    /// left to reconciliation (the `creating` mark says so).
+    async fn roll_back(&self, name: &VmName) {
+        if let Err(e) = self.remove(name, false).await {
+            tracing::error!(vm = %name, error = %e, "cannot roll back the failed Run; reconciliation finishes it");
+        }
+    }
+
+    /// Writes the VM's files and hands its service to zinit.
+    async fn start(&self, vm: &Vm, plan: &Plan) -> Result<(), VmError> {
+        let name = &plan.name;
+        let run = self.run_dir(name);
+        // Leftovers of an earlier life of this name (a crash mid-way).
+        if run.exists() {
+            self.remove(name, false).await?;
+        }
+        let shown = || format!("cannot create the run directory of vm {name}");
+        files::create_dir(run.path(), 0o700).what(shown)?;
+        self.mark(&run.creating_mark())?;
+        files::write_json(&run.request(), vm, 0o600)
+            .what(|| format!("cannot write the request of vm {name}"))?;
+        super::cloudinit::write_image(&self.paths().seed(name), &plan.seed)
+            .what(|| "cannot write the cloud-init image".into())?;
+        plan.spec
+            .save(&run.spec())
+            .what(|| format!("cannot write the description of vm {name}"))?;
+        // A new VM starts with a new console log.
+        console::remove(&self.paths().log(name))
+            .what(|| format!("cannot remove the old console log of vm {name}"))?;
+        let service = service_of(name);
+        self.services()
+            .install(&service, &plan.service)
+            .what(|| format!("cannot write the service file of {service}"))?;
+        let started = match self.zinit().monitor(&service).await {
+            Err(zinit::ZinitError::AlreadyMonitored(_)) => {
+                // A service zinit kept from an earlier life: replace it.
+                match self.zinit().remove(&service, Duration::from_secs(10)).await {
+                    Ok(()) => self.zinit().monitor(&service).await,
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        };
+        started.map_err(|source| VmError::ServiceStart {
+            service: service.to_string(),
+            source,
+        })
+    }
+
+    /// Waits until the VM of `name` has booted, or its start failed (the
+    /// reason, for the caller).
+    async fn wait_up(&self, name: &VmName) -> Result<(), String> {
+        let run = self.run_dir(name);
+        let shim = ShimClient::new(&run);
+        let service = service_of(name);
+        let t0 = Instant::now();
+        let mut polls = 0u32;
+        loop {
+            let st = ShimState::load(&run.state());
+            if let Some(exit) = st.exits.last() {
+                return Err(format!(
+                    "the VM stopped right after its start: {}",
+                    exit.status
+                ));
+            }
+            match st.phase {
+                Phase::Failed | Phase::PoweredOff => {
+                    return Err(st.reason.unwrap_or_else(|| "the VM failed".into()));
+                }
+                // Up means booted: the API answers before the kernel is
+                // loaded, and a VMM that cannot load it exits right after.
+                Phase::Running if st.vmm.is_some_and(|v| v.alive()) => {
+                    let booted = shim
+                        .status(Duration::from_secs(2))
+                        .await
+                        .is_ok_and(|s| s.vm.is_some_and(|v| v.is_booted()));
+                    if booted {
+                        return Ok(());
+                    }
+                }
+                _ => {}
+            }
+            // The shim itself may fail before it writes any state.
+            polls += 1;
+            if polls.is_multiple_of(20) {
+                if let Ok(s) = self.zinit().status(&service).await {
+                    if matches!(s.state, zinit::State::Error(_) | zinit::State::Failure)
+                        && st.vmm.is_none()
+                    {
+                        let lines = self.zinit().service_log(&service).await.unwrap_or_default();
+                        let last = lines.last().cloned().unwrap_or_default();
+                        return Err(format!("the shim could not start ({}): {last}", s.state));
+                    }
+                }
+            }
+            if t0.elapsed() > START_TIMEOUT {
+                return Err(format!("the VMM did not answer within {START_TIMEOUT:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
