@@ -29,16 +29,8 @@ const GRACE_SECS: u64 = 10;
 const STUBBORN: usize = 64;
 
 fn main() {
-    let vms: usize = std::env::var("VMD_BENCH_VMS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1000);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(bench(vms));
+    let vms: usize = vmd_tests::knob("VMD_BENCH_VMS", 1000);
+    vmd_tests::bench_main(bench(vms));
 }
 
 struct Bench {

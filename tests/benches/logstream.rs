@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use vmd_runtime::console::ConsoleLog;
-use vmd_tests::vm::{cpu_ticks, private_dirty_kib, rss_kib};
+use vmd_tests::vm::{cpu_ticks, private_dirty_kib, rss_kib, settled_memory_kib};
 use vmd_tests::{bin, RedisServer};
 
 fn gunzip_len(b: &[u8]) -> u64 {
@@ -66,8 +66,7 @@ async fn measure(mut child: Child, got: Arc<AtomicU64>, total: u64) -> Run {
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu.max(cpu_ticks(pid));
     // Caught up and idle, following the log.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle_rss_kib = rss_kib(pid);
+    let (idle_rss_kib, _) = settled_memory_kib(pid).await;
     let _ = child.kill();
     let _ = child.wait();
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
@@ -81,16 +80,8 @@ async fn measure(mut child: Child, got: Arc<AtomicU64>, total: u64) -> Run {
 }
 
 fn main() {
-    let mb: u64 = std::env::var("VMD_BENCH_MB")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(64);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(bench(mb * 1_000_000));
+    let mb: u64 = vmd_tests::knob("VMD_BENCH_MB", 64);
+    vmd_tests::bench_main(bench(mb * 1_000_000));
 }
 
 async fn bench(total: u64) {

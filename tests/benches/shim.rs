@@ -12,7 +12,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmd_tests::vm::{cpu_ticks, private_dirty_kib, rss_kib, TestVm};
+use vmd_tests::vm::{cpu_ticks, rss_kib, settled_memory_kib, TestVm};
 use vmd_tests::{bin, Supervisor};
 
 fn ticks_per_sec() -> f64 {
@@ -30,16 +30,8 @@ async fn shim_pid(z: &Supervisor, vm: &TestVm) -> i32 {
 }
 
 fn main() {
-    let secs: u64 = std::env::var("VMD_BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(bench(Duration::from_secs(secs)));
+    let secs: u64 = vmd_tests::knob("VMD_BENCH_SECS", 10);
+    vmd_tests::bench_main(bench(Duration::from_secs(secs)));
 }
 
 async fn bench(dur: Duration) {
@@ -49,14 +41,10 @@ async fn bench(dur: Duration) {
     vm.start(&z).await;
     vm.wait_console("GUEST-READY", 1, Duration::from_secs(15))
         .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let shim = shim_pid(&z, &vm).await;
-    let idle_rss = rss_kib(shim);
-    let idle_private = private_dirty_kib(shim);
+    let (idle_rss, idle_private) = settled_memory_kib(shim).await;
     let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let sleep_rss = rss_kib(sleeper.id() as i32);
-    let sleep_private = private_dirty_kib(sleeper.id() as i32);
+    let (sleep_rss, sleep_private) = settled_memory_kib(sleeper.id() as i32).await;
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 
@@ -110,6 +98,7 @@ async fn bench(dur: Duration) {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
+    // Warm-up before the sampling window.
     tokio::time::sleep(Duration::from_millis(800)).await;
     // The file grows without bound here: sample over a shorter window.
     let base_dur = dur.min(Duration::from_secs(3));

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vmd::api::Vm;
 use vmd::stub::VmdStub;
-use vmd_tests::vm::rss_kib;
+use vmd_tests::vm::{rss_kib, settled_memory_kib};
 use vmd_tests::{bin, ms, pct, RedisServer, Supervisor, VmdProcess};
 
 fn now_ns() -> u128 {
@@ -39,16 +39,8 @@ fn exec_times(log: &std::path::Path) -> Vec<u128> {
 }
 
 fn main() {
-    let vms: usize = std::env::var("VMD_BENCH_VMS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1000);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(bench(vms));
+    let vms: usize = vmd_tests::knob("VMD_BENCH_VMS", 1000);
+    vmd_tests::bench_main(bench(vms));
 }
 
 async fn bench(n_vms: usize) {
@@ -81,8 +73,7 @@ async fn bench(n_vms: usize) {
             ..Default::default()
         }
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_empty = rss_kib(vmd.pid() as i32);
+    let (rss_empty, _) = settled_memory_kib(vmd.pid() as i32).await;
 
     // Run → VMM exec'd, sequential.
     let runs = 60;
@@ -169,6 +160,7 @@ async fn bench(n_vms: usize) {
     }
     let start_all = t0.elapsed();
     assert_eq!(stub.list().await.unwrap().len(), n_vms);
+    // Let the fleet's boots finish (a quiet host, not a wait for an event).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut list = Vec::new();
     for _ in 0..100 {

@@ -49,16 +49,8 @@ fn main() {
         rt.block_on(echo_server(Broker::unix(sock)));
         return;
     }
-    let secs: u64 = std::env::var("VMD_BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(bench(Duration::from_secs(secs)));
+    let secs: u64 = vmd_tests::knob("VMD_BENCH_SECS", 3);
+    vmd_tests::bench_main(bench(Duration::from_secs(secs)));
 }
 
 /// The leanest echo over Redis lists: one thread, one connection, no

@@ -72,6 +72,26 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A benchmark's knob: the environment variable `name` if it parses, else
+/// `default`.
+pub fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Runs a benchmark on the runtime they all use: two workers, like the
+/// machines the figures of BENCHMARKS.md come from.
+pub fn bench_main<F: std::future::Future>(bench: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("the benchmark's runtime")
+        .block_on(bench)
+}
+
 /// The `p`-th percentile of `v` (p in 0..=100).
 pub fn pct(v: &[std::time::Duration], p: usize) -> std::time::Duration {
     let mut v = v.to_vec();

@@ -232,3 +232,19 @@ pub fn private_dirty_kib(pid: i32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// RSS and private dirty memory (KiB) of an idle `pid`, once they stopped
+/// changing (two reads 100 ms apart agree; at most 5 s).
+pub async fn settled_memory_kib(pid: i32) -> (u64, u64) {
+    let read = || (rss_kib(pid), private_dirty_kib(pid));
+    let mut last = read();
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let now = read();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}

@@ -9,7 +9,7 @@ use vmd::api::Stream;
 use vmd::zbus::client::ClientError;
 use vmd_tests::stack::Stack;
 use vmd_tests::vm::real_ch;
-use vmd_tests::{gunzip, RedisServer};
+use vmd_tests::{gunzip, until, RedisServer};
 
 /// 10 MB of console output: 64-byte lines.
 const FLOOD: u64 = 10_000_000;
@@ -56,22 +56,18 @@ impl Env {
         std::fs::read(self.log(name)).unwrap_or_default()
     }
 
-    /// Waits until the VM printed all of its flood.
+    /// Waits until the VM printed all of its flood (its last line is in
+    /// the log), and returns the log.
     async fn wait_flood_done(&self, name: &str) -> Vec<u8> {
-        let t0 = Instant::now();
-        loop {
+        // 64-byte lines, numbered from 1: the last one ends the flood.
+        let last = format!("FLOOD {:012} ", FLOOD.div_ceil(64));
+        let last = last.as_bytes();
+        until(Duration::from_secs(60), "the end of the flood", || {
             let log = self.console(name);
-            if log.len() as u64 >= FLOOD {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                return self.console(name);
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "flood not done: {} bytes",
-                log.len()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            std::future::ready(log.windows(last.len()).any(|w| w == last))
+        })
+        .await;
+        self.console(name)
     }
 }
 
@@ -527,6 +523,7 @@ async fn a_restarted_redis_receiver_is_reconnected_and_the_gap_is_counted() {
     }
     // The receiver dies and comes back empty; our subscriber comes back late.
     receiver.restart();
+    // Late on purpose: what is published meanwhile reaches nobody.
     tokio::time::sleep(Duration::from_millis(700)).await;
     subscribe(&url, "ch", received.clone()).await;
     let printed = env.wait_flood_done("rr").await;

@@ -170,6 +170,57 @@ fn virtiofsd() -> PathBuf {
         .expect("virtiofsd not found: the test command installs it (cargo install virtiofsd)")
 }
 
+/// The `Field:` of a `/proc/<pid>/status` text.
+fn status_field(status: &str, field: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in {status}"))
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtiofsd_runs_hardened_like_the_vmm() {
+    if vmd_tests::vm::real_ch() {
+        eprintln!("skipped: the shared guest has no virtio-fs driver");
+        return;
+    }
+    // A virtiofsd that records how the shim started it (the real one
+    // restricts itself further, which would hide what the shim did).
+    let probe = vmd_tests::bin("vmd-test-probe")
+        .to_string_lossy()
+        .into_owned();
+    let env = vmd_tests::stack::Stack::start(&["--virtiofsd", &probe]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().display().to_string();
+    fixture(dir.path());
+    let mut vm = base(&t);
+    vm.shared.push(SharedDir {
+        id: "one".into(),
+        path: format!("{t}/share1"),
+        target: "/one".into(),
+    });
+    env.stub.run(&vm).await.unwrap();
+    let status = std::fs::read_to_string(env.run_dir("web").join("fs-0.sock.status")).unwrap();
+    assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+    if unsafe { libc::geteuid() } == 0 {
+        // As root: only what a file server needs, nothing of network,
+        // modules, devices, tracing or system administration.
+        let bounding = u64::from_str_radix(&status_field(&status, "CapBnd"), 16).unwrap();
+        // CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID SETGID SETUID SETPCAP
+        // SYS_CHROOT SYS_RESOURCE MKNOD SETFCAP
+        let allowed = [0, 1, 2, 3, 4, 6, 7, 8, 18, 24, 27, 31];
+        // (of those this machine allows at all).
+        let ours = std::fs::read_to_string("/proc/self/status").unwrap();
+        let ours = u64::from_str_radix(&status_field(&ours, "CapBnd"), 16).unwrap();
+        let want: u64 = allowed.iter().map(|b| 1u64 << b).sum::<u64>() & ours;
+        assert_eq!(bounding, want, "virtiofsd bounding set {bounding:#x}");
+    }
+    env.stub.delete("web").await.unwrap();
+    env.assert_gone("web").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_shares_run_two_real_virtiofsd_and_delete_leaves_nothing() {
     if vmd_tests::vm::real_ch() {

@@ -22,6 +22,7 @@ use tokio::net::UnixStream;
 
 use crate::layout::RunDir;
 use crate::state::ShimState;
+use crate::unix::{exchange, ExchangeError};
 use crate::vmm::VmState;
 
 /// How long the shim waits for a command line once connected.
@@ -96,22 +97,35 @@ pub async fn request(
     command: &str,
     timeout: Duration,
 ) -> Result<String, ControlError> {
-    let run = async {
-        let mut s = UnixStream::connect(socket)
-            .await
-            .map_err(|e| ControlError::Connect(socket.display().to_string(), e))?;
-        s.write_all(format!("{command}\n").as_bytes()).await?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).await?;
-        let line = line.trim_end().to_owned();
-        match line.strip_prefix("error: ") {
-            Some(e) => Err(ControlError::Refused(command.to_owned(), e.to_owned())),
-            None => Ok(line),
-        }
-    };
-    tokio::time::timeout(timeout, run)
-        .await
-        .map_err(|_| ControlError::Timeout(command.to_owned(), timeout))?
+    let line = exchange(
+        socket,
+        format!("{command}\n").as_bytes(),
+        timeout,
+        |s| async {
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line).await?;
+            Ok::<_, ControlError>(line)
+        },
+    )
+    .await
+    .map_err(|e| match e {
+        ControlError::Timeout(_, t) => ControlError::Timeout(command.to_owned(), t),
+        e => e,
+    })?;
+    let line = line.trim_end();
+    match line.strip_prefix("error: ") {
+        Some(e) => Err(ControlError::Refused(command.to_owned(), e.to_owned())),
+        None => Ok(line.to_owned()),
+    }
+}
+
+impl ExchangeError for ControlError {
+    fn connect(socket: String, e: std::io::Error) -> Self {
+        ControlError::Connect(socket, e)
+    }
+    fn timeout(timeout: Duration) -> Self {
+        ControlError::Timeout(String::new(), timeout)
+    }
 }
 
 /// vmd's side: the shim of one VM.

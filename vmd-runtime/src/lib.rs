@@ -25,6 +25,7 @@ pub mod process;
 pub mod progress;
 pub mod spec;
 pub mod state;
+mod unix;
 pub mod vmm;
 
 pub use layout::{HostPaths, RunDir};

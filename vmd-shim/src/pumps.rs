@@ -90,3 +90,13 @@ pub async fn serial(path: PathBuf, log: Arc<Mutex<ConsoleLog>>, pid: i32) {
         }
     }
 }
+
+/// Waits up to 2 s for `tasks` to end (what is left of a dead VMM's output).
+pub async fn drain(tasks: &mut Vec<tokio::task::JoinHandle<()>>) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        for t in tasks.drain(..) {
+            let _ = t.await;
+        }
+    })
+    .await;
+}

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::{sleep, timeout};
+use tokio::sync::mpsc;
+use tokio::time::sleep;
 
 use vmd_runtime::console::ConsoleLog;
 use vmd_runtime::control::STOPPED;
@@ -16,40 +16,11 @@ use vmd_runtime::spec::VmSpec;
 use vmd_runtime::state::{now_secs, Exit, Phase, ShimState};
 use vmd_runtime::RunDir;
 
+use crate::control::{Shared, StopFrom};
 use crate::hygiene::needed_caps;
 use crate::lock::Locker;
 use crate::policy::{decide, Decision};
 use crate::vmm::Vmm;
-
-/// Who asked for a stop.
-pub enum StopFrom {
-    /// SIGTERM/SIGINT (zinit stop): stop, then exit.
-    Signal,
-    /// vmd on the control socket: stop, reply, then stay idle.
-    Control(oneshot::Sender<String>),
-}
-
-/// The shim's state, shared with the control server.
-#[derive(Clone)]
-pub struct Shared {
-    pub run: RunDir,
-    state: Arc<Mutex<ShimState>>,
-}
-
-impl Shared {
-    pub fn snapshot(&self) -> ShimState {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Changes the state and saves it.
-    fn set(&self, f: impl FnOnce(&mut ShimState)) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut st);
-        if let Err(e) = st.save(&self.run.state()) {
-            eprintln!("cannot save {}: {e}", self.run.state().display());
-        }
-    }
-}
 
 struct Shim {
     spec: VmSpec,
@@ -106,10 +77,7 @@ pub async fn run(run: RunDir) -> ExitCode {
         }
     }
     let (stop_tx, stops) = mpsc::channel(4);
-    let shared = Shared {
-        run: run.clone(),
-        state: Arc::new(Mutex::new(state)),
-    };
+    let shared = Shared::new(run.clone(), state);
     let locker = Arc::new(Locker::new(run));
     if let Err(e) = crate::control::listen(shared.clone(), Arc::clone(&locker), stop_tx.clone()) {
         say(format!("cannot open the control socket: {e}"));
@@ -188,7 +156,7 @@ impl Shim {
             };
             say(format!("vmm exited: {}", exit.status));
             let decision = {
-                let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                let mut st = self.shared.lock();
                 let d = decide(
                     &self.spec.restart,
                     self.spec.keep_alive,
@@ -310,14 +278,4 @@ async fn forward_signals(stops: mpsc::Sender<StopFrom>) {
             return;
         }
     }
-}
-
-/// Waits up to 2 s for `tasks` to end (what is left of a dead VMM's output).
-pub async fn drain(tasks: &mut Vec<tokio::task::JoinHandle<()>>) {
-    let _ = timeout(Duration::from_secs(2), async {
-        for t in tasks.drain(..) {
-            let _ = t.await;
-        }
-    })
-    .await;
 }

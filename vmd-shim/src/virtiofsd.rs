@@ -9,8 +9,7 @@ use tokio::process::Child;
 use vmd_runtime::process::say;
 use vmd_runtime::spec::VmSpec;
 
-use crate::hygiene::Hardening;
-use crate::vmm::describe;
+use crate::hygiene::{describe, Hardening};
 
 /// Starts one virtiofsd per share of `spec` and waits for its socket. Each
 /// runs hardened like the VMM (own process group: zinit's stop must not take
@@ -21,20 +20,12 @@ pub fn start(spec: &VmSpec) -> Result<Vec<Child>, String> {
     let mut daemons = Vec::new();
     for share in &spec.shares {
         let _ = vmd_runtime::files::remove_file(&share.socket);
-        let hardening = Hardening::virtiofsd();
-        let mut cmd = tokio::process::Command::new(&spec.virtiofsd);
+        let mut cmd = Hardening::virtiofsd().command(&spec.virtiofsd);
         cmd.arg(format!("--socket-path={}", share.socket.display()))
             .arg(format!("--shared-dir={}", share.source.display()))
             .args(["--cache=auto", "--sandbox=chroot"])
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .process_group(0)
-            .kill_on_drop(true);
-        // SAFETY: `apply` only makes raw system calls on data prepared above.
-        unsafe {
-            cmd.pre_exec(move || hardening.apply());
-        }
+            .stderr(Stdio::inherit());
         let mut child = cmd.spawn().map_err(|e| {
             format!(
                 "cannot start {} for share {}: {e}",

@@ -2,7 +2,6 @@
 //! guest power-off from a crash when it exits, stop it gracefully.
 
 use std::os::fd::AsRawFd;
-use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +17,7 @@ use vmd_runtime::state::{now_secs, Exit};
 use vmd_runtime::vmm::{args, VmState, VmmApi};
 use vmd_runtime::RunDir;
 
-use crate::hygiene::Hardening;
+use crate::hygiene::{describe, Hardening};
 use crate::pumps;
 
 /// A running VMM and what watches it.
@@ -31,18 +30,6 @@ pub struct Vmm {
     shutdown_event: Arc<AtomicBool>,
     vcpu_error: Arc<AtomicBool>,
     pumps: Vec<tokio::task::JoinHandle<()>>,
-}
-
-/// An exit status as operators read it: `exit 1`, `signal 9 (SIGKILL)`.
-pub fn describe(status: &ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(c), _) => format!("exit {c}"),
-        (None, Some(s)) => {
-            let name = nix::sys::signal::Signal::try_from(s).map_or("?", |s| s.as_str());
-            format!("signal {s} ({name})")
-        }
-        _ => "unknown status".into(),
-    }
 }
 
 impl Vmm {
@@ -59,20 +46,10 @@ impl Vmm {
         let fs_daemons = crate::virtiofsd::start(spec)?;
         let (ev_r, ev_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| format!("event pipe: {e}"))?;
-        let hardening = Hardening::vmm(spec, ev_w.as_raw_fd());
-        let mut cmd = tokio::process::Command::new(&spec.hypervisor);
+        let mut cmd = Hardening::vmm(spec, ev_w.as_raw_fd()).command(&spec.hypervisor);
         cmd.args(args::hypervisor_args(spec, run))
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        // SAFETY: `apply` only makes raw system calls on data prepared above.
-        unsafe {
-            cmd.pre_exec(move || hardening.apply());
-        }
+            .stderr(Stdio::piped());
         say(format!("starting the VMM: {}", spec.hypervisor.display()));
         let mut child = cmd
             .spawn()
@@ -117,7 +94,7 @@ impl Vmm {
 
     /// Lets what the VMM still had to say reach the log (up to 2 s).
     pub async fn drain_pumps(&mut self) {
-        crate::supervisor::drain(&mut self.pumps).await;
+        pumps::drain(&mut self.pumps).await;
     }
 
     /// What an exit of the VMM was. Exit code 0 alone proves nothing: the

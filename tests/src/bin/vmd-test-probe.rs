@@ -7,7 +7,10 @@
 //! * `ignore-term MARKER` — ignores SIGTERM, sleeps;
 //! * `signal-log FILE` — once its signals are blocked, creates FILE.ready; writes the name
 //!   of the first signal it gets to FILE and exits 0;
-//! * `exit CODE` — exits with CODE at once.
+//! * `exit CODE` — exits with CODE at once;
+//! * `--socket-path=S --shared-dir=D …` (virtiofsd's command line): writes
+//!   its `/proc/self/status` to `S.status`, listens on `S`, and sleeps — a
+//!   virtiofsd that shows how it was started.
 
 use std::io::Write;
 use std::time::Duration;
@@ -35,6 +38,12 @@ fn json_str(s: &str) -> String {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map(String::as_str).unwrap_or("");
+    if let Some(socket) = mode.strip_prefix("--socket-path=") {
+        let status = std::fs::read("/proc/self/status").expect("read own status");
+        std::fs::write(format!("{socket}.status"), status).expect("write status");
+        let _listener = std::os::unix::net::UnixListener::bind(socket).expect("bind socket");
+        sleep_forever();
+    }
     match mode {
         "record" => {
             let file = &args[2];

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
+
+use crate::unix::{exchange, ExchangeError};
 use tokio::net::UnixStream;
 
 /// The state of the VM inside a VMM (`vm.info`'s `state`).
@@ -101,20 +103,23 @@ pub async fn call(
     endpoint: &str,
     timeout: Duration,
 ) -> Result<Reply, ApiError> {
-    let run = async {
-        let mut s = UnixStream::connect(socket)
-            .await
-            .map_err(|e| ApiError::Connect(socket.display().to_string(), e))?;
-        let req = format!(
-            "{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\
-             Content-Length: 0\r\n\r\n"
-        );
-        s.write_all(req.as_bytes()).await?;
+    let req = format!(
+        "{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\
+         Content-Length: 0\r\n\r\n"
+    );
+    exchange(socket, req.as_bytes(), timeout, |mut s| async move {
         read_reply(&mut s).await
-    };
-    tokio::time::timeout(timeout, run)
-        .await
-        .map_err(|_| ApiError::Timeout(timeout))?
+    })
+    .await
+}
+
+impl ExchangeError for ApiError {
+    fn connect(socket: String, e: std::io::Error) -> Self {
+        ApiError::Connect(socket, e)
+    }
+    fn timeout(timeout: Duration) -> Self {
+        ApiError::Timeout(timeout)
+    }
 }
 
 async fn read_reply(s: &mut UnixStream) -> Result<Reply, ApiError> {
