@@ -19,7 +19,7 @@ use crate::hygiene::{describe, Hardening};
 pub fn start(spec: &VmSpec) -> Result<Vec<Child>, String> {
     let mut daemons = Vec::new();
     for share in &spec.shares {
-        let _ = vmd_runtime::files::remove_file(&share.socket);
+        remove_stale(&share.socket)?;
         let mut cmd = Hardening::virtiofsd().command(&spec.virtiofsd);
         cmd.arg(format!("--socket-path={}", share.socket.display()))
             .arg(format!("--shared-dir={}", share.source.display()))
@@ -58,4 +58,10 @@ pub fn start(spec: &VmSpec) -> Result<Vec<Child>, String> {
         daemons.push(child);
     }
     Ok(daemons)
+}
+
+/// Removes a socket an earlier run left (a new daemon binds it afresh).
+pub fn remove_stale(path: &std::path::Path) -> Result<(), String> {
+    vmd_runtime::files::remove_file(path)
+        .map_err(|e| format!("cannot remove the stale {}: {e}", path.display()))
 }

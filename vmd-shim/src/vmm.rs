@@ -37,11 +37,12 @@ impl Vmm {
     /// and serial console pumped into `log`.
     pub fn start(spec: &VmSpec, run: &RunDir, log: &Arc<Mutex<ConsoleLog>>) -> Result<Vmm, String> {
         for stale in [run.api_socket(), run.serial_socket()] {
-            let _ = vmd_runtime::files::remove_file(&stale);
             // cloud-hypervisor v53 leaves `<socket>.lock` behind.
-            let mut lock = stale.into_os_string();
+            let mut lock = stale.clone().into_os_string();
             lock.push(".lock");
-            let _ = vmd_runtime::files::remove_file(std::path::Path::new(&lock));
+            for p in [stale, lock.into()] {
+                crate::virtiofsd::remove_stale(&p)?;
+            }
         }
         let fs_daemons = crate::virtiofsd::start(spec)?;
         let (ev_r, ev_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -143,7 +144,11 @@ impl Vmm {
         // data it still has to flush, so it gets to run for its shutdown.
         if api.state(second).await == Some(VmState::Paused) {
             say("the VM is paused (locked): resuming it so it can shut down cleanly");
-            let _ = api.put("vm.resume", second).await;
+            if let Err(e) = api.put("vm.resume", second).await {
+                say(format!(
+                    "vm.resume failed: {e}; pressing the power button anyway"
+                ));
+            }
         }
         let mut pause = Duration::from_secs(4);
         loop {

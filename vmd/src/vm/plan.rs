@@ -176,140 +176,29 @@ pub fn plan(
 ) -> Result<Plan, Invalid> {
     let name = VmName::new(&vm.name)?;
     let paths = &host.paths;
-    if vm.memory < MIN_MEMORY {
-        return invalid(format!(
-            "memory {} bytes is below the minimum of 250 MiB",
-            vm.memory
-        ));
-    }
-    let cpus = host_cpus();
-    if vm.cpu == 0 || usize::from(vm.cpu) > cpus {
-        return invalid(format!(
-            "cpu {} must be between 1 and {cpus} (host cpus)",
-            vm.cpu
-        ));
-    }
+    let run = paths.run_dir(&name);
+    size(vm)?;
     let kernel = existing_file("kernel image", &vm.kernel_image)?;
     let initramfs = match vm.initrd_image.as_str() {
         "" => None,
         p => Some(existing_file("initrd image", p)?),
     };
-    let run = paths.run_dir(&name);
-    let mut disks = Vec::new();
-    let mut shares = Vec::new();
-    let mut add_share = |tag: &str, dir: &str, what: &str| -> Result<(), Invalid> {
-        // virtio-fs tags are at most 36 bytes; they end up on command lines.
-        let ok = !tag.is_empty()
-            && tag.len() <= 36
-            && tag
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if !ok {
-            return invalid(format!(
-                "invalid share id {tag:?}: 1-36 letters, digits, '-', '_' or '.'"
-            ));
-        }
-        if shares.iter().any(|s: &Share| s.tag == tag) {
-            return invalid(format!("share id {tag:?} is used twice"));
-        }
-        let source = plain_path(what, dir)?;
-        if !source.is_dir() {
-            return invalid(format!("{what} {dir:?} is not a directory"));
-        }
-        shares.push(Share {
-            tag: tag.to_owned(),
-            socket: run.share_socket(shares.len()),
-            source,
-        });
-        Ok(())
-    };
-    let defaults = match vm.boot.kind {
-        0 => {
-            if !vm.boot.path.is_empty() {
-                disks.push(Disk {
-                    path: existing_file("boot disk", &vm.boot.path)?,
-                    readonly: false,
-                });
-            }
-            DISK_DEFAULTS
-        }
-        1 => {
-            add_share("vroot", &vm.boot.path, "virtio-fs root")?;
-            VIRTIOFS_DEFAULTS
-        }
-        k => return invalid(format!("unknown boot type {k} (0: disk, 1: virtio-fs)")),
-    };
-    for d in &vm.disks {
-        target("disk", &d.target)?;
-        disks.push(Disk {
-            path: existing_file("disk", &d.path)?,
-            readonly: false,
-        });
-    }
-    for s in &vm.shared {
-        target("share", &s.target)?;
-        add_share(&s.id, &s.path, "share path")?;
-    }
+    let Storage {
+        mut disks,
+        shares,
+        defaults,
+    } = storage(vm, &run)?;
     if !shares.is_empty() && host.virtiofsd.is_none() {
         return invalid("virtio-fs needs virtiofsd, which is not installed (--virtiofsd)".into());
     }
-    let mut nets = Vec::new();
-    for (i, nic) in vm.network.ifaces.iter().enumerate() {
-        tap(&nic.tap, &settings.sys_net)?;
-        mac(&nic.mac)?;
-        for (j, n) in nic.ips.iter().enumerate() {
-            ip(&format!("interface {i} address {j}"), &n.ip, true)?;
-            ip(&format!("interface {i} address {j} mask"), &n.mask, true)?;
-        }
-        for (j, r) in nic.routes.iter().enumerate() {
-            ip(&format!("interface {i} route {j}"), &r.net.ip, true)?;
-            ip(
-                &format!("interface {i} route {j} gateway"),
-                &r.gateway,
-                false,
-            )?;
-        }
-        ip(
-            &format!("interface {i} IPv4 gateway"),
-            &nic.ip4_default_gateway,
-            false,
-        )?;
-        ip(
-            &format!("interface {i} IPv6 gateway"),
-            &nic.ip6_default_gateway,
-            false,
-        )?;
-        nets.push(Net {
-            tap: nic.tap.clone(),
-            mac: nic.mac.to_ascii_lowercase(),
-        });
-    }
-    for (i, n) in vm.network.nameservers.iter().enumerate() {
-        ip(&format!("nameserver {i}"), n, true)?;
-    }
+    let nets = network(vm, &settings.sys_net)?;
     for d in &vm.devices {
         pci(d, &settings.sys_pci)?;
         if let Some(owner) = in_use.get(d).filter(|o| **o != name) {
             return invalid(format!("PCI device {d} is already used by vm {owner}"));
         }
     }
-    for k in vm.environment.keys() {
-        let ok = k.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !ok {
-            return invalid(format!("invalid environment variable name {k:?}"));
-        }
-    }
-    if !vm.hostname.is_empty()
-        && (vm.hostname.len() > 63
-            || !vm
-                .hostname
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-')
-            || vm.hostname.starts_with('-'))
-    {
-        return invalid(format!("invalid hostname {:?}", vm.hostname));
-    }
+    guest_settings(vm)?;
     let cmdline = kernel_cmdline(defaults, &vm.kernel_args)?;
     let seed = super::cloudinit::seed_files(vm)?;
     // Zero-OS order: boot disk, `Disks`, then the seed, read-only.
@@ -348,6 +237,164 @@ pub fn plan(
         seed,
         service,
     })
+}
+
+/// Zero-OS's memory minimum, and no more vCPUs than the host has.
+fn size(vm: &Vm) -> Result<(), Invalid> {
+    if vm.memory < MIN_MEMORY {
+        return invalid(format!(
+            "memory {} bytes is below the minimum of 250 MiB",
+            vm.memory
+        ));
+    }
+    let cpus = host_cpus();
+    if vm.cpu == 0 || usize::from(vm.cpu) > cpus {
+        return invalid(format!(
+            "cpu {} must be between 1 and {cpus} (host cpus)",
+            vm.cpu
+        ));
+    }
+    Ok(())
+}
+
+/// The boot disk and `Disks` (without the seed), the virtio-fs shares (the
+/// root first when the VM boots from one), and the kernel arguments that go
+/// with the boot.
+struct Storage {
+    disks: Vec<Disk>,
+    shares: Vec<Share>,
+    defaults: &'static [(&'static str, &'static str)],
+}
+
+fn storage(vm: &Vm, run: &vmd_runtime::RunDir) -> Result<Storage, Invalid> {
+    let mut disks = Vec::new();
+    let mut shares = Vec::new();
+    let defaults = match vm.boot.kind {
+        0 => {
+            if !vm.boot.path.is_empty() {
+                disks.push(Disk {
+                    path: existing_file("boot disk", &vm.boot.path)?,
+                    readonly: false,
+                });
+            }
+            DISK_DEFAULTS
+        }
+        1 => {
+            add_share(&mut shares, run, "vroot", &vm.boot.path, "virtio-fs root")?;
+            VIRTIOFS_DEFAULTS
+        }
+        k => return invalid(format!("unknown boot type {k} (0: disk, 1: virtio-fs)")),
+    };
+    for d in &vm.disks {
+        target("disk", &d.target)?;
+        disks.push(Disk {
+            path: existing_file("disk", &d.path)?,
+            readonly: false,
+        });
+    }
+    for s in &vm.shared {
+        target("share", &s.target)?;
+        add_share(&mut shares, run, &s.id, &s.path, "share path")?;
+    }
+    Ok(Storage {
+        disks,
+        shares,
+        defaults,
+    })
+}
+
+/// Adds share `tag` of host directory `dir`, served on the run dir's next
+/// virtio-fs socket.
+fn add_share(
+    shares: &mut Vec<Share>,
+    run: &vmd_runtime::RunDir,
+    tag: &str,
+    dir: &str,
+    what: &str,
+) -> Result<(), Invalid> {
+    // virtio-fs tags are at most 36 bytes; they end up on command lines.
+    let ok = !tag.is_empty()
+        && tag.len() <= 36
+        && tag
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        return invalid(format!(
+            "invalid share id {tag:?}: 1-36 letters, digits, '-', '_' or '.'"
+        ));
+    }
+    if shares.iter().any(|s| s.tag == tag) {
+        return invalid(format!("share id {tag:?} is used twice"));
+    }
+    let source = plain_path(what, dir)?;
+    if !source.is_dir() {
+        return invalid(format!("{what} {dir:?} is not a directory"));
+    }
+    shares.push(Share {
+        tag: tag.to_owned(),
+        socket: run.share_socket(shares.len()),
+        source,
+    });
+    Ok(())
+}
+
+/// The interfaces (existing taps, MACs, well-formed addresses and routes)
+/// and the nameservers.
+fn network(vm: &Vm, sys_net: &Path) -> Result<Vec<Net>, Invalid> {
+    let mut nets = Vec::new();
+    for (i, nic) in vm.network.ifaces.iter().enumerate() {
+        tap(&nic.tap, sys_net)?;
+        mac(&nic.mac)?;
+        for (j, n) in nic.ips.iter().enumerate() {
+            ip(&format!("interface {i} address {j}"), &n.ip, true)?;
+            ip(&format!("interface {i} address {j} mask"), &n.mask, true)?;
+        }
+        for (j, r) in nic.routes.iter().enumerate() {
+            ip(&format!("interface {i} route {j}"), &r.net.ip, true)?;
+            ip(
+                &format!("interface {i} route {j} gateway"),
+                &r.gateway,
+                false,
+            )?;
+        }
+        ip(
+            &format!("interface {i} IPv4 gateway"),
+            &nic.ip4_default_gateway,
+            false,
+        )?;
+        ip(
+            &format!("interface {i} IPv6 gateway"),
+            &nic.ip6_default_gateway,
+            false,
+        )?;
+        nets.push(Net {
+            tap: nic.tap.clone(),
+            mac: nic.mac.to_ascii_lowercase(),
+        });
+    }
+    for (i, n) in vm.network.nameservers.iter().enumerate() {
+        ip(&format!("nameserver {i}"), n, true)?;
+    }
+    Ok(nets)
+}
+
+/// What the guest configures from its seed: environment names and hostname.
+fn guest_settings(vm: &Vm) -> Result<(), Invalid> {
+    for k in vm.environment.keys() {
+        let ok = k.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return invalid(format!("invalid environment variable name {k:?}"));
+        }
+    }
+    let h = &vm.hostname;
+    let bad_hostname = h.len() > 63
+        || !h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        || h.starts_with('-');
+    if !h.is_empty() && bad_hostname {
+        return invalid(format!("invalid hostname {h:?}"));
+    }
+    Ok(())
 }
 
 /// The zinit service that runs the shim of the VM in `run`.
