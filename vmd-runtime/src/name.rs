@@ -7,6 +7,20 @@ use std::fmt;
 /// The longest name accepted (Zero-OS workload ids are far shorter).
 pub const MAX_LEN: usize = 64;
 
+/// A character of a plain word: a letter, a digit, `-`, `_` or `.`.
+pub fn is_word_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+/// 1 to `max` bytes of [`is_word_char`]s, starting with a letter or a digit:
+/// safe as a file name, in a service name and on a command line.
+pub fn is_plain_word(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.chars().all(is_word_char)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VmName(String);
 
@@ -20,10 +34,7 @@ impl VmName {
         if name.len() > MAX_LEN {
             return Err(format!("name is longer than {MAX_LEN} characters"));
         }
-        if let Some(c) = name
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-        {
+        if let Some(c) = name.chars().find(|c| !is_word_char(*c)) {
             return Err(format!(
                 "name {name:?} contains {c:?}: only letters, digits, '-', '_' and '.' are allowed"
             ));
@@ -61,12 +72,7 @@ impl StreamId {
         if id.is_empty() {
             return Err("missing stream id".into());
         }
-        let ok = id.len() <= 64
-            && id.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if !ok {
+        if !is_plain_word(id, MAX_LEN) {
             return Err(format!(
                 "invalid stream id {id:?}: 1-64 letters, digits, '-', '_' or '.'"
             ));

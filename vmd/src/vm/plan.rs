@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use vmd_runtime::name::is_word_char;
 use vmd_runtime::spec::{ConsoleSpec, Disk, Net, RestartPolicy, Share, VmSpec, SPEC_VERSION};
 use vmd_runtime::VmName;
 
@@ -313,11 +314,7 @@ fn add_share(
     what: &str,
 ) -> Result<(), Invalid> {
     // virtio-fs tags are at most 36 bytes; they end up on command lines.
-    let ok = !tag.is_empty()
-        && tag.len() <= 36
-        && tag
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let ok = !tag.is_empty() && tag.len() <= 36 && tag.chars().all(is_word_char);
     if !ok {
         return invalid(format!(
             "invalid share id {tag:?}: 1-36 letters, digits, '-', '_' or '.'"
