@@ -21,7 +21,8 @@ use crate::zbus::codec;
 use crate::zbus::server::{Access, Call, Dispatch, Service};
 use crate::zbus::wire::{Output, RemoteError};
 
-/// The error a method returns; its text is what the caller sees.
+/// The error a method returns; its text is what the caller sees. The VM
+/// module's own errors (`vm::VmError`) become one at this edge only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MethodError(pub String);
 
@@ -36,17 +37,6 @@ impl std::error::Error for MethodError {}
 impl MethodError {
     pub fn new(msg: impl Into<String>) -> Self {
         MethodError(msg.into())
-    }
-
-    pub fn not_implemented(method: &str) -> Self {
-        MethodError(format!("{method} is not implemented yet in this vmd"))
-    }
-}
-
-impl From<anyhow::Error> for MethodError {
-    fn from(e: anyhow::Error) -> Self {
-        // `{:#}` keeps the context chain on one line: "a: b: c".
-        MethodError(format!("{e:#}"))
     }
 }
 
