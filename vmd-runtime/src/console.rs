@@ -94,7 +94,7 @@ pub struct ConsoleLog {
 
 fn write_meta(log: &Path, meta: LogMeta) -> io::Result<()> {
     let data = serde_json::to_vec(&meta).map_err(io::Error::other)?;
-    crate::files::write_atomic(&meta_path(log), &data, 0o640)
+    crate::files::replace(&meta_path(log), &data, 0o640)
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
@@ -263,6 +263,15 @@ mod tests {
             .unwrap()
             .ends_with("line 01999\nafter reopen\n"));
         assert_eq!(tail_of(&path, 24), "after reopen\n");
+    }
+
+    #[test]
+    fn logs_of_names_with_dots_share_no_file() {
+        // `with_extension` would give both `a.rotating`, `a.meta`.
+        let (x, y) = (Path::new("/l/a.x"), Path::new("/l/a.y"));
+        assert_ne!(rotating_path(x), rotating_path(y));
+        assert_ne!(meta_path(x), meta_path(y));
+        assert_eq!(rotating_path(x), Path::new("/l/a.x.rotating"));
     }
 
     #[test]

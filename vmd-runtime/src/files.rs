@@ -3,7 +3,8 @@
 //! Every file another process (or a later life of this one) reads goes
 //! through [`write_atomic`]: a reader sees the old content or the new, never
 //! half of it, and after a power loss the new content is on disk if the
-//! rename is.
+//! rename is. ([`replace`] is the same without the syncs, for the two files
+//! rewritten too often to sync.)
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -13,6 +14,19 @@ use std::path::{Path, PathBuf};
 /// Writes `data` to `path` whole with permissions `mode` (temp file in the
 /// same directory, fsync, rename, fsync of the directory).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    write_whole(path, data, mode, true)
+}
+
+/// Replaces `path` with `data` atomically for readers, without waiting for
+/// the disk: for files rewritten so often that syncing them costs more than
+/// what a power loss would take — the console log's sidecar (rewritten at
+/// every rotation, beside a log nobody syncs either: syncing it there cost a
+/// third of the console throughput) and the tap counters `Metrics` keeps.
+pub fn replace(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    write_whole(path, data, mode, false)
+}
+
+fn write_whole(path: &Path, data: &[u8], mode: u32, durable: bool) -> io::Result<()> {
     let tmp = temp_path(path);
     let mut f = OpenOptions::new()
         .create(true)
@@ -21,10 +35,12 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
         .mode(mode)
         .open(&tmp)?;
     f.write_all(data)?;
-    f.sync_all()?;
+    if durable {
+        f.sync_all()?;
+    }
     drop(f);
     fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
+    if let (true, Some(dir)) = (durable, path.parent()) {
         // The rename itself is durable only once the directory is synced.
         fs::File::open(dir)?.sync_all()?;
     }

@@ -117,7 +117,14 @@ fn one(paths: &HostPaths, name: &VmName, sys_net: &Path) -> MachineMetric {
         }
     }
     if !taps.is_empty() {
-        if let Err(e) = files::write_json(&seen_path, &seen, 0o600) {
+        // Written on every call for every VM with taps: atomic for readers,
+        // not synced (a thousand fsyncs would make one Metrics call take
+        // seconds; after a power loss the counters restart from an older
+        // `last`, which only undercounts what the taps saw meanwhile).
+        let saved = serde_json::to_vec(&seen)
+            .map_err(std::io::Error::other)
+            .and_then(|data| files::replace(&seen_path, &data, 0o600));
+        if let Err(e) = saved {
             // The counters are still right; a later drop of a tap may not be.
             tracing::warn!(vm = %name, error = %e, "cannot save the tap counters seen");
         }
