@@ -6,7 +6,8 @@
 //!   and starts nothing until zinit stops it. This is how vmd drives the
 //!   graceful part before asking zinit to stop the service, whatever zinit
 //!   does on `stop` (v0.2.14 signals; later versions SIGKILL 500 ms after).
-//! * `status` — the shim's state and the VM's ([`Status`], JSON).
+//! * `status` — the shim's state ([`ShimState`], JSON; also in `state.json`,
+//!   which is what vmd reads).
 //! * `lock` — make the VMM match the lock mark vmd keeps in the run
 //!   directory: pause it when marked, resume it when not ([`LockReply`]).
 //!
@@ -53,16 +54,6 @@ impl Command {
 
 /// The reply to `stop`.
 pub const STOPPED: &str = "stopped";
-
-/// The reply to `status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Status {
-    #[serde(flatten)]
-    pub shim: ShimState,
-    /// The VM's state as its VMM reports it; `None` when no VMM answers.
-    #[serde(default)]
-    pub vm: Option<VmState>,
-}
 
 /// The reply to `lock`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,7 +156,7 @@ impl ShimClient {
         Ok(())
     }
 
-    pub async fn status(&self, timeout: Duration) -> Result<Status, ControlError> {
+    pub async fn status(&self, timeout: Duration) -> Result<ShimState, ControlError> {
         self.json(Command::Status, timeout).await
     }
 
@@ -221,15 +212,10 @@ mod tests {
             assert!(!line.contains('\n'));
             assert_eq!(serde_json::from_str::<LockReply>(&line).unwrap(), r);
         }
-        let st = Status {
-            shim: ShimState::new(),
-            vm: Some(VmState::Running),
-        };
-        let back: Status = serde_json::from_str(&json_reply(&st)).unwrap();
+        let mut st = ShimState::new();
+        st.vm = Some(VmState::Paused);
+        let back: ShimState = serde_json::from_str(&json_reply(&st)).unwrap();
         assert_eq!(back, st);
-        // The state alone (an older shim) is a status without a VM state.
-        let old: Status = serde_json::from_str(&json_reply(&st.shim)).unwrap();
-        assert_eq!(old.vm, None);
         for c in [Command::Stop, Command::Status, Command::Lock] {
             assert_eq!(Command::parse(c.as_str()), Some(c));
         }

@@ -12,6 +12,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::vmm::VmState;
+
 pub const STATE_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +103,10 @@ pub struct ShimState {
     /// Unix seconds at which the current VMM started.
     #[serde(default)]
     pub vmm_started_at: Option<u64>,
+    /// The state of the guest in the current VMM, from the VMM's events:
+    /// `None` until it booted, `Running` or `Paused` after.
+    #[serde(default)]
+    pub vm: Option<VmState>,
     pub shim_pid: u32,
     /// Unix seconds of the last change.
     pub updated_at: u64,
@@ -113,6 +119,13 @@ pub fn now_secs() -> u64 {
 }
 
 impl ShimState {
+    /// A VMM of this shim runs a booted guest (running or paused).
+    pub fn booted(&self) -> bool {
+        self.phase == Phase::Running
+            && self.vm.is_some_and(VmState::is_booted)
+            && self.vmm.is_some_and(|v| v.alive())
+    }
+
     pub fn new() -> Self {
         ShimState {
             version: STATE_VERSION,
@@ -123,6 +136,7 @@ impl ShimState {
             exits: Vec::new(),
             vmm: None,
             vmm_started_at: None,
+            vm: None,
             shim_pid: std::process::id(),
             updated_at: now_secs(),
         }

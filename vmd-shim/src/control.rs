@@ -3,14 +3,12 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
-use vmd_runtime::control::{self, error_reply, json_reply, Command, Status};
-use vmd_runtime::state::{Phase, ShimState};
-use vmd_runtime::vmm::VmmApi;
+use vmd_runtime::control::{self, error_reply, json_reply, Command};
+use vmd_runtime::state::ShimState;
 use vmd_runtime::RunDir;
 
 use crate::lock::Locker;
@@ -67,28 +65,12 @@ pub fn listen(
     vmd_runtime::files::remove_file(&path)?;
     let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    let api = VmmApi::new(shared.run.api_socket());
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
-            let (shared, locker, stops, api) = (
-                shared.clone(),
-                Arc::clone(&locker),
-                stops.clone(),
-                api.clone(),
-            );
+            let (shared, locker, stops) = (shared.clone(), Arc::clone(&locker), stops.clone());
             tokio::spawn(control::serve(s, move |command| async move {
                 match command {
-                    Command::Status => {
-                        let shim = shared.snapshot();
-                        // Only a live VMM is asked (a dead one would cost a timeout).
-                        let vm = match shim.vmm {
-                            Some(v) if shim.phase == Phase::Running && v.alive() => {
-                                api.state(Duration::from_millis(400)).await
-                            }
-                            _ => None,
-                        };
-                        json_reply(&Status { shim, vm })
-                    }
+                    Command::Status => json_reply(&shared.snapshot()),
                     Command::Lock => json_reply(&locker.apply().await),
                     Command::Stop => {
                         let (tx, rx) = oneshot::channel();

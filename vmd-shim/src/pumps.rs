@@ -13,6 +13,9 @@ use tokio::net::UnixStream;
 use tokio::time::{sleep, Instant};
 
 use vmd_runtime::console::ConsoleLog;
+use vmd_runtime::vmm::VmState;
+
+use crate::control::Shared;
 
 /// The VMM's stdout or stderr.
 pub type Pipe = Box<dyn AsyncRead + Unpin + Send>;
@@ -38,8 +41,18 @@ pub async fn vmm_lines(pipe: Pipe, log: Arc<Mutex<ConsoleLog>>, vcpu_error: Arc<
     }
 }
 
-/// The event monitor: a stream of JSON objects; we look for the VM's shutdown.
-pub async fn events(fd: std::os::fd::OwnedFd, shutdown: Arc<AtomicBool>) {
+/// What the VMM's event monitor said that the shim acts on.
+pub struct Events {
+    /// The guest shut down (its own power-off: a clean exit follows).
+    pub shutdown: AtomicBool,
+    /// Where the guest's state goes: booted, paused, resumed.
+    pub shared: Shared,
+}
+
+/// The event monitor: a stream of JSON objects (`{"source":"vm",
+/// "event":"booted",…}`). The VM's state is recorded as it changes, so vmd
+/// reads it from `state.json` instead of asking the VMM.
+pub async fn events(fd: std::os::fd::OwnedFd, events: Arc<Events>) {
     let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
         return;
     };
@@ -56,9 +69,19 @@ pub async fn events(fd: std::os::fd::OwnedFd, shutdown: Arc<AtomicBool>) {
             serde_json::Deserializer::from_slice(&buf).into_iter::<serde_json::Value>();
         while let Some(Ok(ev)) = stream.next() {
             consumed = stream.byte_offset();
-            if ev["source"] == "vm" && ev["event"] == "shutdown" {
-                shutdown.store(true, Ordering::SeqCst);
+            if ev["source"] != "vm" {
+                continue;
             }
+            let now = match ev["event"].as_str() {
+                Some("shutdown") => {
+                    events.shutdown.store(true, Ordering::SeqCst);
+                    continue;
+                }
+                Some("booted") | Some("resumed") => VmState::Running,
+                Some("paused") => VmState::Paused,
+                _ => continue,
+            };
+            events.shared.set(|s| s.vm = Some(now));
         }
         buf.drain(..consumed);
         if buf.len() > 1 << 20 {

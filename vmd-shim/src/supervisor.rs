@@ -129,6 +129,7 @@ impl Shim {
             let restart = self.shared.snapshot().vmm_started_at.is_some();
             self.shared.set(|s| {
                 s.phase = Phase::Starting;
+                s.vm = None;
                 if restart {
                     s.restarts += 1;
                 }
@@ -164,6 +165,7 @@ impl Shim {
                     exit.clone(),
                 );
                 st.vmm = None;
+                st.vm = None;
                 d
             };
             match decision {
@@ -201,7 +203,7 @@ impl Shim {
     }
 
     fn start_vmm(&mut self) -> Result<Vmm, String> {
-        let vmm = Vmm::start(&self.spec, &self.shared.run, &self.log)?;
+        let vmm = Vmm::start(&self.spec, &self.shared.run, &self.log, &self.shared)?;
         let identity = vmd_runtime::state::ProcessIdentity::of(vmm.pid);
         self.shared.set(|s| {
             s.phase = Phase::Running;
@@ -244,6 +246,7 @@ impl Shim {
         self.shared.set(|s| {
             s.phase = Phase::Stopped;
             s.vmm = None;
+            s.vm = None;
             s.reason = Some(how.clone());
         });
         say(format!("stopped: {how}"));

@@ -17,6 +17,7 @@ use vmd_runtime::state::{now_secs, Exit};
 use vmd_runtime::vmm::{args, VmState, VmmApi};
 use vmd_runtime::RunDir;
 
+use crate::control::Shared;
 use crate::hygiene::{describe, Hardening};
 use crate::pumps;
 
@@ -27,7 +28,7 @@ pub struct Vmm {
     pub child: Child,
     pub pid: i32,
     api: VmmApi,
-    shutdown_event: Arc<AtomicBool>,
+    events: Arc<pumps::Events>,
     vcpu_error: Arc<AtomicBool>,
     pumps: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -35,7 +36,12 @@ pub struct Vmm {
 impl Vmm {
     /// Starts the shares' virtiofsd, then the VMM, with its output, events
     /// and serial console pumped into `log`.
-    pub fn start(spec: &VmSpec, run: &RunDir, log: &Arc<Mutex<ConsoleLog>>) -> Result<Vmm, String> {
+    pub fn start(
+        spec: &VmSpec,
+        run: &RunDir,
+        log: &Arc<Mutex<ConsoleLog>>,
+        shared: &Shared,
+    ) -> Result<Vmm, String> {
         for stale in [run.api_socket(), run.serial_socket()] {
             // cloud-hypervisor v53 leaves `<socket>.lock` behind.
             let mut lock = stale.clone().into_os_string();
@@ -57,7 +63,10 @@ impl Vmm {
             .map_err(|e| format!("cannot start {}: {e}", spec.hypervisor.display()))?;
         drop(ev_w);
         let pid = child.id().map_or(0, |p| p as i32);
-        let shutdown_event = Arc::new(AtomicBool::new(false));
+        let events = Arc::new(pumps::Events {
+            shutdown: AtomicBool::new(false),
+            shared: shared.clone(),
+        });
         let vcpu_error = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         for out in [
@@ -73,10 +82,7 @@ impl Vmm {
                 Arc::clone(&vcpu_error),
             )));
         }
-        tasks.push(tokio::spawn(pumps::events(
-            ev_r,
-            Arc::clone(&shutdown_event),
-        )));
+        tasks.push(tokio::spawn(pumps::events(ev_r, Arc::clone(&events))));
         tasks.push(tokio::spawn(pumps::serial(
             run.serial_socket(),
             Arc::clone(log),
@@ -87,7 +93,7 @@ impl Vmm {
             child,
             pid,
             api: VmmApi::new(run.api_socket()),
-            shutdown_event,
+            events,
             vcpu_error,
             pumps: tasks,
         })
@@ -114,7 +120,7 @@ impl Vmm {
             }
         };
         let vcpu = self.vcpu_error.load(Ordering::SeqCst);
-        let event = self.shutdown_event.load(Ordering::SeqCst);
+        let event = self.events.shutdown.load(Ordering::SeqCst);
         let (status, clean) = match st.code() {
             Some(0) if event && !vcpu => ("guest powered off".to_owned(), true),
             Some(0) if vcpu => (

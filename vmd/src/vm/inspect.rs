@@ -1,10 +1,8 @@
 //! The reads: `Inspect`, `Exists`, `List`, `Logs`, `LogsFull`. They read
-//! files every change replaces atomically (and ask the shim only for what
-//! only its VMM knows), so they never wait for a change.
+//! files every change replaces atomically — the VM's state too: the shim
+//! records what its VMM reports — so they never wait for a change nor for a
+//! process.
 
-use std::time::Duration;
-
-use vmd_runtime::control::ShimClient;
 use vmd_runtime::state::{now_secs, Phase, ShimState};
 use vmd_runtime::vmm::VmState;
 use vmd_runtime::{console, VmName};
@@ -35,7 +33,7 @@ impl Manager {
         let vm = self
             .request(&n)
             .ok_or_else(|| VmError::NotFound(name.to_owned()))?;
-        let live = self.live(&n).await;
+        let live = self.live(&n);
         Ok(VmInfo {
             ht_enabled: false,
             memory: (vm.memory >> 20) as i64,
@@ -70,21 +68,15 @@ impl Manager {
     }
 
     /// What `Inspect` adds to Zero-OS's fields.
-    pub async fn live(&self, name: &VmName) -> Live {
-        let run = self.run_dir(name);
-        let st = ShimState::load(&run.state());
+    pub fn live(&self, name: &VmName) -> Live {
+        let st = ShimState::load(&self.run_dir(name).state());
         let vmm_alive = st.vmm.is_some_and(|v| v.alive());
         let mut state = st.phase.as_str().to_owned();
         if st.phase == Phase::Running {
             if !vmm_alive {
                 state = "restarting".into();
-            } else {
-                let shim = ShimClient::new(&run)
-                    .status(Duration::from_millis(500))
-                    .await;
-                if shim.is_ok_and(|s| s.vm == Some(VmState::Paused)) {
-                    state = "paused".into();
-                }
+            } else if st.vm == Some(VmState::Paused) {
+                state = "paused".into();
             }
         }
         let reason = match st.phase {

@@ -2,7 +2,6 @@
 
 use std::time::{Duration, Instant};
 
-use vmd_runtime::control::ShimClient;
 use vmd_runtime::state::{Phase, ShimState};
 use vmd_runtime::{console, files, VmName};
 
@@ -120,7 +119,6 @@ impl Manager {
     /// reason, for the caller).
     async fn wait_up(&self, name: &VmName) -> Result<(), String> {
         let run = self.run_dir(name);
-        let shim = ShimClient::new(&run);
         let service = service_of(name);
         let t0 = Instant::now();
         let mut polls = 0u32;
@@ -136,17 +134,10 @@ impl Manager {
                 Phase::Failed | Phase::PoweredOff => {
                     return Err(st.reason.unwrap_or_else(|| "the VM failed".into()));
                 }
-                // Up means booted: the API answers before the kernel is
-                // loaded, and a VMM that cannot load it exits right after.
-                Phase::Running if st.vmm.is_some_and(|v| v.alive()) => {
-                    let booted = shim
-                        .status(Duration::from_secs(2))
-                        .await
-                        .is_ok_and(|s| s.vm.is_some_and(|v| v.is_booted()));
-                    if booted {
-                        return Ok(());
-                    }
-                }
+                // Up means booted (the shim records the VMM's `booted`
+                // event): the API answers before the kernel is loaded, and a
+                // VMM that cannot load it exits right after.
+                Phase::Running if st.booted() => return Ok(()),
                 _ => {}
             }
             // The shim itself may fail before it writes any state.
