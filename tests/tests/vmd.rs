@@ -473,12 +473,14 @@ async fn a_lock_outlives_a_vmm_crash_and_a_locked_vm_still_deletes_gracefully() 
     }
     // Console output of this (third) boot starts here.
     let third_boot = s.logs_full("frozen").await.unwrap().len();
-    // The shim decides about the lock once per boot, and says so: after its
-    // third decision the unlocked VM must still run.
+    // The shim decides about the lock once the guest of a VMM booted, and
+    // says so: after its decision for this third VMM the unlocked VM must
+    // still run.
+    let third = vmm_pid(&env, "frozen").await;
     let svc = zinit::ServiceName::new("vm:frozen").unwrap();
     until(
         Duration::from_secs(20),
-        "the third boot's lock decision",
+        "the shim's lock decision for the third VMM",
         || async {
             let ring = env
                 .zinit
@@ -486,10 +488,10 @@ async fn a_lock_outlives_a_vmm_crash_and_a_locked_vm_still_deletes_gracefully() 
                 .service_log(&svc)
                 .await
                 .unwrap_or_default();
+            let started = format!("vmm running pid={third}");
             ring.iter()
-                .filter(|l| l.contains("the guest booted"))
-                .count()
-                >= 3
+                .skip_while(|l| !l.contains(&started))
+                .any(|l| l.contains("the guest booted"))
         },
     )
     .await;

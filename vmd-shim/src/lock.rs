@@ -16,19 +16,24 @@ use vmd_runtime::process::say;
 use vmd_runtime::vmm::{VmState, VmmApi};
 use vmd_runtime::RunDir;
 
+use crate::control::Shared;
+
 const CALL: Duration = Duration::from_secs(5);
 
 pub struct Locker {
     run: RunDir,
     api: VmmApi,
+    /// Where the guest's state is recorded (vmd reads it for Inspect).
+    shared: Shared,
     one_at_a_time: Mutex<()>,
 }
 
 impl Locker {
-    pub fn new(run: RunDir) -> Self {
+    pub fn new(shared: Shared) -> Self {
         Locker {
-            api: VmmApi::new(run.api_socket()),
-            run,
+            api: VmmApi::new(shared.run.api_socket()),
+            run: shared.run.clone(),
+            shared,
             one_at_a_time: Mutex::new(()),
         }
     }
@@ -50,7 +55,12 @@ impl Locker {
             return LockReply::Applied(want);
         }
         match self.api.put(action, CALL).await {
-            Ok(()) => LockReply::Applied(want),
+            Ok(()) => {
+                // Recorded before the reply (the VMM's event may come a
+                // moment later): an Inspect right after Lock sees it.
+                self.shared.set(|s| s.vm = Some(want));
+                LockReply::Applied(want)
+            }
             Err(e) => LockReply::Failed(e.to_string()),
         }
     }

@@ -78,7 +78,7 @@ pub async fn run(run: RunDir) -> ExitCode {
     }
     let (stop_tx, stops) = mpsc::channel(4);
     let shared = Shared::new(run.clone(), state);
-    let locker = Arc::new(Locker::new(run));
+    let locker = Arc::new(Locker::new(shared.clone()));
     if let Err(e) = crate::control::listen(shared.clone(), Arc::clone(&locker), stop_tx.clone()) {
         say(format!("cannot open the control socket: {e}"));
         return ExitCode::FAILURE;
