@@ -2,16 +2,15 @@
 //! state it reports and the stops it passes to the supervisor.
 
 use std::os::unix::fs::PermissionsExt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
 use vmd_runtime::control::{self, error_reply, json_reply, Command};
-use vmd_runtime::state::ShimState;
-use vmd_runtime::RunDir;
 
 use crate::lock::Locker;
+use crate::shared::Shared;
 
 /// Who asked for a stop.
 pub enum StopFrom {
@@ -19,40 +18,6 @@ pub enum StopFrom {
     Signal,
     /// vmd on the control socket: stop, reply, then stay idle.
     Control(oneshot::Sender<String>),
-}
-
-/// The shim's state: changed by the supervisor, read by the control server.
-#[derive(Clone)]
-pub struct Shared {
-    pub run: RunDir,
-    state: Arc<Mutex<ShimState>>,
-}
-
-impl Shared {
-    pub fn new(run: RunDir, state: ShimState) -> Self {
-        Shared {
-            run,
-            state: Arc::new(Mutex::new(state)),
-        }
-    }
-
-    /// The state, locked (a panic elsewhere does not poison it for good).
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, ShimState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn snapshot(&self) -> ShimState {
-        self.lock().clone()
-    }
-
-    /// Changes the state and saves it.
-    pub fn set(&self, f: impl FnOnce(&mut ShimState)) {
-        let mut st = self.lock();
-        f(&mut st);
-        if let Err(e) = st.save(&self.run.state()) {
-            eprintln!("cannot save {}: {e}", self.run.state().display());
-        }
-    }
 }
 
 /// Listens on the control socket (mode 0600: vmd runs as the same user).

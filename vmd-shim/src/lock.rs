@@ -16,7 +16,7 @@ use vmd_runtime::process::say;
 use vmd_runtime::vmm::{VmState, VmmApi};
 use vmd_runtime::RunDir;
 
-use crate::control::Shared;
+use crate::shared::Shared;
 
 const CALL: Duration = Duration::from_secs(5);
 

@@ -7,6 +7,7 @@
 //! * [`hygiene`] — how both are spawned (capabilities, `no_new_privs`, death signal);
 //! * [`pumps`] — the VMM's output, events and serial console into the console log;
 //! * [`lock`] — keeping a locked VM paused;
+//! * [`shared`] — the shim's state, in memory and in `state.json`;
 //! * [`control`] — the control socket vmd talks to.
 //!
 //! Lifecycle lines go to stdout (zinit's ring: `zinit log vm:<name>`); the
@@ -25,6 +26,7 @@ mod hygiene;
 mod lock;
 mod policy;
 mod pumps;
+mod shared;
 mod supervisor;
 mod virtiofsd;
 mod vmm;

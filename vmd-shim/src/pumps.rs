@@ -15,7 +15,7 @@ use tokio::time::{sleep, Instant};
 use vmd_runtime::console::ConsoleLog;
 use vmd_runtime::vmm::VmState;
 
-use crate::control::Shared;
+use crate::shared::Shared;
 
 /// The VMM's stdout or stderr.
 pub type Pipe = Box<dyn AsyncRead + Unpin + Send>;

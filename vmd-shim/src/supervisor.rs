@@ -16,10 +16,11 @@ use vmd_runtime::spec::VmSpec;
 use vmd_runtime::state::{now_secs, Exit, Phase, ShimState};
 use vmd_runtime::RunDir;
 
-use crate::control::{Shared, StopFrom};
+use crate::control::StopFrom;
 use crate::hygiene::needed_caps;
 use crate::lock::Locker;
 use crate::policy::{decide, Decision};
+use crate::shared::Shared;
 use crate::vmm::Vmm;
 
 struct Shim {

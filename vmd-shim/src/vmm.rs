@@ -17,9 +17,9 @@ use vmd_runtime::state::{now_secs, Exit};
 use vmd_runtime::vmm::{args, VmState, VmmApi};
 use vmd_runtime::RunDir;
 
-use crate::control::Shared;
 use crate::hygiene::{describe, Hardening};
 use crate::pumps;
+use crate::shared::Shared;
 
 /// A running VMM and what watches it.
 pub struct Vmm {
