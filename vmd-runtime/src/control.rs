@@ -22,7 +22,6 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use crate::layout::RunDir;
-use crate::state::ShimState;
 use crate::unix::{exchange, ExchangeError};
 use crate::vmm::VmState;
 
@@ -37,6 +36,8 @@ pub enum Command {
 }
 
 impl Command {
+    pub const ALL: [Command; 3] = [Command::Stop, Command::Status, Command::Lock];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Command::Stop => "stop",
@@ -46,9 +47,7 @@ impl Command {
     }
 
     pub fn parse(line: &str) -> Option<Command> {
-        [Command::Stop, Command::Status, Command::Lock]
-            .into_iter()
-            .find(|c| c.as_str() == line)
+        Command::ALL.into_iter().find(|c| c.as_str() == line)
     }
 }
 
@@ -98,11 +97,7 @@ pub async fn request(
             Ok::<_, ControlError>(line)
         },
     )
-    .await
-    .map_err(|e| match e {
-        ControlError::Timeout(_, t) => ControlError::Timeout(command.to_owned(), t),
-        e => e,
-    })?;
+    .await?;
     let line = line.trim_end();
     match line.strip_prefix("error: ") {
         Some(e) => Err(ControlError::Refused(command.to_owned(), e.to_owned())),
@@ -114,8 +109,9 @@ impl ExchangeError for ControlError {
     fn connect(socket: String, e: std::io::Error) -> Self {
         ControlError::Connect(socket, e)
     }
-    fn timeout(timeout: Duration) -> Self {
-        ControlError::Timeout(String::new(), timeout)
+    fn timeout(request: &[u8], timeout: Duration) -> Self {
+        let command = String::from_utf8_lossy(request).trim_end().to_owned();
+        ControlError::Timeout(command, timeout)
     }
 }
 
@@ -154,10 +150,6 @@ impl ShimClient {
             return Err(ControlError::BadReply("stop".into(), line));
         }
         Ok(())
-    }
-
-    pub async fn status(&self, timeout: Duration) -> Result<ShimState, ControlError> {
-        self.json(Command::Status, timeout).await
     }
 
     /// Applies the lock mark to the running VMM.
@@ -200,6 +192,7 @@ pub fn error_reply(message: impl std::fmt::Display) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::ShimState;
 
     #[test]
     fn replies_round_trip() {
@@ -216,7 +209,7 @@ mod tests {
         st.vm = Some(VmState::Paused);
         let back: ShimState = serde_json::from_str(&json_reply(&st)).unwrap();
         assert_eq!(back, st);
-        for c in [Command::Stop, Command::Status, Command::Lock] {
+        for c in Command::ALL {
             assert_eq!(Command::parse(c.as_str()), Some(c));
         }
         assert_eq!(Command::parse("reboot"), None);

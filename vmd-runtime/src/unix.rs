@@ -13,7 +13,8 @@ use tokio::net::UnixStream;
 /// How the caller's error type says what went wrong.
 pub(crate) trait ExchangeError: From<io::Error> {
     fn connect(socket: String, e: io::Error) -> Self;
-    fn timeout(timeout: Duration) -> Self;
+    /// No reply to `request` within `timeout`.
+    fn timeout(request: &[u8], timeout: Duration) -> Self;
 }
 
 /// Connects to `socket`, writes `request`, and reads the reply with `read`,
@@ -38,5 +39,5 @@ where
     };
     tokio::time::timeout(timeout, run)
         .await
-        .map_err(|_| E::timeout(timeout))?
+        .map_err(|_| E::timeout(request, timeout))?
 }

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
-use tokio::time::{sleep, Instant};
 
 use vmd_runtime::control::LockReply;
 use vmd_runtime::process::say;
@@ -19,6 +18,8 @@ use vmd_runtime::RunDir;
 use crate::shared::Shared;
 
 const CALL: Duration = Duration::from_secs(5);
+/// How long a boot is waited for before the lock is left to the next VMM.
+const BOOT_WATCH: Duration = Duration::from_secs(600);
 
 pub struct Locker {
     run: RunDir,
@@ -65,16 +66,20 @@ impl Locker {
         }
     }
 
-    /// Once a new VMM has booted the guest, applies the mark (a VMM starts
-    /// its guest running).
+    /// Once a new VMM has booted the guest (its `booted` event, recorded by
+    /// the event pump), applies the mark (a VMM starts its guest running).
     pub async fn keep_locked(self: Arc<Self>) {
-        let t0 = Instant::now();
-        loop {
-            match self.api.state(Duration::from_secs(1)).await {
-                Some(s) if s.is_booted() => break,
-                _ if t0.elapsed() > Duration::from_secs(600) => return,
-                _ => sleep(Duration::from_millis(50)).await,
+        let mut changes = self.shared.subscribe();
+        let boot = async {
+            while !self.shared.snapshot().vm.is_some_and(VmState::is_booted) {
+                if changes.changed().await.is_err() {
+                    return false;
+                }
             }
+            true
+        };
+        if !matches!(tokio::time::timeout(BOOT_WATCH, boot).await, Ok(true)) {
+            return;
         }
         if !self.run.is_locked() {
             say("the guest booted (the VM is not locked)");

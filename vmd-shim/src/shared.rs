@@ -3,14 +3,16 @@
 
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::watch;
 use vmd_runtime::state::ShimState;
 use vmd_runtime::RunDir;
 
-/// The shim's state: changed by the supervisor, read by the control server.
+/// The shim's state, and a signal for who waits for it to change.
 #[derive(Clone)]
 pub struct Shared {
     pub run: RunDir,
     state: Arc<Mutex<ShimState>>,
+    changes: Arc<watch::Sender<()>>,
 }
 
 impl Shared {
@@ -18,7 +20,14 @@ impl Shared {
         Shared {
             run,
             state: Arc::new(Mutex::new(state)),
+            changes: Arc::new(watch::channel(()).0),
         }
+    }
+
+    /// Wakes on every change after this call (check the state after
+    /// subscribing, then wait: nothing is missed).
+    pub fn subscribe(&self) -> watch::Receiver<()> {
+        self.changes.subscribe()
     }
 
     /// The state, locked (a panic elsewhere does not poison it for good).
@@ -37,5 +46,7 @@ impl Shared {
         if let Err(e) = st.save(&self.run.state()) {
             eprintln!("cannot save {}: {e}", self.run.state().display());
         }
+        drop(st);
+        self.changes.send_replace(());
     }
 }

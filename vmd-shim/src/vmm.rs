@@ -148,7 +148,7 @@ impl Vmm {
         let second = Duration::from_secs(1);
         // A paused (locked) guest cannot see the power button; it may hold
         // data it still has to flush, so it gets to run for its shutdown.
-        if api.state(second).await == Some(VmState::Paused) {
+        if self.events.shared.snapshot().vm == Some(VmState::Paused) {
             say("the VM is paused (locked): resuming it so it can shut down cleanly");
             if let Err(e) = api.put("vm.resume", second).await {
                 say(format!(

@@ -117,7 +117,7 @@ impl ExchangeError for ApiError {
     fn connect(socket: String, e: std::io::Error) -> Self {
         ApiError::Connect(socket, e)
     }
-    fn timeout(timeout: Duration) -> Self {
+    fn timeout(_request: &[u8], timeout: Duration) -> Self {
         ApiError::Timeout(timeout)
     }
 }

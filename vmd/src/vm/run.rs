@@ -17,8 +17,13 @@ const CONSOLE_TAIL: u64 = 2048;
 
 impl Manager {
     pub async fn run(&self, vm: Vm) -> Result<MachineInfo, VmError> {
-        let plan = plan(&vm, self.host(), self.settings(), &self.devices_in_use())
-            .map_err(VmError::InvalidVm)?;
+        // Other VMs' specs are read only when this one wants PCI devices.
+        let in_use = if vm.devices.is_empty() {
+            DevicesInUse::new()
+        } else {
+            self.devices_in_use()
+        };
+        let plan = plan(&vm, self.host(), self.settings(), &in_use).map_err(VmError::InvalidVm)?;
         let name = plan.name.clone();
         if self.present(&name) {
             // A retried Run of the same VM is answered as the first one was.
