@@ -4,7 +4,8 @@
 //! The hypervisor is the double unless `VMD_TEST_CH` names a real
 //! cloud-hypervisor; then `VMD_TEST_KERNEL` (and `VMD_TEST_INITRD`) must name
 //! a guest that boots there (see `shared/guest/`), and `VMD_TEST_CMDLINE`
-//! may give its base command line.
+//! may give its base command line. `VMD_TEST_CH_VERSION=39` (any release
+//! from 39 to 53) makes the double play that release (default: 53).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -22,9 +23,40 @@ pub fn real_ch() -> bool {
 }
 
 pub fn ch_binary() -> PathBuf {
-    std::env::var_os("VMD_TEST_CH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| bin("ch-double"))
+    if let Some(real) = std::env::var_os("VMD_TEST_CH") {
+        return PathBuf::from(real);
+    }
+    match std::env::var("VMD_TEST_CH_VERSION") {
+        Ok(v) if v != "53" => double_playing(&v),
+        _ => bin("ch-double"),
+    }
+}
+
+/// The double run by the name that makes it play release `v`:
+/// `ch-double-v<v>`, a link next to it (made once; many tests race here).
+fn double_playing(v: &str) -> PathBuf {
+    let n: u16 = v
+        .parse()
+        .ok()
+        .filter(|n| (39..=53).contains(n))
+        .unwrap_or_else(|| panic!("VMD_TEST_CH_VERSION={v}: a release from 39 to 53"));
+    let double = bin("ch-double");
+    let link = double.with_file_name(format!("ch-double-v{n}"));
+    if std::fs::read_link(&link).ok().as_deref() != Some(double.as_path()) {
+        let tmp = double.with_file_name(format!(".ch-double-v{n}.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&double, &tmp).unwrap();
+        std::fs::rename(&tmp, &link).unwrap();
+    }
+    link
+}
+
+/// The program name the VMM runs as (what `ps` shows).
+pub fn ch_program_name() -> String {
+    ch_binary()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// How long a guest may take to print GUEST-READY (a real one on an

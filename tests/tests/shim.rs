@@ -403,3 +403,54 @@ async fn a_console_flood_stays_within_bounds() {
     assert!(hi - lo < 2048, "shim memory grew from {lo} to {hi} KiB");
     assert!(!tail(&text, 100).is_empty());
 }
+
+/// The console keeps every boot whole: its first line (the guest prints at
+/// once; a serial socket connected after the start lost it on v39) and its
+/// last line before power-off (a socket's queue was dropped at exit on v53),
+/// across VMM restarts and a kill -9 of the shim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_boot_keeps_its_first_and_last_console_lines() {
+    let z = Supervisor::start();
+    let mut vm = TestVm::new(&z, "whole", "gaction=poweroff");
+    // Restart after every power-off, never give up, back off 1 s at most.
+    vm.spec.restart.max_exits = 1000;
+    vm.spec.restart.window_secs = 1;
+    vm.spec.restart.max_backoff_secs = 1;
+    vm.start(&z).await;
+    let boots = if real_ch() { 2 } else { 3 };
+    let limit = boot_timeout() * (boots + 1);
+    vm.wait_console("reboot: Power down", boots as usize, limit)
+        .await;
+    let shim = shim_pid(&z, &vm).await;
+    unsafe {
+        libc::kill(shim, libc::SIGKILL);
+    }
+    vm.wait_console("reboot: Power down", 2 * boots as usize, limit)
+        .await;
+    let st = vm.state();
+    let log = vm.console();
+    // Every VMM start is a boot whose first marker is in the log…
+    let hellos = log.matches("GUEST-HELLO").count() as u64;
+    assert!(
+        (st.restarts + 1..=st.restarts + 2).contains(&hellos),
+        "{hellos} boots in the log for {} VMM starts:\n{}",
+        st.restarts + 1,
+        tail(&log, 3000)
+    );
+    // … and every boot that was not cut short ends with its last line: at
+    // most the one killed with the shim and the one still running do not.
+    let segments: Vec<&str> = log.split("GUEST-HELLO").skip(1).collect();
+    let cut: Vec<usize> = segments
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !(s.contains("GUEST-POWEROFF") && s.contains("reboot: Power down")))
+        .map(|(i, _)| i)
+        .collect();
+    let cut_before_the_last = cut.iter().filter(|&&i| i + 1 != segments.len()).count();
+    assert!(
+        cut_before_the_last <= 1,
+        "boots without their last line: {cut:?} of {}:\n{}",
+        segments.len(),
+        tail(&log, 3000)
+    );
+}

@@ -444,9 +444,10 @@ impl World {
                 self.redis.lock().unwrap().restart();
                 add(&self.counters.redis_restarts);
             } else {
+                let vmm = vmd_tests::vm::ch_program_name();
                 let (want, counter) = match roll {
                     35..=57 => ("vmd-shim", &self.counters.kill_shim),
-                    58..=80 => ("ch-double", &self.counters.kill_vmm),
+                    58..=80 => (vmm.as_str(), &self.counters.kill_vmm),
                     _ => ("vmd-logstream", &self.counters.kill_worker),
                 };
                 let mut victims: Vec<(i32, Vec<String>)> = self

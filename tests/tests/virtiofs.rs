@@ -10,6 +10,7 @@ use vmd::stub::VmdStub;
 use vmd::vm::plan::{plan, DevicesInUse, Plan, Settings};
 use vmd::vm::Host;
 use vmd_runtime::vmm::args::hypervisor_args;
+use vmd_runtime::vmm::Version;
 use vmd_runtime::HostPaths;
 use vmd_tests::supervisor::processes_with;
 use vmd_tests::{RedisServer, Supervisor, VmdProcess};
@@ -49,10 +50,10 @@ fn fixture(t: &Path) -> (Settings, String) {
     (settings, t.display().to_string())
 }
 
-fn argv(vm: &Vm, t: &Path, settings: &Settings) -> String {
+fn argv(vm: &Vm, t: &Path, settings: &Settings, version: Version) -> String {
     let l = layout(t);
     let valid = validate(vm, &l, settings).unwrap();
-    let args = hypervisor_args(&valid.spec, &l.paths.run_dir(&valid.name));
+    let args = hypervisor_args(&valid.spec, &l.paths.run_dir(&valid.name), version);
     args.join(" ").replace(&t.display().to_string(), "{T}")
 }
 
@@ -89,14 +90,27 @@ fn golden_command_line_disk_boot() {
         mac: "DE:AD:BE:EF:00:01".into(),
         ..Default::default()
     });
+    // v39, what Zero-OS ships: no `image_type` (it refuses the option).
     assert_eq!(
-        argv(&vm, dir.path(), &settings),
+        argv(&vm, dir.path(), &settings, Version::new(39, 0)),
         "--api-socket path={T}/run/vms/web/api.sock \
          --kernel {T}/vmlinux --initramfs {T}/initrd \
          --cmdline boot.shell_on_fail console=ttyS0 panic=1 quiet reboot=k root=/dev/vda rw \
          --cpus boot=1 --memory size=512M \
-         --serial socket={T}/run/vms/web/serial.sock --console off --event-monitor fd=3 \
+         --serial tty --console off --event-monitor fd=3 \
          --disk path={T}/root.img path={T}/data.img path={T}/root/cloud-init/web.img,readonly=on \
+         --net tap=t-web,mac=de:ad:be:ef:00:01"
+    );
+    // v53: every disk declared with the format detected at Run.
+    assert_eq!(
+        argv(&vm, dir.path(), &settings, Version::new(53, 0)),
+        "--api-socket path={T}/run/vms/web/api.sock \
+         --kernel {T}/vmlinux --initramfs {T}/initrd \
+         --cmdline boot.shell_on_fail console=ttyS0 panic=1 quiet reboot=k root=/dev/vda rw \
+         --cpus boot=1 --memory size=512M \
+         --serial tty --console off --event-monitor fd=3 \
+         --disk path={T}/root.img,image_type=raw path={T}/data.img,image_type=raw \
+         path={T}/root/cloud-init/web.img,readonly=on,image_type=raw \
          --net tap=t-web,mac=de:ad:be:ef:00:01"
     );
 }
@@ -121,13 +135,13 @@ fn golden_command_line_virtiofs_boot_with_shares() {
         target: "/var/cache".into(),
     });
     assert_eq!(
-        argv(&vm, dir.path(), &settings),
+        argv(&vm, dir.path(), &settings, Version::new(53, 0)),
         "--api-socket path={T}/run/vms/web/api.sock \
          --kernel {T}/vmlinux --initramfs {T}/initrd \
          --cmdline boot.shell_on_fail console=ttyS0 panic=1 quiet reboot=k root=vroot rootdelay=30 rootfstype=virtiofs rw \
          --cpus boot=1 --memory size=512M,shared=on \
-         --serial socket={T}/run/vms/web/serial.sock --console off --event-monitor fd=3 \
-         --disk path={T}/root/cloud-init/web.img,readonly=on \
+         --serial tty --console off --event-monitor fd=3 \
+         --disk path={T}/root/cloud-init/web.img,readonly=on,image_type=raw \
          --fs tag=vroot,socket={T}/run/vms/web/fs-0.sock tag=data,socket={T}/run/vms/web/fs-1.sock \
          tag=cache,socket={T}/run/vms/web/fs-2.sock"
     );

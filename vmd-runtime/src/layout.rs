@@ -13,7 +13,8 @@
 //!                      locked         the VM is locked: every VMM is paused once booted
 //!                      state.json     the shim's state
 //!                      metrics.json   tap counter offsets (metrics never go backwards)
-//!                      api.sock serial.sock shim.sock fs-<n>.sock
+//!                      api.sock shim.sock fs-<n>.sock (the serial port is the
+//!                      VMM's stdin/stdout: no socket)
 //! <runtime>/streams/<id>.json         a log stream as the caller asked for it
 //! <runtime>/streams/<id>.progress     its worker's position and counters
 //! <root>/logs/<name>                  the console log (+ .meta), kept until Delete
@@ -163,11 +164,6 @@ impl RunDir {
         self.dir.join("api.sock")
     }
 
-    /// cloud-hypervisor's serial port (only the shim connects).
-    pub fn serial_socket(&self) -> PathBuf {
-        self.dir.join("serial.sock")
-    }
-
     /// The shim's control socket ([`crate::control`]).
     pub fn control_socket(&self) -> PathBuf {
         self.dir.join("shim.sock")
@@ -189,7 +185,10 @@ pub fn resolve_program(program: &Path) -> Option<PathBuf> {
             .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
     if program.components().count() > 1 {
-        let p = std::fs::canonicalize(program).ok()?;
+        // Absolute, but links are not resolved: `/usr/bin/cloud-hypervisor`
+        // switched to a new release later is the new release for new VMs
+        // and restarts (the version is probed per start, by file identity).
+        let p = std::path::absolute(program).ok()?;
         return executable(&p).then_some(p);
     }
     let path = std::env::var_os("PATH")?;

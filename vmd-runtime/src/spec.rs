@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::vmm::ImageFormat;
+
 /// The format of `vm.json`. Bumped on incompatible changes; the shim refuses
 /// what it does not understand rather than guessing.
 pub const SPEC_VERSION: u32 = 1;
@@ -55,6 +57,11 @@ pub struct Disk {
     pub path: PathBuf,
     #[serde(default)]
     pub readonly: bool,
+    /// The format detected when the VM was created; passed to the VMM as
+    /// `image_type=` where the version has it. Absent in descriptions
+    /// written before it was recorded: the VMM then detects it itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<ImageFormat>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -26,6 +26,7 @@ mod hygiene;
 mod lock;
 mod policy;
 mod pumps;
+mod serial;
 mod shared;
 mod supervisor;
 mod virtiofsd;

@@ -1,16 +1,13 @@
 //! What a running VMM produces, moved to where it belongs: its log lines to
 //! the console log and stderr, its events to the exit judgement, its serial
-//! console to the console log.
+//! output (stdout, see [`crate::serial`]) to the console log.
 
 use std::io::Write as _;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
-use tokio::net::UnixStream;
-use tokio::time::{sleep, Instant};
 
 use vmd_runtime::console::ConsoleLog;
 use vmd_runtime::vmm::VmState;
@@ -90,24 +87,12 @@ pub async fn events(fd: std::os::fd::OwnedFd, events: Arc<Events>) {
     }
 }
 
-/// Serial output: connect to the VMM's serial socket and append everything.
-pub async fn serial(path: PathBuf, log: Arc<Mutex<ConsoleLog>>, pid: i32) {
-    let started = Instant::now();
-    let mut s = loop {
-        match UnixStream::connect(&path).await {
-            Ok(s) => break s,
-            Err(_) => {
-                let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
-                if !alive || started.elapsed() > Duration::from_secs(60) {
-                    return;
-                }
-                sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
+/// Serial output: the VMM's stdout, appended as it comes, to the end (a
+/// pipe keeps what the VMM wrote before it exited).
+pub async fn serial(mut out: Pipe, log: Arc<Mutex<ConsoleLog>>) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        match s.read(&mut buf).await {
+        match out.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => append(&log, &buf[..n]),
         }

@@ -14,6 +14,7 @@ use vmd_runtime::control::STOPPED;
 use vmd_runtime::process::say;
 use vmd_runtime::spec::VmSpec;
 use vmd_runtime::state::{now_secs, Exit, Phase, ShimState};
+use vmd_runtime::vmm::VersionCache;
 use vmd_runtime::RunDir;
 
 use crate::control::StopFrom;
@@ -29,6 +30,9 @@ struct Shim {
     locker: Arc<Locker>,
     log: Arc<Mutex<ConsoleLog>>,
     stops: mpsc::Receiver<StopFrom>,
+    /// The VMM binary's release, probed again only when the file changes
+    /// (nodes upgrade it in place; every start builds for what is there).
+    versions: VersionCache,
 }
 
 /// Runs the VM of `run` until stopped.
@@ -105,6 +109,7 @@ pub async fn run(run: RunDir) -> ExitCode {
         locker,
         log: Arc::new(Mutex::new(log)),
         stops,
+        versions: VersionCache::new(),
     };
     shim.supervise().await
 }
@@ -135,7 +140,7 @@ impl Shim {
                     s.restarts += 1;
                 }
             });
-            let exit = match self.start_vmm() {
+            let exit = match self.start_vmm().await {
                 Err(e) => Exit {
                     at: now_secs(),
                     status: format!("could not start the VMM: {e}"),
@@ -203,8 +208,19 @@ impl Shim {
         }
     }
 
-    fn start_vmm(&mut self) -> Result<Vmm, String> {
-        let vmm = Vmm::start(&self.spec, &self.shared.run, &self.log, &self.shared)?;
+    async fn start_vmm(&mut self) -> Result<Vmm, String> {
+        let version = self
+            .versions
+            .supported(&self.spec.hypervisor)
+            .await
+            .map_err(|e| e.to_string())?;
+        let vmm = Vmm::start(
+            &self.spec,
+            &self.shared.run,
+            version,
+            &self.log,
+            &self.shared,
+        )?;
         let identity = vmd_runtime::state::ProcessIdentity::of(vmm.pid);
         self.shared.set(|s| {
             s.phase = Phase::Running;

@@ -14,7 +14,7 @@ use vmd_runtime::console::ConsoleLog;
 use vmd_runtime::process::say;
 use vmd_runtime::spec::VmSpec;
 use vmd_runtime::state::{now_secs, Exit};
-use vmd_runtime::vmm::{args, VmState, VmmApi};
+use vmd_runtime::vmm::{args, Version, VmState, VmmApi};
 use vmd_runtime::RunDir;
 
 use crate::hygiene::{describe, Hardening};
@@ -25,6 +25,8 @@ use crate::shared::Shared;
 pub struct Vmm {
     /// One virtiofsd per share; killed when the VMM is gone (on drop).
     _fs_daemons: Vec<Child>,
+    /// The shim's end of the serial input pty, held while the VMM runs.
+    _serial_input: Option<std::os::fd::OwnedFd>,
     pub child: Child,
     pub pid: i32,
     api: VmmApi,
@@ -34,33 +36,57 @@ pub struct Vmm {
 }
 
 impl Vmm {
-    /// Starts the shares' virtiofsd, then the VMM, with its output, events
-    /// and serial console pumped into `log`.
+    /// Starts the shares' virtiofsd, then VMM `version`, with its output,
+    /// events and serial console pumped into `log`.
     pub fn start(
         spec: &VmSpec,
         run: &RunDir,
+        version: Version,
         log: &Arc<Mutex<ConsoleLog>>,
         shared: &Shared,
     ) -> Result<Vmm, String> {
-        for stale in [run.api_socket(), run.serial_socket()] {
-            // cloud-hypervisor v53 leaves `<socket>.lock` behind.
-            let mut lock = stale.clone().into_os_string();
-            lock.push(".lock");
-            for p in [stale, lock.into()] {
-                crate::virtiofsd::remove_stale(&p)?;
-            }
+        // cloud-hypervisor v53 leaves `<socket>.lock` behind.
+        let api = run.api_socket();
+        let mut lock = api.clone().into_os_string();
+        lock.push(".lock");
+        for p in [api, lock.into()] {
+            crate::virtiofsd::remove_stale(&p)?;
         }
         let fs_daemons = crate::virtiofsd::start(spec)?;
         let (ev_r, ev_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| format!("event pipe: {e}"))?;
+        let input = match crate::serial::Input::open() {
+            Ok(i) => Some(i),
+            Err(e) => {
+                say(format!(
+                    "no pty for the serial console ({e}): it takes no input"
+                ));
+                None
+            }
+        };
         let mut cmd = Hardening::vmm(spec, ev_w.as_raw_fd()).command(&spec.hypervisor);
-        cmd.args(args::hypervisor_args(spec, run))
+        cmd.args(args::hypervisor_args(spec, run, version))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        say(format!("starting the VMM: {}", spec.hypervisor.display()));
+        let serial_input = match input {
+            Some(i) => {
+                cmd.stdin(Stdio::from(i.guest_side));
+                Some(i.shim_side)
+            }
+            None => {
+                cmd.stdin(Stdio::null());
+                None
+            }
+        };
+        say(format!(
+            "starting the VMM: {} (cloud-hypervisor {version})",
+            spec.hypervisor.display()
+        ));
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", spec.hypervisor.display()))?;
+        // The child has its copies; the pty's guest side went with `cmd`.
+        drop(cmd);
         drop(ev_w);
         let pid = child.id().map_or(0, |p| p as i32);
         let events = Arc::new(pumps::Events {
@@ -69,27 +95,20 @@ impl Vmm {
         });
         let vcpu_error = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
-        for out in [
-            child.stdout.take().map(|o| Box::new(o) as pumps::Pipe),
-            child.stderr.take().map(|e| Box::new(e) as pumps::Pipe),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        if let Some(err) = child.stderr.take() {
             tasks.push(tokio::spawn(pumps::vmm_lines(
-                out,
+                Box::new(err),
                 Arc::clone(log),
                 Arc::clone(&vcpu_error),
             )));
         }
+        if let Some(out) = child.stdout.take() {
+            tasks.push(tokio::spawn(pumps::serial(Box::new(out), Arc::clone(log))));
+        }
         tasks.push(tokio::spawn(pumps::events(ev_r, Arc::clone(&events))));
-        tasks.push(tokio::spawn(pumps::serial(
-            run.serial_socket(),
-            Arc::clone(log),
-            pid,
-        )));
         Ok(Vmm {
             _fs_daemons: fs_daemons,
+            _serial_input: serial_input,
             child,
             pid,
             api: VmmApi::new(run.api_socket()),

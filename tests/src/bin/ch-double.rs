@@ -1,7 +1,19 @@
-//! A cloud-hypervisor double for tests: the command line of v53 (for the
-//! flags vmd uses), the REST API on `--api-socket` with the JSON of real
-//! replies, serial output with the markers of the test guest in
-//! `shared/guest/`, the event monitor, and the real exit codes.
+//! A cloud-hypervisor double for tests: the command line (for the flags vmd
+//! uses), the REST API on `--api-socket` with the JSON of real replies,
+//! serial output with the markers of the test guest in `shared/guest/`, the
+//! event monitor, and the real exit codes.
+//!
+//! It plays one release, v39 to v53, chosen by the name it is run as:
+//! `…/ch-double-v39` is v39, plain `ch-double` is v53 (the environment is
+//! cleared by the shim, the name is not). What differs by release is what
+//! `docs/cloud-hypervisor-versions.md` lists: `--version`, `image_type`
+//! (v51) and the sector-0 refusal of auto-detected raw disks (v51), the
+//! error shapes (JSON chains since v47, one plain line before), `vm.info`
+//! without a VM (404 since v53, 500 before), disk image locks (v46), the
+//! `api.sock.lock` left behind (v53), the serial socket (output without a
+//! client lost before v50, buffered after; a second client hangs the VMM
+//! at power-off before v50), and the `vmm shutdown` event v39 may skip
+//! (the double always skips it there: the worst case).
 //!
 //! The guest is steered like the real test guest, by the kernel command line
 //! (`gaction=wait|poweroff|reboot|panic`, `gtick=N`), plus knobs of the double
@@ -18,9 +30,16 @@
 //! | `double.flood_bps=N` | after GUEST-READY, print 64-byte lines `FLOOD <seq> b<boot id> x…` at N bytes/s (0: as fast as possible) |
 //! | `double.flood_bytes=N` | stop flooding after N bytes |
 //! | `double.exec_log=PATH` | append `<pid> <unix ns>` to PATH first thing (benchmarks time the exec) |
+//! | `double.write_sector0=1` | at boot the guest writes sector 0 of each writable disk: `GUEST-SECTOR0 vdX written` (the bytes really land in the image), or the kernel's `I/O error, dev vdX, sector 0` where the VMM refuses it |
 //!
-//! Deviations: no real guest, no `--serial pty`, counters are zeros, and a
-//! `--fs` socket is connected to but no vhost-user message is exchanged.
+//! With `--serial tty` the serial input is read from stdin when it is a
+//! terminal (as cloud-hypervisor does) and answered like a shell on the
+//! console: bytes are echoed, a line `echo X` prints `X`, then a `# ` prompt.
+//!
+//! Deviations: no real guest, no `--serial pty`, counters are zeros, a
+//! `--fs` socket is connected to but no vhost-user message is exchanged,
+//! and the v50+ serial socket buffer is drained at once rather than a byte
+//! per guest write.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -36,6 +55,36 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 const USAGE: &str = "Usage: cloud-hypervisor [OPTIONS]\n\nFor more information, try '--help'.";
+
+/// The release played: from the name run as (`ch-double-v39`), or the
+/// first such name along the symlinks from it (`cloud-hypervisor` →
+/// `ch-double-v39`, as a node switches releases), else 53.
+fn release() -> u16 {
+    static RELEASE: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *RELEASE.get_or_init(|| {
+        let named = |p: &std::path::Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .and_then(|n| n.rsplit_once("-v").and_then(|(_, v)| v.parse().ok()))
+        };
+        let mut p = std::env::args_os().next().map(PathBuf::from);
+        for _ in 0..8 {
+            let Some(path) = p else { break };
+            if let Some(r) = named(&path) {
+                return r;
+            }
+            p = std::fs::read_link(&path)
+                .ok()
+                .map(|t| path.parent().map_or(t.clone(), |d| d.join(&t)));
+        }
+        53
+    })
+}
+
+/// Error chains (JSON arrays in the API, numbered lines on exit) since v47.
+fn has_error_chains() -> bool {
+    release() >= 47
+}
 
 #[derive(Default, Debug)]
 struct Cli {
@@ -124,6 +173,7 @@ fn options(flag: &str, s: &str, known: &[&str]) -> Result<HashMap<String, String
         let (k, v) = part.split_once('=').unwrap_or((part, ""));
         if !known.contains(&k) {
             return Err(vec![
+                "Error parsing config".into(),
                 format!("Error parsing --{flag}"),
                 format!("unknown option: {k}"),
             ]);
@@ -161,11 +211,18 @@ fn on_off(flag: &str, key: &str, v: Option<&String>) -> Result<bool, Vec<String>
 }
 
 #[derive(Debug, Clone)]
+struct DiskConfig {
+    path: String,
+    readonly: bool,
+    sector0_refused: bool,
+}
+
+#[derive(Debug, Clone)]
 struct Config {
     vcpus: u8,
     memory: u64,
     shared: bool,
-    disks: Vec<(String, bool)>,
+    disks: Vec<DiskConfig>,
     nets: Vec<(String, String)>,
     serial: Serial,
 }
@@ -234,13 +291,27 @@ fn config(cli: &Cli) -> Result<Config, Vec<String>> {
                 "queue_size",
                 "id",
                 "serial",
-                "image_type",
+                if release() >= 51 {
+                    "image_type"
+                } else {
+                    "serial"
+                },
             ],
         )?;
-        disks.push((
-            o.get("path").cloned().unwrap_or_default(),
-            on_off("disk", "readonly", o.get("readonly"))?,
-        ));
+        let path = o.get("path").cloned().unwrap_or_default();
+        let readonly = on_off("disk", "readonly", o.get("readonly"))?;
+        // v51+: an image whose type was only detected, and detected raw,
+        // gets sector-0 writes refused.
+        let sector0_refused = release() >= 51
+            && o.get("image_type").is_none()
+            && !std::fs::read(&path)
+                .map(|b| b.starts_with(b"QFI\xfb"))
+                .unwrap_or(false);
+        disks.push(DiskConfig {
+            path,
+            readonly,
+            sector0_refused,
+        });
     }
     let mut nets = Vec::new();
     for n in &cli.nets {
@@ -315,6 +386,11 @@ fn config(cli: &Cli) -> Result<Config, Vec<String>> {
 
 fn fail(chain: &[String]) -> ExitCode {
     let mut e = std::io::stderr().lock();
+    if !has_error_chains() {
+        // v39: the error's Display, its causes joined on one line.
+        let _ = writeln!(e, "{}", chain.join(": "));
+        return ExitCode::from(1);
+    }
     let _ = writeln!(
         e,
         "Error: Cloud Hypervisor exited with the following chain of errors:"
@@ -364,6 +440,14 @@ struct Vmm {
     exit: mpsc::Sender<u8>,
     knobs: Knobs,
     api_path: Option<PathBuf>,
+    /// A second client connected to the serial socket (matters before v50).
+    serial_hangs: std::sync::atomic::AtomicBool,
+    /// The API stopped answering (the v39 hang).
+    api_dead: std::sync::atomic::AtomicBool,
+    /// Whether a VM exists (a kernel was given): `vm.info` without one fails.
+    created: bool,
+    /// Disk image locks held for the VMM's life (v46+).
+    _locks: Vec<std::fs::File>,
 }
 
 impl Vmm {
@@ -394,11 +478,23 @@ impl Vmm {
 
     /// The guest powers off: the VM reports its shutdown, the VMM exits 0.
     async fn guest_poweroff(self: &Arc<Self>) {
+        // The guest kernel's last words.
+        self.print("reboot: Power down").await;
         *self.state.lock().unwrap() = VmState::Created;
         self.event("vm", "shutdown");
         // v53 exits about a second after the guest powered off.
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        self.event("vmm", "shutdown");
+        if self.serial_hangs.load(std::sync::atomic::Ordering::SeqCst) {
+            // Before v50, after a second serial client: the VMM hangs here,
+            // its API dead; only SIGKILL ends it.
+            self.api_dead
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            return;
+        }
+        self.event("vm", "deleted");
+        if release() > 39 {
+            self.event("vmm", "shutdown");
+        }
         let _ = self.exit.send(0).await;
     }
 
@@ -420,11 +516,39 @@ impl Vmm {
             self.config.vcpus.saturating_sub(1)
         ))
         .await;
-        for (i, (path, _)) in self.config.disks.iter().enumerate() {
-            let sectors = std::fs::metadata(path).map(|m| m.len() / 512).unwrap_or(0);
+        for (i, d) in self.config.disks.iter().enumerate() {
+            let sectors = std::fs::metadata(&d.path)
+                .map(|m| m.len() / 512)
+                .unwrap_or(0);
             let name = format!("vd{}", (b'a' + i as u8) as char);
             self.print(&format!("GUEST-DISK {name} sectors={sectors}"))
                 .await;
+        }
+        if self.knobs.num("double.write_sector0").unwrap_or(0) != 0 {
+            for (i, d) in self.config.disks.iter().enumerate() {
+                if d.readonly {
+                    continue;
+                }
+                let name = format!("vd{}", (b'a' + i as u8) as char);
+                if d.sector0_refused {
+                    self.print(&format!(
+                        "I/O error, dev {name}, sector 0 op 0x1:(WRITE) flags 0x8800 phys_seg 1 prio class 2"
+                    ))
+                    .await;
+                    continue;
+                }
+                let written = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&d.path)
+                    .and_then(|mut f| f.write_all(&[0xa5u8; 512]));
+                match written {
+                    Ok(()) => self.print(&format!("GUEST-SECTOR0 {name} written")).await,
+                    Err(e) => {
+                        self.print(&format!("GUEST-SECTOR0 {name} failed: {e}"))
+                            .await
+                    }
+                }
+            }
         }
         let boot_ms = self.knobs.num("double.boot_ms").unwrap_or(300);
         tokio::time::sleep(Duration::from_millis(boot_ms)).await;
@@ -524,6 +648,10 @@ fn json_reply(status: u16, body: Option<String>) -> Vec<u8> {
 }
 
 fn chain(status: u16, parts: &[&str]) -> Vec<u8> {
+    if !has_error_chains() {
+        // Before v47: the innermost error's text alone, labelled JSON.
+        return json_reply(status, Some(parts.last().copied().unwrap_or("").to_owned()));
+    }
     json_reply(
         status,
         Some(serde_json::to_string(parts).unwrap_or_default()),
@@ -557,14 +685,22 @@ async fn api(vmm: &Arc<Vmm>, method: &str, path: &str) -> Vec<u8> {
             200,
             Some(
                 serde_json::json!({
-                    "build_version": "v53.0-double",
-                    "version": "53.0.0",
+                    "build_version": format!("v{}.0", release()),
+                    "version": format!("{}.0.0", release()),
                     "pid": std::process::id(),
                     "features": ["kvm"],
                 })
                 .to_string(),
             ),
         ),
+        "vm.info" if !vmm.created => {
+            let parts = [
+                "Error from API",
+                "The VM info is not available",
+                "VM is not created",
+            ];
+            chain(if release() >= 53 { 404 } else { 500 }, &parts)
+        }
         "vm.info" => {
             let c = &vmm.config;
             let serial = match &c.serial {
@@ -589,7 +725,7 @@ async fn api(vmm: &Arc<Vmm>, method: &str, path: &str) -> Vec<u8> {
                     },
                     "serial": serial,
                     "console": {"mode": "Off"},
-                    "disks": c.disks.iter().map(|(p, ro)| serde_json::json!({"path": p, "readonly": ro})).collect::<Vec<_>>(),
+                    "disks": c.disks.iter().map(|d| serde_json::json!({"path": d.path, "readonly": d.readonly})).collect::<Vec<_>>(),
                     "net": c.nets.iter().map(|(t, m)| serde_json::json!({"tap": t, "mac": m})).collect::<Vec<_>>(),
                 },
                 "state": state_name,
@@ -786,6 +922,10 @@ async fn serve_conn(vmm: Arc<Vmm>, mut s: UnixStream) {
             }
         }
         buf.drain(..head_end + 4 + len);
+        if vmm.api_dead.load(std::sync::atomic::Ordering::SeqCst) {
+            // The hung v39 VMM: the request is read, never answered.
+            std::future::pending::<()>().await;
+        }
         let reply = api(&vmm, &method, &path).await;
         if s.write_all(&reply).await.is_err() {
             return;
@@ -793,14 +933,86 @@ async fn serve_conn(vmm: Arc<Vmm>, mut s: UnixStream) {
     }
 }
 
-/// Serial output: to the socket client, or a replay ring while none is connected.
-async fn serial_sink(mode: Serial, mut rx: mpsc::Receiver<Vec<u8>>) {
+/// The shell on the console, as far as tests need one: echo what is typed
+/// (a terminal in raw mode sends `\r` for Enter), run `echo X`, prompt.
+async fn console_shell(vmm: Arc<Vmm>, mut input: mpsc::Receiver<Vec<u8>>) {
+    let mut line = Vec::new();
+    while let Some(bytes) = input.recv().await {
+        let mut out = Vec::new();
+        for b in bytes {
+            match b {
+                b'\r' | b'\n' => {
+                    out.extend_from_slice(b"\r\n");
+                    let cmd = String::from_utf8_lossy(&line).trim().to_owned();
+                    line.clear();
+                    if let Some(rest) = cmd.strip_prefix("echo ") {
+                        out.extend_from_slice(rest.as_bytes());
+                        out.extend_from_slice(b"\r\n");
+                    } else if !cmd.is_empty() {
+                        out.extend_from_slice(format!("sh: {cmd}: not found\r\n").as_bytes());
+                    }
+                    out.extend_from_slice(b"# ");
+                }
+                0x7f | 0x08 => {
+                    if line.pop().is_some() {
+                        out.extend_from_slice(b"\x08 \x08");
+                    }
+                }
+                b => {
+                    // A line is bounded like a tty's (4 KiB); more is dropped.
+                    if line.len() < 4096 {
+                        line.push(b);
+                    }
+                    out.push(b);
+                }
+            }
+        }
+        if vmm.state() == VmState::Running && vmm.serial.send(out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Serial input from stdin, read only when it is a terminal (as
+/// cloud-hypervisor's `--serial tty` does).
+fn tty_input(tx: mpsc::Sender<Vec<u8>>) {
+    // SAFETY: isatty only inspects the descriptor.
+    if unsafe { libc::isatty(0) } != 1 {
+        return;
+    }
+    std::thread::spawn(move || {
+        use std::io::Read;
+        // SAFETY: fd 0 stays open for the process's life; ManuallyDrop keeps it so.
+        let mut stdin = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(0) });
+        let mut buf = [0u8; 64];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Serial output: to stdout, a file, or the socket client.
+async fn serial_sink(
+    vmm: Arc<Vmm>,
+    mode: Serial,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    input: mpsc::Sender<Vec<u8>>,
+) {
     match mode {
         Serial::Null => while rx.recv().await.is_some() {},
         Serial::Tty => {
+            tty_input(input);
             let mut out = tokio::io::stdout();
             while let Some(b) = rx.recv().await {
                 let _ = out.write_all(&b).await;
+                let _ = out.flush().await;
             }
         }
         Serial::File(p) => {
@@ -816,17 +1028,35 @@ async fn serial_sink(mode: Serial, mut rx: mpsc::Receiver<Vec<u8>>) {
             let Ok(listener) = UnixListener::bind(&p) else {
                 return;
             };
-            let ring: Arc<Mutex<std::collections::VecDeque<u8>>> = Arc::default();
-            const RING: usize = 64 * 1024;
-            let mut client: Option<UnixStream> = None;
+            // v50+ keeps what the guest printed while no client was
+            // connected; before, it is lost.
+            let ring_size: usize = if release() >= 50 { 64 * 1024 } else { 0 };
+            let mut ring = std::collections::VecDeque::<u8>::new();
+            let mut client: Option<tokio::net::unix::OwnedWriteHalf> = None;
+            let mut clients = 0u32;
             loop {
                 tokio::select! {
                     accepted = listener.accept() => {
-                        if let Ok((mut c, _)) = accepted {
-                            let pending: Vec<u8> = ring.lock().unwrap().drain(..).collect();
-                            if c.write_all(&pending).await.is_ok() {
-                                client = Some(c);
+                        if let Ok((c, _)) = accepted {
+                            clients += 1;
+                            if clients > 1 && release() < 50 {
+                                vmm.serial_hangs.store(true, std::sync::atomic::Ordering::SeqCst);
                             }
+                            let (mut r, mut w) = c.into_split();
+                            let pending: Vec<u8> = ring.drain(..).collect();
+                            if w.write_all(&pending).await.is_ok() {
+                                // The previous client gets EOF.
+                                client = Some(w);
+                            }
+                            let input = input.clone();
+                            tokio::spawn(async move {
+                                let mut buf = [0u8; 64];
+                                while let Ok(n) = r.read(&mut buf).await {
+                                    if n == 0 || input.send(buf[..n].to_vec()).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            });
                         }
                     }
                     b = rx.recv() => {
@@ -837,10 +1067,9 @@ async fn serial_sink(mode: Serial, mut rx: mpsc::Receiver<Vec<u8>>) {
                         };
                         if !sent {
                             client = None;
-                            let mut r = ring.lock().unwrap();
-                            r.extend(b);
-                            let over = r.len().saturating_sub(RING);
-                            r.drain(..over);
+                            ring.extend(b);
+                            let over = ring.len().saturating_sub(ring_size);
+                            ring.drain(..over);
                         }
                     }
                 }
@@ -870,7 +1099,10 @@ fn main() -> ExitCode {
         }
     }
     if args.iter().any(|a| a == "--version" || a == "-V") {
-        println!("cloud-hypervisor v53.0.0\nMigration Protocol Versions: 0");
+        println!("cloud-hypervisor v{}.0", release());
+        if release() >= 53 {
+            println!("Migration Protocol Versions: 0");
+        }
         return ExitCode::SUCCESS;
     }
     let cli = match parse_cli(&args) {
@@ -931,7 +1163,33 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
         }
     };
     let (serial_tx, serial_rx) = mpsc::channel(16);
+    let (input_tx, input_rx) = mpsc::channel(16);
     let (exit_tx, mut exit_rx) = mpsc::channel(4);
+    // v46+ locks disk images for the VMM's life: a writable image in use
+    // by another VMM (or twice here) refuses the start.
+    let mut locks = Vec::new();
+    if release() >= 46 {
+        for d in &config.disks {
+            let how = if d.readonly {
+                libc::LOCK_SH
+            } else {
+                libc::LOCK_EX
+            };
+            let Ok(f) = std::fs::File::open(&d.path) else {
+                continue;
+            };
+            // SAFETY: flock on a descriptor this process owns.
+            if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), how | libc::LOCK_NB) } != 0
+            {
+                return fail(&[
+                    "Error booting VM".into(),
+                    "The VM could not boot".into(),
+                    "Error locking disk images: Another instance likely holds a lock".into(),
+                ]);
+            }
+            locks.push(f);
+        }
+    }
     let vmm = Arc::new(Vmm {
         state: Mutex::new(VmState::Created),
         ready: Mutex::new(false),
@@ -942,6 +1200,10 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
         exit: exit_tx,
         knobs,
         api_path: api_path.clone(),
+        serial_hangs: Default::default(),
+        api_dead: Default::default(),
+        created: cli.kernel.is_some(),
+        _locks: locks,
         cli,
     });
     vmm.event("vmm", "starting");
@@ -959,9 +1221,12 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
             Ok(l) => l,
             Err(e) => return fail(&["Error creating API socket".into(), e.to_string()]),
         };
-        let mut lock = p.clone().into_os_string();
-        lock.push(".lock");
-        let _ = std::fs::File::create(PathBuf::from(lock));
+        if release() >= 53 {
+            // v53 locks the socket through `<socket>.lock`, left behind.
+            let mut lock = p.clone().into_os_string();
+            lock.push(".lock");
+            let _ = std::fs::File::create(PathBuf::from(lock));
+        }
         let v = Arc::clone(&vmm);
         tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
@@ -969,7 +1234,13 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
             }
         });
     }
-    tokio::spawn(serial_sink(config.serial.clone(), serial_rx));
+    tokio::spawn(serial_sink(
+        Arc::clone(&vmm),
+        config.serial.clone(),
+        serial_rx,
+        input_tx,
+    ));
+    tokio::spawn(console_shell(Arc::clone(&vmm), input_rx));
 
     // virtio-fs: connect to each vhost-user socket and hold it, as the VMM
     // does (virtiofsd serves until its frontend goes away).
@@ -1014,6 +1285,19 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
                 "Cannot load the kernel into memory".into(),
                 "Kernel Loader: failed to load bzImage kernel image: Kernel Loader: Invalid bzImage".into(),
             ]);
+        }
+        // v51+ on disks whose type it had to detect (its log, on stderr).
+        for d in vmm.config.disks.iter().filter(|d| d.sector0_refused) {
+            for w in [
+                "DEPRECATION: auto-detection of disk image type is deprecated and will be removed in a future release. Please specify image type explicitly.".to_owned(),
+                format!("No image_type specified - detected as raw. Configuration updated to persist type across reboots and migrations. ({})", d.path),
+                "Autodetected raw image type. Disabling sector 0 writes.".to_owned(),
+            ] {
+                eprintln!(
+                    "cloud-hypervisor: {:>11.6}s: <vmm> WARN:vmm/src/device_manager.rs:2756 -- {w}",
+                    vmm.started.elapsed().as_secs_f64()
+                );
+            }
         }
         tokio::spawn(Arc::clone(&vmm).boot());
     }

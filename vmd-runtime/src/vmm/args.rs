@@ -1,16 +1,19 @@
-//! From a [`VmSpec`] to cloud-hypervisor's command line. Pure: same spec,
-//! same argv, so it is unit-tested field by field.
+//! From a [`VmSpec`] to cloud-hypervisor's command line for one release.
+//! Pure: same spec and version, same argv, so it is unit-tested field by
+//! field, and golden-tested for the oldest and newest supported releases.
 
 use std::path::Path;
 
 use crate::layout::RunDir;
 use crate::spec::VmSpec;
+use crate::vmm::Version;
 
 /// The fd the event monitor pipe is handed to the VMM on.
 pub const EVENT_FD: i32 = 3;
 
-/// The argv (without the program) for `spec`, with sockets in `run`.
-pub fn hypervisor_args(spec: &VmSpec, run: &RunDir) -> Vec<String> {
+/// The argv (without the program) for `spec` on cloud-hypervisor
+/// `version`, with sockets in `run`.
+pub fn hypervisor_args(spec: &VmSpec, run: &RunDir, version: Version) -> Vec<String> {
     let p = |p: &Path| p.display().to_string();
     let mut a: Vec<String> = Vec::new();
     let mut push = |flag: &str, value: String| {
@@ -31,9 +34,13 @@ pub fn hypervisor_args(spec: &VmSpec, run: &RunDir) -> Vec<String> {
         ",shared=on"
     };
     push("--memory", format!("size={}M{shared}", spec.memory_mib));
-    // Serial over a socket the shim reads: the shim owns the byte stream
-    // (`file=` truncates on every reboot and breaks rotation).
-    push("--serial", format!("socket={}", p(&run.serial_socket())));
+    // The serial port on the VMM's stdout and stdin, which the shim holds
+    // from before the VMM exists (a pipe out, a pty in): no byte is lost at
+    // start or exit, and nothing else can ever connect. `socket=` loses
+    // output written while no client is connected (v39), drops what is
+    // queued at exit (v53), and a second client hangs v39 at power-off;
+    // `file=` truncates on every reboot.
+    push("--serial", "tty".into());
     // The virtio console would go to stdout: off, the serial is the console.
     push("--console", "off".into());
     push("--event-monitor", format!("fd={EVENT_FD}"));
@@ -49,7 +56,14 @@ pub fn hypervisor_args(spec: &VmSpec, run: &RunDir) -> Vec<String> {
             .iter()
             .map(|d| {
                 let ro = if d.readonly { ",readonly=on" } else { "" };
-                format!("path={}{ro}", p(&d.path))
+                // Declared, not detected: see `vmm::image`.
+                let image_type = match d.format {
+                    Some(f) if version.has_disk_image_type() => {
+                        format!(",image_type={}", f.image_type())
+                    }
+                    _ => String::new(),
+                };
+                format!("path={}{ro}{image_type}", p(&d.path))
             })
             .collect(),
     );
@@ -82,6 +96,7 @@ mod tests {
     use super::*;
     use crate::spec::SpecError;
     use crate::spec::*;
+    use crate::vmm::ImageFormat;
 
     fn base() -> VmSpec {
         VmSpec {
@@ -109,6 +124,10 @@ mod tests {
         }
     }
 
+    const V39: Version = Version::new(39, 0);
+    const V50: Version = Version::new(50, 2);
+    const V53: Version = Version::new(53, 0);
+
     fn run() -> RunDir {
         RunDir::new("/run/vmd/web")
     }
@@ -125,15 +144,67 @@ mod tests {
     }
 
     #[test]
-    fn minimal_vm() {
-        let a = hypervisor_args(&base(), &run());
-        assert_eq!(
-            a,
-            [
+    fn minimal_vm_is_the_same_on_every_version() {
+        for v in [V39, V50, V53] {
+            assert_eq!(
+                hypervisor_args(&base(), &run(), v),
+                [
+                    "--api-socket",
+                    "path=/run/vmd/web/api.sock",
+                    "--kernel",
+                    "/k/vmlinux",
+                    "--cmdline",
+                    "console=ttyS0 root=/dev/vda rw",
+                    "--cpus",
+                    "boot=2",
+                    "--memory",
+                    "size=512M",
+                    "--serial",
+                    "tty",
+                    "--console",
+                    "off",
+                    "--event-monitor",
+                    "fd=3",
+                ],
+                "{v}"
+            );
+        }
+    }
+
+    /// A VM with every kind of device, as v39 (Zero-OS) and v53 get it.
+    #[test]
+    fn golden_command_lines_of_the_oldest_and_newest_release() {
+        let mut s = base();
+        s.initramfs = Some("/k/initrd".into());
+        s.disks = vec![
+            Disk {
+                path: "/d/root".into(),
+                readonly: false,
+                format: Some(ImageFormat::Raw),
+            },
+            Disk {
+                path: "/d/data.qcow2".into(),
+                readonly: false,
+                format: Some(ImageFormat::Qcow2),
+            },
+            Disk {
+                path: "/d/seed.img".into(),
+                readonly: true,
+                format: Some(ImageFormat::Raw),
+            },
+        ];
+        s.nets = vec![Net {
+            tap: "t-abc".into(),
+            mac: "de:ad:be:ef:00:01".into(),
+        }];
+        let common = |disks: &[&str]| {
+            let mut a: Vec<String> = [
                 "--api-socket",
                 "path=/run/vmd/web/api.sock",
                 "--kernel",
                 "/k/vmlinux",
+                "--initramfs",
+                "/k/initrd",
                 "--cmdline",
                 "console=ttyS0 root=/dev/vda rw",
                 "--cpus",
@@ -141,12 +212,54 @@ mod tests {
                 "--memory",
                 "size=512M",
                 "--serial",
-                "socket=/run/vmd/web/serial.sock",
+                "tty",
                 "--console",
                 "off",
                 "--event-monitor",
                 "fd=3",
+                "--disk",
             ]
+            .map(String::from)
+            .to_vec();
+            a.extend(disks.iter().map(|d| d.to_string()));
+            a.extend(["--net", "tap=t-abc,mac=de:ad:be:ef:00:01"].map(String::from));
+            a
+        };
+        // v39 refuses `image_type` ("unknown option"): formats are left to it.
+        assert_eq!(
+            hypervisor_args(&s, &run(), V39),
+            common(&[
+                "path=/d/root",
+                "path=/d/data.qcow2",
+                "path=/d/seed.img,readonly=on"
+            ])
+        );
+        assert_eq!(
+            hypervisor_args(&s, &run(), V50),
+            hypervisor_args(&s, &run(), V39)
+        );
+        // v51+: declared, or sector-0 writes of raw disks are refused.
+        assert_eq!(
+            hypervisor_args(&s, &run(), V53),
+            common(&[
+                "path=/d/root,image_type=raw",
+                "path=/d/data.qcow2,image_type=qcow2",
+                "path=/d/seed.img,readonly=on,image_type=raw"
+            ])
+        );
+    }
+
+    #[test]
+    fn a_disk_of_an_older_description_is_left_to_the_vmm() {
+        let mut s = base();
+        s.disks = vec![Disk {
+            path: "/d/root".into(),
+            readonly: false,
+            format: None,
+        }];
+        assert_eq!(
+            value_of(&hypervisor_args(&s, &run(), V53), "--disk"),
+            ["path=/d/root"]
         );
     }
 
@@ -155,7 +268,7 @@ mod tests {
         let mut s = base();
         s.initramfs = Some("/k/initrd".into());
         assert_eq!(
-            value_of(&hypervisor_args(&s, &run()), "--initramfs"),
+            value_of(&hypervisor_args(&s, &run(), V53), "--initramfs"),
             ["/k/initrd"]
         );
     }
@@ -165,7 +278,7 @@ mod tests {
         let mut s = base();
         s.cmdline = "a=1 b=\"two words\" c".into();
         assert_eq!(
-            value_of(&hypervisor_args(&s, &run()), "--cmdline"),
+            value_of(&hypervisor_args(&s, &run(), V53), "--cmdline"),
             [s.cmdline.as_str()]
         );
     }
@@ -177,18 +290,21 @@ mod tests {
             Disk {
                 path: "/d/root".into(),
                 readonly: false,
+                format: None,
             },
             Disk {
                 path: "/d/data".into(),
                 readonly: false,
+                format: None,
             },
             Disk {
                 path: "/d/seed.img".into(),
                 readonly: true,
+                format: None,
             },
         ];
         assert_eq!(
-            value_of(&hypervisor_args(&s, &run()), "--disk"),
+            value_of(&hypervisor_args(&s, &run(), V53), "--disk"),
             [
                 "path=/d/root",
                 "path=/d/data",
@@ -211,7 +327,7 @@ mod tests {
             },
         ];
         assert_eq!(
-            value_of(&hypervisor_args(&s, &run()), "--net"),
+            value_of(&hypervisor_args(&s, &run(), V53), "--net"),
             [
                 "tap=t-abc,mac=de:ad:be:ef:00:01",
                 "tap=p-abc,mac=de:ad:be:ef:00:02"
@@ -227,7 +343,7 @@ mod tests {
             socket: "/run/vmd/web/fs-vroot.sock".into(),
             source: "/mnt/root".into(),
         }];
-        let a = hypervisor_args(&s, &run());
+        let a = hypervisor_args(&s, &run(), V53);
         assert_eq!(value_of(&a, "--memory"), ["size=512M,shared=on"]);
         assert_eq!(
             value_of(&a, "--fs"),
@@ -240,7 +356,7 @@ mod tests {
         let mut s = base();
         s.devices = vec!["0000:01:00.0".into()];
         assert_eq!(
-            value_of(&hypervisor_args(&s, &run()), "--device"),
+            value_of(&hypervisor_args(&s, &run(), V53), "--device"),
             ["path=/sys/bus/pci/devices/0000:01:00.0"]
         );
     }
@@ -251,6 +367,7 @@ mod tests {
         s.disks = vec![Disk {
             path: "/d/a,b".into(),
             readonly: false,
+            format: None,
         }];
         assert!(s.validate().is_err());
         let mut s = base();

@@ -46,6 +46,10 @@ pub enum VmError {
         /// The end of the console log, shown to the caller.
         console: String,
     },
+    /// The node's cloud-hypervisor cannot run VMs (missing, not one, or a
+    /// release outside the supported range): said at Run, not by a guest.
+    #[error("{0}")]
+    Hypervisor(#[from] vmd_runtime::vmm::VersionError),
     #[error("cannot start service {service}: {source}")]
     ServiceStart {
         service: String,

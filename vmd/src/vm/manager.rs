@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use vmd_runtime::files;
+use vmd_runtime::vmm::VersionCache;
 use vmd_runtime::{HostPaths, RunDir, VmName};
 
 use super::error::{IoContext, VmError};
@@ -30,6 +31,8 @@ pub struct Manager {
     settings: Settings,
     zinit: zinit::Client,
     services: zinit::ConfigDir,
+    /// The release of the node's cloud-hypervisor, by file identity.
+    versions: VersionCache,
 }
 
 /// The zinit service of a VM.
@@ -54,11 +57,16 @@ impl Manager {
             settings,
             zinit,
             services,
+            versions: VersionCache::new(),
         })
     }
 
     pub fn host(&self) -> &Host {
         &self.host
+    }
+
+    pub fn versions(&self) -> &VersionCache {
+        &self.versions
     }
 
     pub fn paths(&self) -> &HostPaths {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use vmd_runtime::name::is_word_char;
 use vmd_runtime::spec::{ConsoleSpec, Disk, Net, RestartPolicy, Share, VmSpec, SPEC_VERSION};
+use vmd_runtime::vmm::ImageFormat;
 use vmd_runtime::VmName;
 
 use super::cmdline::{kernel_cmdline, DISK_DEFAULTS, VIRTIOFS_DEFAULTS};
@@ -83,6 +84,19 @@ fn existing_file(what: &str, p: &str) -> Result<PathBuf, Invalid> {
         Ok(_) => Ok(path),
         Err(e) => invalid(format!("{what} {p:?}: {e}")),
     }
+}
+
+/// A disk of the guest, with its format detected now — before the guest
+/// ever ran, so nothing it writes can change how the VMM opens the image.
+fn writable_disk(what: &str, p: &str) -> Result<Disk, Invalid> {
+    let path = existing_file(what, p)?;
+    let format = ImageFormat::detect(&path)
+        .or_else(|e| invalid(format!("{what} {p:?} cannot be read: {e}")))?;
+    Ok(Disk {
+        path,
+        readonly: false,
+        format: Some(format),
+    })
 }
 
 fn target(what: &str, t: &str) -> Result<(), Invalid> {
@@ -206,6 +220,8 @@ pub fn plan(
     disks.push(Disk {
         path: paths.seed(&name),
         readonly: true,
+        // vmd writes it: a FAT image, no header.
+        format: Some(ImageFormat::Raw),
     });
     let spec = VmSpec {
         version: SPEC_VERSION,
@@ -273,10 +289,7 @@ fn storage(vm: &Vm, run: &vmd_runtime::RunDir) -> Result<Storage, Invalid> {
     let defaults = match vm.boot.kind {
         0 => {
             if !vm.boot.path.is_empty() {
-                disks.push(Disk {
-                    path: existing_file("boot disk", &vm.boot.path)?,
-                    readonly: false,
-                });
+                disks.push(writable_disk("boot disk", &vm.boot.path)?);
             }
             DISK_DEFAULTS
         }
@@ -288,10 +301,7 @@ fn storage(vm: &Vm, run: &vmd_runtime::RunDir) -> Result<Storage, Invalid> {
     };
     for d in &vm.disks {
         target("disk", &d.target)?;
-        disks.push(Disk {
-            path: existing_file("disk", &d.path)?,
-            readonly: false,
-        });
+        disks.push(writable_disk("disk", &d.path)?);
     }
     for s in &vm.shared {
         target("share", &s.target)?;

@@ -32,6 +32,8 @@ impl Manager {
             }
             return Err(VmError::AlreadyExists);
         }
+        // Probed once per binary (and again after an upgrade in place).
+        self.versions().supported(&self.host().hypervisor).await?;
         let t0 = Instant::now();
         if let Err(e) = self.start(&vm, &plan).await {
             self.roll_back(&name).await;
