@@ -46,9 +46,12 @@ impl VmdProcess {
             zsock.to_string_lossy().into_owned(),
             "--zinit-dir".into(),
             zdir.to_string_lossy().into_owned(),
-            "--cloud-hypervisor".into(),
-            crate::vm::ch_binary().to_string_lossy().into_owned(),
         ];
+        // The test's hypervisor unless the caller names one.
+        if !extra.contains(&"--cloud-hypervisor") {
+            args.push("--cloud-hypervisor".into());
+            args.push(crate::vm::ch_binary().to_string_lossy().into_owned());
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut p = VmdProcess {
             dir,

@@ -57,8 +57,47 @@ pub struct Plan {
     pub service: zinit::Service,
 }
 
-/// PCI devices owned by VMs, by address.
-pub type DevicesInUse = BTreeMap<String, VmName>;
+/// What VMs hold that one VM at a time may use: PCI devices (by address)
+/// and writable disk images (by file, whatever path names it — two VMMs
+/// writing one image corrupt it, and only v46+ locks images).
+#[derive(Debug, Default)]
+pub struct InUse {
+    pub devices: BTreeMap<String, VmName>,
+    pub disks: BTreeMap<FileId, VmName>,
+}
+
+/// A file by identity: (device, inode).
+pub type FileId = (u64, u64);
+
+pub fn file_id(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+impl InUse {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records what the VM of `spec` holds.
+    pub fn add(&mut self, owner: &VmName, spec: &VmSpec) {
+        for d in &spec.devices {
+            self.devices.insert(d.clone(), owner.clone());
+        }
+        for d in spec.disks.iter().filter(|d| !d.readonly) {
+            if let Some(id) = file_id(&d.path) {
+                self.disks.insert(id, owner.clone());
+            }
+        }
+    }
+}
+
+/// Whether Run must know what other VMs hold to check `vm`.
+pub fn needs_in_use(vm: &Vm) -> bool {
+    !vm.devices.is_empty()
+        || !vm.disks.is_empty()
+        || (vm.boot.kind == 0 && !vm.boot.path.is_empty())
+}
 
 fn host_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -181,14 +220,9 @@ fn pci(id: &str, sys_pci: &Path) -> Result<(), Invalid> {
 }
 
 /// Validates `vm` against Zero-OS's rules and stricter ones of vmd, and
-/// plans what runs it. A PCI device in `in_use` by another VM is refused: a
-/// device belongs to one VM at a time.
-pub fn plan(
-    vm: &Vm,
-    host: &Host,
-    settings: &Settings,
-    in_use: &DevicesInUse,
-) -> Result<Plan, Invalid> {
+/// plans what runs it. A PCI device or a writable disk `in_use` by another
+/// VM is refused: they belong to one VM at a time.
+pub fn plan(vm: &Vm, host: &Host, settings: &Settings, in_use: &InUse) -> Result<Plan, Invalid> {
     let name = VmName::new(&vm.name)?;
     let paths = &host.paths;
     let run = paths.run_dir(&name);
@@ -206,10 +240,24 @@ pub fn plan(
     if !shares.is_empty() && host.virtiofsd.is_none() {
         return invalid("virtio-fs needs virtiofsd, which is not installed (--virtiofsd)".into());
     }
+    let mut own = BTreeMap::new();
+    for d in &disks {
+        let Some(id) = file_id(&d.path) else { continue };
+        let shown = d.path.display();
+        if let Some(other) = own.insert(id, &d.path) {
+            return invalid(format!(
+                "disk {shown} is the same file as {}",
+                other.display()
+            ));
+        }
+        if let Some(owner) = in_use.disks.get(&id).filter(|o| **o != name) {
+            return invalid(format!("disk {shown} is already used by vm {owner}"));
+        }
+    }
     let nets = network(vm, &settings.sys_net)?;
     for d in &vm.devices {
         pci(d, &settings.sys_pci)?;
-        if let Some(owner) = in_use.get(d).filter(|o| **o != name) {
+        if let Some(owner) = in_use.devices.get(d).filter(|o| **o != name) {
             return invalid(format!("PCI device {d} is already used by vm {owner}"));
         }
     }

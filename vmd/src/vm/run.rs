@@ -7,7 +7,7 @@ use vmd_runtime::{console, files, VmName};
 
 use super::error::{IoContext, VmError};
 use super::manager::{service_of, Manager};
-use super::plan::{plan, DevicesInUse, Plan};
+use super::plan::{needs_in_use, plan, InUse, Plan};
 use crate::api::{MachineInfo, Vm};
 
 /// How long Run waits for the VM to boot.
@@ -17,11 +17,12 @@ const CONSOLE_TAIL: u64 = 2048;
 
 impl Manager {
     pub async fn run(&self, vm: Vm) -> Result<MachineInfo, VmError> {
-        // Other VMs' specs are read only when this one wants PCI devices.
-        let in_use = if vm.devices.is_empty() {
-            DevicesInUse::new()
+        // Other VMs' specs are read only when this one wants PCI devices
+        // or writable disks: they belong to one VM at a time.
+        let in_use = if needs_in_use(&vm) {
+            self.in_use()
         } else {
-            self.devices_in_use()
+            InUse::new()
         };
         let plan = plan(&vm, self.host(), self.settings(), &in_use).map_err(VmError::InvalidVm)?;
         let name = plan.name.clone();
@@ -60,14 +61,14 @@ impl Manager {
         }
     }
 
-    /// The PCI devices of every VM present.
-    fn devices_in_use(&self) -> DevicesInUse {
-        let mut used = DevicesInUse::new();
+    /// What every VM present holds (PCI devices, writable disks).
+    fn in_use(&self) -> InUse {
+        let mut used = InUse::new();
         for other in self.names() {
             let spec: Option<vmd_runtime::spec::VmSpec> =
                 files::read_json(&self.run_dir(&other).spec());
-            for d in spec.map(|s| s.devices).unwrap_or_default() {
-                used.insert(d, other.clone());
+            if let Some(spec) = spec {
+                used.add(&other, &spec);
             }
         }
         used
