@@ -303,7 +303,7 @@ fn config(cli: &Cli) -> Result<Config, Vec<String>> {
         // v51+: an image whose type was only detected, and detected raw,
         // gets sector-0 writes refused.
         let sector0_refused = release() >= 51
-            && o.get("image_type").is_none()
+            && !o.contains_key("image_type")
             && !std::fs::read(&path)
                 .map(|b| b.starts_with(b"QFI\xfb"))
                 .unwrap_or(false);

@@ -1,0 +1,128 @@
+//! `Run` → the guest's first console byte in the log, against the same
+//! cloud-hypervisor started by hand with the same guest and its serial
+//! port on a pipe: `cargo build --release --workspace --bins && cargo
+//! bench -p vmd-tests --bench firstbyte`.
+//!
+//! The double by default; a real VMM and guest with `VMD_TEST_CH`,
+//! `VMD_TEST_KERNEL`, `VMD_TEST_INITRD` (as the tests). The two ways
+//! alternate, so a slow moment of the machine hits both. What vmd adds is
+//! the zbus call, the files and zinit service it writes, zinit starting the
+//! shim, the shim's version probe (cached after the first start) and its
+//! hardened spawn of the VMM: fixed costs, small against a real boot.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmd_tests::stack::Stack;
+use vmd_tests::vm::{ch_binary, real_ch};
+use vmd_tests::{ms, pct};
+
+fn main() {
+    vmd_tests::bench_main(bench());
+}
+
+/// The VMM started by hand: spawn → first byte on its stdout (the serial
+/// port, `--serial tty`, as vmd runs it).
+fn by_hand(kernel: &str, initrd: &str, cmdline: &str) -> Duration {
+    let mut cmd = Command::new(ch_binary());
+    cmd.args(["--kernel", kernel]);
+    if !initrd.is_empty() {
+        cmd.args(["--initramfs", initrd]);
+    }
+    cmd.args([
+        "--cmdline",
+        cmdline,
+        "--cpus",
+        "boot=1",
+        "--memory",
+        "size=256M",
+        "--serial",
+        "tty",
+        "--console",
+        "off",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().expect("the VMM");
+    let mut byte = [0u8; 1];
+    let n = child.stdout.as_mut().unwrap().read(&mut byte).unwrap();
+    let took = t0.elapsed();
+    assert_eq!(n, 1, "the VMM exited before printing");
+    let _ = child.kill();
+    let _ = child.wait();
+    took
+}
+
+async fn bench() {
+    let env = Stack::start(&["--log", "warn"]).await;
+    let runs = if real_ch() { 3 } else { 30 };
+    let knobs: &[(&str, &str)] = &[("gaction", "wait")];
+    let sample = env.vm("probe", knobs);
+    let cmdline = sample
+        .kernel_args
+        .iter()
+        .map(|(k, v)| {
+            if v.is_empty() {
+                k.clone()
+            } else {
+                format!("{k}={v}")
+            }
+        })
+        .chain(["console=ttyS0".to_owned()])
+        .collect::<Vec<_>>()
+        .join(" ");
+    let (mut via_vmd, mut direct) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        direct.push(by_hand(
+            &sample.kernel_image,
+            &sample.initrd_image,
+            &cmdline,
+        ));
+        let name = format!("fb-{i}");
+        let vm = env.vm(&name, knobs);
+        let log = env.log(&name);
+        let stub = env.caller(Duration::from_secs(300));
+        let t0 = Instant::now();
+        let run = tokio::spawn(async move { stub.run(&vm).await });
+        // Polled every 100 µs: the resolution of this figure.
+        let first = loop {
+            if std::fs::metadata(&log).is_ok_and(|m| m.len() > 0) {
+                break t0.elapsed();
+            }
+            assert!(t0.elapsed() < Duration::from_secs(300), "no console byte");
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        };
+        via_vmd.push(first);
+        run.await.unwrap().unwrap();
+        env.stub.delete(&name).await.unwrap();
+    }
+    let (v50, d50) = (pct(&via_vmd, 50), pct(&direct, 50));
+    let what = if real_ch() {
+        format!("cloud-hypervisor {} and its guest", ch_binary().display())
+    } else {
+        "the cloud-hypervisor double".to_owned()
+    };
+    println!("`Run` → first console byte in the log, {runs} runs, with {what}:");
+    println!();
+    println!("| figure | vmd | by hand (baseline) | ratio | goal |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| first console byte, p50 | {} | {} | {:.2}× | ≤ 1.1× |",
+        ms(v50),
+        ms(d50),
+        v50.as_secs_f64() / d50.as_secs_f64()
+    );
+    println!(
+        "| first console byte, max | {} | {} | | |",
+        ms(pct(&via_vmd, 100)),
+        ms(pct(&direct, 100))
+    );
+    println!();
+    println!(
+        "By hand: the bench spawns the VMM with the guest's serial port on a pipe and reads \
+         its first byte. vmd: from sending `Run` until the console log is not empty."
+    );
+}
