@@ -1287,14 +1287,14 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
             ]);
         }
         // v51+ on disks whose type it had to detect (its log, on stderr).
-        for d in vmm.config.disks.iter().filter(|d| d.sector0_refused) {
-            for w in [
-                "DEPRECATION: auto-detection of disk image type is deprecated and will be removed in a future release. Please specify image type explicitly.".to_owned(),
-                format!("No image_type specified - detected as raw. Configuration updated to persist type across reboots and migrations. ({})", d.path),
-                "Autodetected raw image type. Disabling sector 0 writes.".to_owned(),
+        for _ in vmm.config.disks.iter().filter(|d| d.sector0_refused) {
+            for (line, w) in [
+                (2756, "DEPRECATION: auto-detection of disk image type is deprecated and will be removed in a future release. Please specify image type explicitly."),
+                (2761, "No image_type specified - detected as raw. Configuration updated to persist type across reboots and migrations."),
+                (2769, "Autodetected raw image type. Disabling sector 0 writes."),
             ] {
                 eprintln!(
-                    "cloud-hypervisor: {:>11.6}s: <vmm> WARN:vmm/src/device_manager.rs:2756 -- {w}",
+                    "cloud-hypervisor: {:>11.6}s: <vmm> WARN:vmm/src/device_manager.rs:{line} -- {w}",
                     vmm.started.elapsed().as_secs_f64()
                 );
             }
