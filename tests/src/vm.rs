@@ -106,6 +106,7 @@ impl TestVm {
             version: SPEC_VERSION,
             name: name.into(),
             hypervisor: ch_binary(),
+            hypervisor_release: None,
             virtiofsd: "virtiofsd".into(),
             vcpus: 1,
             memory_mib: 256,

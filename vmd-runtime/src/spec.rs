@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::vmm::ImageFormat;
+use crate::vmm::{ImageFormat, Release};
 
 /// The format of `vm.json`. Bumped on incompatible changes; the shim refuses
 /// what it does not understand rather than guessing.
@@ -22,6 +22,10 @@ pub struct VmSpec {
     pub name: String,
     /// The cloud-hypervisor binary.
     pub hypervisor: PathBuf,
+    /// Its release as vmd probed it at Run, with the file's identity: the
+    /// shim trusts it while the file is the same, and probes otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypervisor_release: Option<Release>,
     /// The virtiofsd binary, one daemon per share (needed only with shares).
     #[serde(default = "default_virtiofsd")]
     pub virtiofsd: PathBuf,

@@ -103,13 +103,17 @@ pub async fn run(run: RunDir) -> ExitCode {
             caps.join(", ")
         }
     ));
+    let versions = VersionCache::new();
+    if let Some(release) = spec.hypervisor_release {
+        versions.remember(&spec.hypervisor, release);
+    }
     let mut shim = Shim {
         spec,
         shared,
         locker,
         log: Arc::new(Mutex::new(log)),
         stops,
-        versions: VersionCache::new(),
+        versions,
     };
     shim.supervise().await
 }

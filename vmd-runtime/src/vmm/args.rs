@@ -103,6 +103,7 @@ mod tests {
             version: SPEC_VERSION,
             name: "web".into(),
             hypervisor: "/usr/bin/cloud-hypervisor".into(),
+            hypervisor_release: None,
             virtiofsd: "/usr/libexec/virtiofsd".into(),
             vcpus: 2,
             memory_mib: 512,

@@ -10,4 +10,4 @@ pub mod version;
 
 pub use api::{ApiError, VmInfo, VmState, VmmApi};
 pub use image::ImageFormat;
-pub use version::{Version, VersionCache, VersionError};
+pub use version::{Release, Version, VersionCache, VersionError};

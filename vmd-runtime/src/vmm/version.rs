@@ -14,6 +14,8 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 /// The oldest and newest major versions vmd drives (both checked against
 /// real builds; the ones between by their source).
 pub const OLDEST: u16 = 39;
@@ -24,7 +26,7 @@ pub const NEWEST: u16 = 53;
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A cloud-hypervisor release, `v<major>.<minor>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Version {
     pub major: u16,
     pub minor: u16,
@@ -101,8 +103,8 @@ pub enum VersionError {
 
 /// What tells one file from its replacement at the same path: an upgrade
 /// in place (`cp` over it, or a rename onto it) changes one of these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Identity {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
     dev: u64,
     ino: u64,
     size: u64,
@@ -160,6 +162,15 @@ pub async fn probe(path: &Path) -> Result<Version, VersionError> {
     Ok(version)
 }
 
+/// A binary's release as probed, with the identity of the file probed:
+/// vmd records it in the VM's description, and the shim trusts it while
+/// the file is the same (one `--version` run less per VM start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub version: Version,
+    identity: Identity,
+}
+
 /// Versions of the binaries seen so far, by path and identity.
 #[derive(Debug, Default)]
 pub struct VersionCache {
@@ -174,18 +185,27 @@ impl VersionCache {
     /// The version of `path`, probed only when this file was not seen
     /// before; an unsupported version is an error.
     pub async fn supported(&self, path: &Path) -> Result<Version, VersionError> {
-        let v = self.version(path).await?;
-        if !v.is_supported() {
+        self.supported_release(path).await.map(|r| r.version)
+    }
+
+    /// [`Self::supported`], with the identity of the file it is about.
+    pub async fn supported_release(&self, path: &Path) -> Result<Release, VersionError> {
+        let r = self.release(path).await?;
+        if !r.version.is_supported() {
             return Err(VersionError::Unsupported {
                 path: path.display().to_string(),
-                version: v,
+                version: r.version,
             });
         }
-        Ok(v)
+        Ok(r)
     }
 
     /// The version of `path`, probed only when this file was not seen before.
     pub async fn version(&self, path: &Path) -> Result<Version, VersionError> {
+        self.release(path).await.map(|r| r.version)
+    }
+
+    async fn release(&self, path: &Path) -> Result<Release, VersionError> {
         let run_error = |source| VersionError::Run {
             path: path.display().to_string(),
             source,
@@ -193,7 +213,10 @@ impl VersionCache {
         let before = Identity::of(path).map_err(run_error)?;
         if let Some((id, v)) = self.lock().get(path) {
             if *id == before {
-                return Ok(*v);
+                return Ok(Release {
+                    version: *v,
+                    identity: before,
+                });
             }
         }
         let v = probe(path).await?;
@@ -201,7 +224,17 @@ impl VersionCache {
         if Identity::of(path).ok() == Some(before) {
             self.lock().insert(path.to_owned(), (before, v));
         }
-        Ok(v)
+        Ok(Release {
+            version: v,
+            identity: before,
+        })
+    }
+
+    /// Takes a release probed elsewhere (vmd, at Run) as known; it is used
+    /// only while `path` is still that file.
+    pub fn remember(&self, path: &Path, release: Release) {
+        self.lock()
+            .insert(path.to_owned(), (release.identity, release.version));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (Identity, Version)>> {
@@ -282,6 +315,23 @@ mod tests {
                 ch.display()
             )
         );
+    }
+
+    #[tokio::test]
+    async fn a_release_probed_elsewhere_is_trusted_while_the_file_is_the_same() {
+        let d = tempfile::tempdir().unwrap();
+        let calls = d.path().join("calls");
+        let body = |v: &str| format!("echo x >> {}\necho 'cloud-hypervisor {v}'", calls.display());
+        let ch = script(d.path(), "ch", &body("v39.0"));
+        let release = VersionCache::new().supported_release(&ch).await.unwrap();
+        let shim = VersionCache::new();
+        shim.remember(&ch, release);
+        assert_eq!(shim.supported(&ch).await.unwrap(), Version::new(39, 0));
+        let probes = || std::fs::read_to_string(&calls).unwrap().lines().count();
+        assert_eq!(probes(), 1, "the remembered release was probed again");
+        script(d.path(), "ch", &body("v53.0"));
+        assert_eq!(shim.supported(&ch).await.unwrap(), Version::new(53, 0));
+        assert_eq!(probes(), 2);
     }
 
     #[tokio::test]

@@ -275,6 +275,7 @@ pub fn plan(vm: &Vm, host: &Host, settings: &Settings, in_use: &InUse) -> Result
         version: SPEC_VERSION,
         name: name.as_str().to_owned(),
         hypervisor: host.hypervisor.clone(),
+        hypervisor_release: None,
         virtiofsd: host.virtiofsd.clone().unwrap_or_else(|| "virtiofsd".into()),
         vcpus: vm.cpu,
         memory_mib: vm.memory >> 20,

@@ -24,7 +24,8 @@ impl Manager {
         } else {
             InUse::new()
         };
-        let plan = plan(&vm, self.host(), self.settings(), &in_use).map_err(VmError::InvalidVm)?;
+        let mut plan =
+            plan(&vm, self.host(), self.settings(), &in_use).map_err(VmError::InvalidVm)?;
         let name = plan.name.clone();
         if self.present(&name) {
             // A retried Run of the same VM is answered as the first one was.
@@ -34,7 +35,11 @@ impl Manager {
             return Err(VmError::AlreadyExists);
         }
         // Probed once per binary (and again after an upgrade in place).
-        self.versions().supported(&self.host().hypervisor).await?;
+        let release = self
+            .versions()
+            .supported_release(&self.host().hypervisor)
+            .await?;
+        plan.spec.hypervisor_release = Some(release);
         let t0 = Instant::now();
         if let Err(e) = self.start(&vm, &plan).await {
             self.roll_back(&name).await;
