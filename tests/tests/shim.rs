@@ -417,7 +417,7 @@ async fn every_boot_keeps_its_first_and_last_console_lines() {
     vm.spec.restart.window_secs = 1;
     vm.spec.restart.max_backoff_secs = 1;
     vm.start(&z).await;
-    let boots = if real_ch() { 2 } else { 3 };
+    let boots = if real_ch() { 1 } else { 3 };
     let limit = boot_timeout() * (boots + 1);
     vm.wait_console("reboot: Power down", boots as usize, limit)
         .await;

@@ -38,8 +38,9 @@
 //!
 //! Deviations: no real guest, no `--serial pty`, counters are zeros, a
 //! `--fs` socket is connected to but no vhost-user message is exchanged,
-//! and the v50+ serial socket buffer is drained at once rather than a byte
-//! per guest write.
+//! the v50+ serial socket buffer is drained at once rather than a byte
+//! per guest write, and a configuration error lacks the `Fatal error:
+//! <Debug of the error>` log line v47+ prints before the chain.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -1181,10 +1182,14 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
             // SAFETY: flock on a descriptor this process owns.
             if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), how | libc::LOCK_NB) } != 0
             {
+                let kind = if d.readonly { "Read" } else { "Write" };
                 return fail(&[
                     "Error booting VM".into(),
                     "The VM could not boot".into(),
                     "Error locking disk images: Another instance likely holds a lock".into(),
+                    "Cannot lock images of all block devices".into(),
+                    format!("Failed to get {kind} lock for disk image: {}", d.path),
+                    "The file is already locked".into(),
                 ]);
             }
             locks.push(f);
