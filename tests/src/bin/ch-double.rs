@@ -650,8 +650,15 @@ fn json_reply(status: u16, body: Option<String>) -> Vec<u8> {
 
 fn chain(status: u16, parts: &[&str]) -> Vec<u8> {
     if !has_error_chains() {
-        // Before v47: the innermost error's text alone, labelled JSON.
-        return json_reply(status, Some(parts.last().copied().unwrap_or("").to_owned()));
+        // Before v47: the VM error's own text with its causes, without the
+        // API's two outer levels ("Error from API", "The VM could not …"),
+        // one plain line labelled JSON — as real v39 answers.
+        let own = if parts.len() > 2 && parts[0] == "Error from API" {
+            &parts[2..]
+        } else {
+            parts
+        };
+        return json_reply(status, Some(own.join(": ")));
     }
     json_reply(
         status,
