@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use vmd_tests::supervisor::processes_with;
-use vmd_tests::{bin, until_some, Supervisor};
+use vmd_tests::{bin, until, until_some, Supervisor};
 use zinit::{
     Command, Log, Service, ServiceName, SignalName, Signals, State, Target, WaitStatus, ZinitError,
 };
@@ -177,8 +177,23 @@ async fn removing_a_service_whose_process_just_died_succeeds() {
 async fn stop_and_wait_escalates_to_sigkill() {
     let z = Supervisor::start();
     let m = marker(&z, "stubborn");
-    install(&z, "svc:k", &Service::new(probe(&["ignore-term", &m]))).await;
+    let ready = z.dir.path().join("stubborn.ready");
+    let ready_arg = ready.to_string_lossy().into_owned();
+    install(
+        &z,
+        "svc:k",
+        &Service::new(probe(&["ignore-term", &m, &ready_arg])),
+    )
+    .await;
     running_pid(&z, "svc:k").await;
+    // Stopped only once it ignores SIGTERM (a stop before that kills it at
+    // once: seen on a loaded machine).
+    until(
+        Duration::from_secs(10),
+        "the probe ignoring SIGTERM",
+        || std::future::ready(ready.exists()),
+    )
+    .await;
     let t0 = Instant::now();
     z.client()
         .stop_and_wait(&name("svc:k"), Duration::from_millis(700))

@@ -4,7 +4,8 @@
 //!   JSON to FILE, then sleeps until signalled;
 //! * `sleep MARKER` — sleeps; MARKER only makes it findable in /proc;
 //! * `print OUT ERR` — prints OUT on stdout and ERR on stderr, then sleeps;
-//! * `ignore-term MARKER` — ignores SIGTERM, sleeps;
+//! * `ignore-term MARKER [READY]` — ignores SIGTERM, then creates READY (if
+//!   given), sleeps;
 //! * `signal-log FILE` — once its signals are blocked, creates FILE.ready; writes the name
 //!   of the first signal it gets to FILE and exits 0;
 //! * `exit CODE` — exits with CODE at once;
@@ -73,6 +74,9 @@ fn main() {
         "ignore-term" => {
             unsafe {
                 libc::signal(libc::SIGTERM, libc::SIG_IGN);
+            }
+            if let Some(ready) = args.get(3) {
+                std::fs::write(ready, "").expect("write the ready mark");
             }
             sleep_forever();
         }
