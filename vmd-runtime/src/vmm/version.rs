@@ -71,12 +71,6 @@ impl Version {
         self.major >= 51
     }
 
-    /// Disk images are locked (v46): one writable image in two VMMs fails
-    /// to start the second one.
-    pub fn locks_disk_images(self) -> bool {
-        self.major >= 46
-    }
-
     /// API errors are a JSON array of the error chain (v47); before, one
     /// plain-text line.
     pub fn has_json_error_chain(self) -> bool {
@@ -174,7 +168,7 @@ pub struct Release {
 /// Versions of the binaries seen so far, by path and identity.
 #[derive(Debug, Default)]
 pub struct VersionCache {
-    known: Mutex<HashMap<PathBuf, (Identity, Version)>>,
+    known: Mutex<HashMap<PathBuf, Release>>,
 }
 
 impl VersionCache {
@@ -200,44 +194,33 @@ impl VersionCache {
         Ok(r)
     }
 
-    /// The version of `path`, probed only when this file was not seen before.
-    pub async fn version(&self, path: &Path) -> Result<Version, VersionError> {
-        self.release(path).await.map(|r| r.version)
-    }
-
     async fn release(&self, path: &Path) -> Result<Release, VersionError> {
         let run_error = |source| VersionError::Run {
             path: path.display().to_string(),
             source,
         };
         let before = Identity::of(path).map_err(run_error)?;
-        if let Some((id, v)) = self.lock().get(path) {
-            if *id == before {
-                return Ok(Release {
-                    version: *v,
-                    identity: before,
-                });
-            }
+        if let Some(known) = self.lock().get(path).filter(|r| r.identity == before) {
+            return Ok(*known);
         }
-        let v = probe(path).await?;
+        let release = Release {
+            version: probe(path).await?,
+            identity: before,
+        };
         // Cached only if the file did not change while it was probed.
         if Identity::of(path).ok() == Some(before) {
-            self.lock().insert(path.to_owned(), (before, v));
+            self.lock().insert(path.to_owned(), release);
         }
-        Ok(Release {
-            version: v,
-            identity: before,
-        })
+        Ok(release)
     }
 
     /// Takes a release probed elsewhere (vmd, at Run) as known; it is used
     /// only while `path` is still that file.
     pub fn remember(&self, path: &Path, release: Release) {
-        self.lock()
-            .insert(path.to_owned(), (release.identity, release.version));
+        self.lock().insert(path.to_owned(), release);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (Identity, Version)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Release>> {
         self.known.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -274,8 +257,6 @@ mod tests {
         assert!(!Version::new(54, 0).is_supported());
         assert!(!Version::new(50, 2).has_disk_image_type());
         assert!(Version::new(51, 0).has_disk_image_type());
-        assert!(!Version::new(45, 0).locks_disk_images());
-        assert!(Version::new(46, 0).locks_disk_images());
         assert!(!Version::new(46, 0).has_json_error_chain());
         assert!(Version::new(47, 0).has_json_error_chain());
     }
