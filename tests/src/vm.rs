@@ -43,7 +43,12 @@ fn double_playing(v: &str) -> PathBuf {
     let double = bin("ch-double");
     let link = double.with_file_name(format!("ch-double-v{n}"));
     if std::fs::read_link(&link).ok().as_deref() != Some(double.as_path()) {
-        let tmp = double.with_file_name(format!(".ch-double-v{n}.{}", std::process::id()));
+        // Unique per process *and* per call: the tests of one binary run on
+        // threads of one process, and a name shared by two of them let one
+        // remove the link the other was about to rename (seen in CI).
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nth = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = double.with_file_name(format!(".ch-double-v{n}.{}.{nth}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         std::os::unix::fs::symlink(&double, &tmp).unwrap();
         std::fs::rename(&tmp, &link).unwrap();
