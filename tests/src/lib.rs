@@ -7,6 +7,7 @@ pub mod fixture;
 pub mod redis_server;
 pub mod stack;
 pub mod supervisor;
+pub mod terminal;
 pub mod vm;
 pub mod vmd_process;
 

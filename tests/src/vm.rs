@@ -130,6 +130,7 @@ impl TestVm {
                 rotate_bytes: ConsoleSpec::ZOS_ROTATE,
                 keep_bytes: ConsoleSpec::ZOS_KEEP,
             },
+            web_console: None,
         };
         TestVm {
             name: name.into(),
@@ -205,6 +206,20 @@ impl TestVm {
                 "{what}: not within {limit:?}; state: {st:?}"
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The pid of the VM's shim, as zinit reports it.
+    pub async fn shim_pid(&self, z: &Supervisor) -> i32 {
+        let c = z.client();
+        let t0 = Instant::now();
+        loop {
+            let st = c.status(&self.service).await.unwrap();
+            if st.pid > 0 {
+                return st.pid as i32;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "no shim process");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

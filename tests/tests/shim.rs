@@ -11,19 +11,6 @@ use zinit::State;
 
 const SHORT: Duration = Duration::from_secs(10);
 
-async fn shim_pid(z: &Supervisor, vm: &TestVm) -> i32 {
-    let c = z.client();
-    let t0 = Instant::now();
-    loop {
-        let st = c.status(&vm.service).await.unwrap();
-        if st.pid > 0 {
-            return st.pid as i32;
-        }
-        assert!(t0.elapsed() < SHORT, "no shim process");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_the_vmm_hardened_with_the_console_in_the_log() {
     let z = Supervisor::start();
@@ -31,7 +18,7 @@ async fn starts_the_vmm_hardened_with_the_console_in_the_log() {
     vm.start(&z).await;
     vm.wait_console("GUEST-READY", 1, boot_timeout()).await;
     let pid = vm.vmm_pid(SHORT).await;
-    let shim = shim_pid(&z, &vm).await;
+    let shim = vm.shim_pid(&z).await;
     assert_eq!(vm.state().phase, Phase::Running);
     // Its own process group, child of the shim, dying with it, no new privileges.
     assert_eq!(unsafe { libc::getpgid(pid) }, pid);
@@ -89,7 +76,7 @@ async fn a_killed_vmm_is_restarted_with_back_off() {
     vm.start(&z).await;
     vm.wait_console("GUEST-READY", 1, boot_timeout()).await;
     let first = vm.vmm_pid(SHORT).await;
-    let shim = shim_pid(&z, &vm).await;
+    let shim = vm.shim_pid(&z).await;
     let killed = Instant::now();
     unsafe {
         libc::kill(first, libc::SIGKILL);
@@ -108,7 +95,7 @@ async fn a_killed_vmm_is_restarted_with_back_off() {
     assert_eq!(st.exits.len(), 1);
     assert!(st.exits[0].status.contains("SIGKILL"), "{:?}", st.exits);
     // Same shim: the VMM was restarted by the shim, not by zinit.
-    assert_eq!(shim_pid(&z, &vm).await, shim);
+    assert_eq!(vm.shim_pid(&z).await, shim);
     vm.wait_console("GUEST-READY", 2, boot_timeout()).await;
     let ring = z.client().service_log(&vm.service).await.unwrap();
     assert!(
@@ -129,7 +116,7 @@ async fn a_killed_shim_leaves_no_orphan_and_the_vm_comes_back() {
     vm.start(&z).await;
     vm.wait_console("GUEST-READY", 1, boot_timeout()).await;
     let vmm = vm.vmm_pid(SHORT).await;
-    let shim = shim_pid(&z, &vm).await;
+    let shim = vm.shim_pid(&z).await;
     unsafe {
         libc::kill(shim, libc::SIGKILL);
     }
@@ -148,7 +135,7 @@ async fn a_killed_shim_leaves_no_orphan_and_the_vm_comes_back() {
             s.vmm.is_some_and(|v| v.pid != vmm && v.alive())
         })
         .await;
-    assert_ne!(shim_pid(&z, &vm).await, shim);
+    assert_ne!(vm.shim_pid(&z).await, shim);
     assert_eq!(st.restarts, 1, "{st:?}");
     vm.wait_console("GUEST-READY", 2, boot_timeout()).await;
 }
@@ -181,12 +168,12 @@ async fn a_crash_loop_gives_up_with_the_reason_and_burns_no_cpu() {
     );
     assert!(st.vmm.is_none());
     // Idle: no VMM, no CPU, and zinit sees a running (not respawning) shim.
-    let shim = shim_pid(&z, &vm).await;
+    let shim = vm.shim_pid(&z).await;
     let before = cpu_ticks(shim);
     // Watched for 3 s: an observation window, not a wait for an event.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(cpu_ticks(shim), before, "an idle failed shim used CPU");
-    assert_eq!(shim_pid(&z, &vm).await, shim);
+    assert_eq!(vm.shim_pid(&z).await, shim);
     assert_eq!(vm.state().exits.len(), 3);
     let ring = z.client().service_log(&vm.service).await.unwrap();
     assert!(ring.iter().any(|l| l.contains("gave up:")), "{ring:?}");
@@ -195,7 +182,7 @@ async fn a_crash_loop_gives_up_with_the_reason_and_burns_no_cpu() {
         libc::kill(shim, libc::SIGKILL);
     }
     let t0 = Instant::now();
-    while shim_pid(&z, &vm).await == shim {
+    while vm.shim_pid(&z).await == shim {
         assert!(t0.elapsed() < SHORT);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -354,7 +341,7 @@ async fn a_console_flood_stays_within_bounds() {
     let vm = TestVm::new(&z, "flood", "gaction=wait double.flood_bps=0");
     vm.start(&z).await;
     vm.wait_console("GUEST-READY", 1, boot_timeout()).await;
-    let shim = shim_pid(&z, &vm).await;
+    let shim = vm.shim_pid(&z).await;
     let mut rss = Vec::new();
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(10) {
@@ -421,7 +408,7 @@ async fn every_boot_keeps_its_first_and_last_console_lines() {
     let limit = boot_timeout() * (boots + 1);
     vm.wait_console("reboot: Power down", boots as usize, limit)
         .await;
-    let shim = shim_pid(&z, &vm).await;
+    let shim = vm.shim_pid(&z).await;
     unsafe {
         libc::kill(shim, libc::SIGKILL);
     }

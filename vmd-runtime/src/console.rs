@@ -195,6 +195,23 @@ impl ConsoleLog {
         Ok(())
     }
 
+    /// Absolute offset of the oldest byte the log still holds.
+    pub fn start(&self) -> u64 {
+        self.base
+    }
+
+    /// The bytes from absolute offset `from` (raised to the oldest byte
+    /// kept) to the end: `(where they start, the bytes)`. Read from the
+    /// file, so a console's history costs no memory while nobody asks.
+    pub fn read_from(&self, from: u64) -> io::Result<(u64, Vec<u8>)> {
+        let from = from.clamp(self.base, self.end());
+        let mut f = File::open(&self.path)?;
+        f.seek(SeekFrom::Start(from - self.base))?;
+        let mut buf = Vec::with_capacity((self.end() - from) as usize);
+        f.take(self.end() - from).read_to_end(&mut buf)?;
+        Ok((from, buf))
+    }
+
     /// The last `n` bytes of the log (for failure reports), lossily as text.
     pub fn tail(&self, n: u64) -> String {
         tail_of(&self.path, n)
@@ -254,6 +271,16 @@ mod tests {
         assert_eq!(extent(&path), Some((base, all.len() as u64)));
         assert_eq!(file_base(&path, ino + 1), None, "another inode: rotating");
         assert_eq!(log.end(), all.len() as u64);
+        assert_eq!(log.start(), base);
+        // Ranges are absolute; what rotated away is not invented.
+        let (at, bytes) = log.read_from(all.len() as u64 - 11).unwrap();
+        assert_eq!(
+            (at, &bytes[..]),
+            (all.len() as u64 - 11, &b"line 01999\n"[..])
+        );
+        let (at, bytes) = log.read_from(0).unwrap();
+        assert_eq!((at, bytes.len()), (base, text.len()));
+        assert_eq!(log.read_from(u64::MAX).unwrap().1, b"");
         // Reopening appends and keeps the offsets.
         drop(log);
         let mut log = ConsoleLog::open(&path, 10_000, 4_000).unwrap();

@@ -169,6 +169,12 @@ impl RunDir {
         self.dir.join("shim.sock")
     }
 
+    /// The shim's console socket ([`crate::attach`]): the serial console,
+    /// its history and live output, and input to the guest.
+    pub fn console_socket(&self) -> PathBuf {
+        self.dir.join("console.sock")
+    }
+
     /// virtiofsd's vhost-user socket for share number `n`.
     pub fn share_socket(&self, n: usize) -> PathBuf {
         self.dir.join(format!("fs-{n}.sock"))

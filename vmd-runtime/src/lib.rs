@@ -11,10 +11,12 @@
 //! * [`progress`] — a stream worker's `.progress` file;
 //! * [`output`] — the stream outputs receivers accept;
 //! * [`control`] — the shim's control socket, client and server side by side;
+//! * [`attach`] — the shim's console socket: history, live output, input;
 //! * [`vmm`] — cloud-hypervisor: its command line and its REST API;
 //! * [`files`] — the durable atomic write every state file goes through;
 //! * [`process`] — what every vmd binary does at start (runtime, stdout lines).
 
+pub mod attach;
 pub mod console;
 pub mod control;
 pub mod files;

@@ -50,6 +50,33 @@ pub struct VmSpec {
     pub grace_secs: u64,
     pub restart: RestartPolicy,
     pub console: ConsoleSpec,
+    /// The web console, where the VM has one (a private network): placed
+    /// once at Run, so it comes back after any restart without asking the
+    /// network module again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_console: Option<WebConsole>,
+}
+
+/// Where the web console listens and what serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebConsole {
+    /// The network namespace (a file under `ip netns`'s directory).
+    pub netns: PathBuf,
+    /// The address in that namespace: the private subnet's `.1`.
+    pub address: std::net::Ipv4Addr,
+    /// 20000 + the last octet of the VM's address on that network.
+    pub port: u16,
+    /// The console server (`vmd-console`).
+    pub server: PathBuf,
+    /// The page's files (the built `console/web` directory).
+    pub assets: PathBuf,
+}
+
+impl WebConsole {
+    /// What `Run` returns as `ConsoleURL`: `10.20.2.1:20005`.
+    pub fn url(&self) -> String {
+        format!("{}:{}", self.address, self.port)
+    }
 }
 
 fn default_virtiofsd() -> PathBuf {
@@ -220,6 +247,14 @@ impl VmSpec {
             return Err(SpecError::Invalid(
                 "console keep_bytes must be below rotate_bytes".into(),
             ));
+        }
+        if let Some(w) = &self.web_console {
+            plain_path("console namespace", &w.netns)?;
+            plain_path("console server", &w.server)?;
+            plain_path("console assets", &w.assets)?;
+            if w.port == 0 {
+                return Err(SpecError::Invalid("console port 0".into()));
+            }
         }
         if self.restart.max_exits == 0 {
             return Err(SpecError::Invalid(

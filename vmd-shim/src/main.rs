@@ -8,6 +8,7 @@
 //! * [`pumps`] — the VMM's output, events and serial console into the console log;
 //! * [`lock`] — keeping a locked VM paused;
 //! * [`shared`] — the shim's state, in memory and in `state.json`;
+//! * [`console`] — the console log shared with attached terminals, and their input;
 //! * [`control`] — the control socket vmd talks to.
 //!
 //! Lifecycle lines go to stdout (zinit's ring: `zinit log vm:<name>`); the
@@ -21,6 +22,7 @@ use clap::Parser;
 use vmd_runtime::process::{current_thread_runtime, say};
 use vmd_runtime::RunDir;
 
+mod console;
 mod control;
 mod hygiene;
 mod lock;

@@ -1,6 +1,7 @@
 //! What a running VMM produces, moved to where it belongs: its log lines to
 //! the console log and stderr, its events to the exit judgement, its serial
-//! output (stdout, see [`crate::serial`]) to the console log.
+//! output (stdout, see [`crate::serial`]) to the console log
+//! (and the terminals attached to it, [`crate::console`]).
 
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,24 +10,21 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 
-use vmd_runtime::console::ConsoleLog;
 use vmd_runtime::vmm::VmState;
 
+use crate::console::{lock, Console};
 use crate::shared::Shared;
 
 /// The VMM's stdout or stderr.
 pub type Pipe = Box<dyn AsyncRead + Unpin + Send>;
 
-fn append(log: &Mutex<ConsoleLog>, bytes: &[u8]) {
-    let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
-    if let Err(e) = l.write(bytes) {
-        eprintln!("console log write failed: {e}");
-    }
+fn append(log: &Mutex<Console>, bytes: &[u8]) {
+    lock(log).write(bytes);
 }
 
 /// The VMM's own output: into the console log and to our stderr. A vCPU
 /// error is remembered: the VMM then exits 0 although the guest died.
-pub async fn vmm_lines(pipe: Pipe, log: Arc<Mutex<ConsoleLog>>, vcpu_error: Arc<AtomicBool>) {
+pub async fn vmm_lines(pipe: Pipe, log: Arc<Mutex<Console>>, vcpu_error: Arc<AtomicBool>) {
     let mut lines = BufReader::new(pipe).split(b'\n');
     while let Ok(Some(mut line)) = lines.next_segment().await {
         if line.windows(20).any(|w| w == b"VCPU generated error") {
@@ -89,7 +87,7 @@ pub async fn events(fd: std::os::fd::OwnedFd, events: Arc<Events>) {
 
 /// Serial output: the VMM's stdout, appended as it comes, to the end (a
 /// pipe keeps what the VMM wrote before it exited).
-pub async fn serial(mut out: Pipe, log: Arc<Mutex<ConsoleLog>>) {
+pub async fn serial(mut out: Pipe, log: Arc<Mutex<Console>>) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match out.read(&mut buf).await {

@@ -3,13 +3,15 @@
 //! happen, so vmd (and a later shim) always see where the VM is.
 
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::sleep;
 
 use vmd_runtime::console::ConsoleLog;
+
+use crate::console::{Console, Keyboard, SharedConsole};
 use vmd_runtime::control::STOPPED;
 use vmd_runtime::process::say;
 use vmd_runtime::spec::VmSpec;
@@ -28,7 +30,8 @@ struct Shim {
     spec: VmSpec,
     shared: Shared,
     locker: Arc<Locker>,
-    log: Arc<Mutex<ConsoleLog>>,
+    log: SharedConsole,
+    keyboard: Keyboard,
     stops: mpsc::Receiver<StopFrom>,
     /// The VMM binary's release, probed again only when the file changes
     /// (nodes upgrade it in place; every start builds for what is there).
@@ -89,6 +92,16 @@ pub async fn run(run: RunDir) -> ExitCode {
         return ExitCode::FAILURE;
     }
     tokio::spawn(forward_signals(stop_tx));
+    let log = Console::new(log);
+    let keyboard = Keyboard::start();
+    if let Err(e) =
+        crate::console::listen(&run.console_socket(), Arc::clone(&log), keyboard.clone())
+    {
+        // The VM runs without: its console still goes to the log.
+        say(format!(
+            "cannot open the console socket: {e}; no terminal can attach"
+        ));
+    }
     let caps: Vec<String> = needed_caps(&spec)
         .iter()
         .map(|(c, why)| format!("{c} ({why})"))
@@ -111,7 +124,8 @@ pub async fn run(run: RunDir) -> ExitCode {
         spec,
         shared,
         locker,
-        log: Arc::new(Mutex::new(log)),
+        log,
+        keyboard,
         stops,
         versions,
     };
@@ -199,7 +213,7 @@ impl Shim {
                     return self.idle().await;
                 }
                 Decision::GiveUp { reason } => {
-                    let tail = self.log.lock().map(|l| l.tail(2048)).unwrap_or_default();
+                    let tail = crate::console::lock(&self.log).tail(2048);
                     self.shared.set(|s| {
                         s.phase = Phase::Failed;
                         s.reason = Some(reason.clone());
@@ -223,6 +237,7 @@ impl Shim {
             &self.shared.run,
             version,
             &self.log,
+            &self.keyboard,
             &self.shared,
         )?;
         let identity = vmd_runtime::state::ProcessIdentity::of(vmm.pid);

@@ -4,19 +4,19 @@
 use std::os::fd::AsRawFd;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::process::Child;
 use tokio::time::{timeout, Instant};
 
-use vmd_runtime::console::ConsoleLog;
 use vmd_runtime::process::say;
 use vmd_runtime::spec::VmSpec;
 use vmd_runtime::state::{now_secs, Exit};
 use vmd_runtime::vmm::{args, Version, VmState, VmmApi};
 use vmd_runtime::RunDir;
 
+use crate::console::{Keyboard, Plugged, SharedConsole};
 use crate::hygiene::{describe, Hardening};
 use crate::pumps;
 use crate::shared::Shared;
@@ -25,8 +25,8 @@ use crate::shared::Shared;
 pub struct Vmm {
     /// One virtiofsd per share; killed when the VMM is gone (on drop).
     _fs_daemons: Vec<Child>,
-    /// The shim's end of the serial input pty, held while the VMM runs.
-    _serial_input: Option<std::os::fd::OwnedFd>,
+    /// The shim's end of the serial input pty, typed into while the VMM runs.
+    _keyboard: Option<Plugged>,
     pub child: Child,
     pub pid: i32,
     api: VmmApi,
@@ -42,7 +42,8 @@ impl Vmm {
         spec: &VmSpec,
         run: &RunDir,
         version: Version,
-        log: &Arc<Mutex<ConsoleLog>>,
+        log: &SharedConsole,
+        keyboard: &Keyboard,
         shared: &Shared,
     ) -> Result<Vmm, String> {
         // cloud-hypervisor v53 leaves `<socket>.lock` behind.
@@ -87,6 +88,13 @@ impl Vmm {
             .map_err(|e| format!("cannot start {}: {e}", spec.hypervisor.display()))?;
         // The child has its copies; the pty's guest side went with `cmd`.
         drop(cmd);
+        let keyboard_plug = serial_input.and_then(|master| match keyboard.plug(master) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                say(format!("the serial console takes no input: {e}"));
+                None
+            }
+        });
         drop(ev_w);
         let pid = child.id().map_or(0, |p| p as i32);
         let events = Arc::new(pumps::Events {
@@ -108,7 +116,7 @@ impl Vmm {
         tasks.push(tokio::spawn(pumps::events(ev_r, Arc::clone(&events))));
         Ok(Vmm {
             _fs_daemons: fs_daemons,
-            _serial_input: serial_input,
+            _keyboard: keyboard_plug,
             child,
             pid,
             api: VmmApi::new(run.api_socket()),

@@ -71,6 +71,18 @@ enum Op {
     },
     /// Stop a log stream.
     StreamDelete { id: String },
+    /// An interactive terminal on a VM's serial console, the recent console
+    /// first; Ctrl-] detaches. Talks to the VM's shim directly: works while
+    /// vmd is down.
+    Console {
+        name: String,
+        /// vmd's runtime directory (vmd's --runtime-dir).
+        #[arg(long, default_value = "/var/run/vmd")]
+        runtime_dir: PathBuf,
+        /// Bytes of the past console to show first.
+        #[arg(long, default_value_t = vmd_runtime::attach::DEFAULT_HISTORY)]
+        history: u64,
+    },
 }
 
 pub async fn run(broker: Broker, args: CtlArgs) -> ExitCode {
@@ -79,6 +91,24 @@ pub async fn run(broker: Broker, args: CtlArgs) -> ExitCode {
         .with_timeout(Duration::from_secs(args.timeout.max(1)));
     match op(&stub, &args).await {
         Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmd ctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn console(name: &str, runtime_dir: &std::path::Path, history: u64) -> ExitCode {
+    let vm = match vmd_runtime::VmName::new(name) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("vmd ctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let run = vmd_runtime::HostPaths::new("/", runtime_dir).run_dir(&vm);
+    match crate::terminal::console(name, run, history).await {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vmd ctl: {e}");
             ExitCode::FAILURE
@@ -289,6 +319,12 @@ async fn op(stub: &VmdStub, args: &CtlArgs) -> Result<ExitCode, ClientError> {
                 println!("deleted stream {id}");
             }
         }
+        // Not through the bus: the shim, directly.
+        Op::Console {
+            name,
+            runtime_dir,
+            history,
+        } => return Ok(console(name, runtime_dir, *history).await),
         Op::Status => {
             let st = stub.status().await?;
             if json {

@@ -21,6 +21,7 @@ use vmd_runtime::layout::resolve_program;
 use vmd_runtime::HostPaths;
 
 mod ctl;
+mod terminal;
 
 #[derive(Parser)]
 #[command(

@@ -33,8 +33,11 @@
 //! | `double.write_sector0=1` | at boot the guest writes sector 0 of each writable disk: `GUEST-SECTOR0 vdX written` (the bytes really land in the image), or the kernel's `I/O error, dev vdX, sector 0` where the VMM refuses it |
 //!
 //! With `--serial tty` the serial input is read from stdin when it is a
-//! terminal (as cloud-hypervisor does) and answered like a shell on the
-//! console: bytes are echoed, a line `echo X` prints `X`, then a `# ` prompt.
+//! terminal (as cloud-hypervisor does). With `gaction=shell` the guest runs
+//! a shell on the console, as the real test guest does (busybox `sh`: a
+//! `/ # ` prompt, bytes echoed, `echo X` prints `X`, other commands are not
+//! found; no ACPI handler, so the power button is ignored); otherwise
+//! nothing reads the console and input is dropped.
 //!
 //! Deviations: no real guest, no `--serial pty`, counters are zeros, a
 //! `--fs` socket is connected to but no vhost-user message is exchanged,
@@ -433,6 +436,8 @@ enum VmState {
 struct Vmm {
     state: Mutex<VmState>,
     ready: Mutex<bool>,
+    /// A shell reads the console (`gaction=shell`).
+    shell: std::sync::atomic::AtomicBool,
     started: Instant,
     cli: Cli,
     config: Config,
@@ -508,6 +513,7 @@ impl Vmm {
         self.event("vm", "booting");
         *self.state.lock().unwrap() = VmState::Running;
         *self.ready.lock().unwrap() = false;
+        self.shell.store(false, std::sync::atomic::Ordering::SeqCst);
         self.event("vm", "booted");
         let action = self.knobs.str("gaction").unwrap_or("wait").to_owned();
         let memkb = self.config.memory / 1024;
@@ -563,6 +569,10 @@ impl Vmm {
                 self.event("vm", "rebooting");
                 self.event("vm", "rebooted");
                 tokio::spawn(Arc::clone(&self).boot());
+            }
+            "shell" => {
+                self.shell.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = self.serial.send(PROMPT.to_vec()).await;
             }
             "panic" => {
                 self.print("GUEST-PANIC").await;
@@ -943,9 +953,17 @@ async fn serve_conn(vmm: Arc<Vmm>, mut s: UnixStream) {
 
 /// The shell on the console, as far as tests need one: echo what is typed
 /// (a terminal in raw mode sends `\r` for Enter), run `echo X`, prompt.
+/// The prompt of busybox `sh` for root in `/`.
+const PROMPT: &[u8] = b"/ # ";
+
 async fn console_shell(vmm: Arc<Vmm>, mut input: mpsc::Receiver<Vec<u8>>) {
     let mut line = Vec::new();
     while let Some(bytes) = input.recv().await {
+        if !vmm.shell.load(std::sync::atomic::Ordering::SeqCst) {
+            // Nothing reads the guest's console.
+            line.clear();
+            continue;
+        }
         let mut out = Vec::new();
         for b in bytes {
             match b {
@@ -959,7 +977,7 @@ async fn console_shell(vmm: Arc<Vmm>, mut input: mpsc::Receiver<Vec<u8>>) {
                     } else if !cmd.is_empty() {
                         out.extend_from_slice(format!("sh: {cmd}: not found\r\n").as_bytes());
                     }
-                    out.extend_from_slice(b"# ");
+                    out.extend_from_slice(PROMPT);
                 }
                 0x7f | 0x08 => {
                     if line.pop().is_some() {
@@ -1205,6 +1223,7 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
     let vmm = Arc::new(Vmm {
         state: Mutex::new(VmState::Created),
         ready: Mutex::new(false),
+        shell: std::sync::atomic::AtomicBool::new(false),
         started: Instant::now(),
         config: config.clone(),
         serial: serial_tx,

@@ -122,6 +122,7 @@ mod tests {
                 rotate_bytes: 8 << 20,
                 keep_bytes: 4 << 20,
             },
+            web_console: None,
         }
     }
 

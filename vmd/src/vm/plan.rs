@@ -294,6 +294,7 @@ pub fn plan(vm: &Vm, host: &Host, settings: &Settings, in_use: &InUse) -> Result
             rotate_bytes: settings.log_rotate_bytes,
             keep_bytes: settings.log_keep_bytes,
         },
+        web_console: None,
     };
     spec.validate().map_err(|e| Invalid(e.to_string()))?;
     let service = service_file(host, settings, &run)?;
