@@ -4,6 +4,7 @@
 //! and [`until`], the one way a test waits for something.
 
 pub mod fixture;
+pub mod network_double;
 pub mod redis_server;
 pub mod stack;
 pub mod supervisor;

@@ -308,3 +308,49 @@ fn requests_we_send_are_byte_equal_to_go() {
     }
     assert!(n >= 10, "only {n} request vectors");
 }
+
+/// The network module double answers as the Go server did, byte for byte,
+/// and vmd's client reads those replies as the Go stub does.
+#[test]
+fn the_network_module_double_and_client_match_go() {
+    use std::net::Ipv4Addr;
+    use vmd::api::IpNet;
+    use vmd::zbus::client::{value, ClientError};
+    use vmd_tests::network_double::{answer, Subnets};
+
+    let mut subnets = Subnets::default();
+    subnets
+        .nets
+        .insert("zosnet1".into(), (Ipv4Addr::new(10, 20, 2, 0), 24));
+    let req_ns = vector("req_net_namespace");
+    let req_sub = vector("req_net_getsubnet");
+    assert_bytes("resp_net_namespace", &answer(&subnets, &req_ns).unwrap());
+    assert_bytes("resp_net_getsubnet", &answer(&subnets, &req_sub).unwrap());
+    subnets.ip16 = true;
+    assert_bytes(
+        "resp_net_getsubnet_ip16",
+        &answer(&subnets, &req_sub).unwrap(),
+    );
+    let unknown = Subnets::default();
+    assert_bytes(
+        "resp_net_getsubnet_err",
+        &answer(&unknown, &req_sub).unwrap(),
+    );
+
+    // The client side, on the Go server's own replies.
+    let out = |name: &str| codec::decode::<Response>(&vector(name)).unwrap().output;
+    let ns: String = value(out("resp_net_namespace")).unwrap();
+    assert_eq!(ns, "n-zosnet1");
+    for name in ["resp_net_getsubnet", "resp_net_getsubnet_ip16"] {
+        let net: IpNet = value(out(name)).unwrap();
+        assert_eq!(
+            vmd::network::console_address(&net),
+            Some(Ipv4Addr::new(10, 20, 2, 1)),
+            "{name}"
+        );
+    }
+    match value::<IpNet>(out("resp_net_getsubnet_err")) {
+        Err(ClientError::Method(m)) => assert_eq!(m, "network not found"),
+        other => panic!("{other:?}"),
+    }
+}

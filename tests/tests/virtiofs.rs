@@ -31,6 +31,10 @@ fn layout(t: &Path) -> Host {
         logstream: "/usr/bin/vmd-logstream".into(),
         netns_dir: "/var/run/netns".into(),
         stream_ca_file: None,
+        console: vmd::vm::host::ConsoleHost {
+            server: "/usr/bin/vmd-console".into(),
+            assets: "/usr/share/vmd/console".into(),
+        },
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod module;
+pub mod network;
 pub mod stub;
 pub mod vm;
 pub mod zbus;

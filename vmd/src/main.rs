@@ -75,6 +75,19 @@ struct DaemonArgs {
     /// Where named network namespaces are (for streams with a Namespace).
     #[arg(long, default_value = "/var/run/netns")]
     netns_dir: PathBuf,
+    /// The Zero-OS network module asked where a VM's web console goes
+    /// (`<module>.network@0.0.1` on the broker); `none`: no web console.
+    #[arg(long, default_value = "network")]
+    network_module: String,
+    /// Seconds each call to the network module may take.
+    #[arg(long, default_value_t = 5)]
+    network_timeout_secs: u64,
+    /// The vmd-console binary (default: next to vmd, else on PATH).
+    #[arg(long)]
+    console_server: Option<PathBuf>,
+    /// The web console page's files.
+    #[arg(long, default_value = "/usr/share/vmd/console")]
+    console_assets: PathBuf,
     /// Extra CA certificates (PEM) trusted for wss stream receivers.
     #[arg(long)]
     stream_ca_file: Option<PathBuf>,
@@ -198,6 +211,15 @@ async fn daemon(
     };
     let shim = sibling(&args.shim, "vmd-shim")?;
     let logstream = sibling(&args.logstream, "vmd-logstream")?;
+    // A missing console server is not fatal: each VM's console reports it.
+    let console_server = sibling(&args.console_server, "vmd-console").unwrap_or_else(|_| {
+        let p = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("vmd-console")))
+            .unwrap_or_else(|| PathBuf::from("/usr/bin/vmd-console"));
+        tracing::warn!(server = %p.display(), "vmd-console not found: web consoles will not start");
+        p
+    });
     let hypervisor = resolve_program(&args.cloud_hypervisor).unwrap_or_else(|| {
         tracing::warn!(
             hypervisor = %args.cloud_hypervisor.display(),
@@ -218,6 +240,11 @@ async fn daemon(
         virtiofsd: resolve_program(&args.virtiofsd),
         netns_dir: args.netns_dir.clone(),
         stream_ca_file: args.stream_ca_file.clone(),
+        console: vmd::vm::host::ConsoleHost {
+            server: console_server,
+            assets: std::path::absolute(&args.console_assets)
+                .unwrap_or_else(|_| args.console_assets.clone()),
+        },
     };
     let settings = Settings {
         grace_secs: args.grace_secs,
@@ -231,8 +258,15 @@ async fn daemon(
         sys_net: args.sys_net.clone(),
         sys_pci: args.sys_pci.clone(),
     };
-    let manager =
-        Arc::new(Manager::new(host, settings).context("cannot prepare vmd's directories")?);
+    let mut manager = Manager::new(host, settings).context("cannot prepare vmd's directories")?;
+    if args.network_module != "none" {
+        manager = manager.with_network(vmd::network::Networker::new(
+            broker.clone(),
+            &args.network_module,
+            Duration::from_secs(args.network_timeout_secs.max(1)),
+        ));
+    }
+    let manager = Arc::new(manager);
 
     let mut config = ServerConfig::new(api::MODULE);
     config.max_changes = args.max_changes as usize;

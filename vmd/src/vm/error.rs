@@ -50,6 +50,9 @@ pub enum VmError {
     /// release outside the supported range): said at Run, not by a guest.
     #[error("{0}")]
     Hypervisor(#[from] vmd_runtime::vmm::VersionError),
+    /// The network module could not place the web console (Zero-OS wording).
+    #[error("could not get console config for vm {name}: {reason}")]
+    ConsoleConfig { name: String, reason: String },
     #[error("cannot start service {service}: {source}")]
     ServiceStart {
         service: String,

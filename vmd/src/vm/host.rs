@@ -23,4 +23,26 @@ pub struct Host {
     pub netns_dir: PathBuf,
     /// An extra CA for wss receivers (besides the system's roots).
     pub stream_ca_file: Option<PathBuf>,
+    /// The web console's server and page (placed by the network module).
+    pub console: ConsoleHost,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsoleHost {
+    /// The vmd-console binary the shims run for VMs with a web console.
+    pub server: PathBuf,
+    /// The page's files (xterm.js and the page).
+    pub assets: PathBuf,
+}
+
+/// Whether `ns` can name a network namespace under `ip netns`'s directory: a
+/// file name, nothing that walks elsewhere or hides in a listing.
+pub fn is_netns_name(ns: &str) -> bool {
+    !ns.is_empty()
+        && ns.len() <= 255
+        && !ns.contains('/')
+        && !ns.starts_with('.')
+        && !ns
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == ',')
 }

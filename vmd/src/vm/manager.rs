@@ -33,6 +33,8 @@ pub struct Manager {
     services: zinit::ConfigDir,
     /// The release of the node's cloud-hypervisor, by file identity.
     versions: VersionCache,
+    /// The network module, which places web consoles (none: no web console).
+    network: Option<crate::network::Networker>,
 }
 
 /// The zinit service of a VM.
@@ -58,7 +60,18 @@ impl Manager {
             zinit,
             services,
             versions: VersionCache::new(),
+            network: None,
         })
+    }
+
+    /// Asks `network` where VMs on private networks get their web console.
+    pub fn with_network(mut self, network: crate::network::Networker) -> Self {
+        self.network = Some(network);
+        self
+    }
+
+    pub fn network(&self) -> Option<&crate::network::Networker> {
+        self.network.as_ref()
     }
 
     pub fn host(&self) -> &Host {

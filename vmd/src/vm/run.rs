@@ -6,9 +6,13 @@ use vmd_runtime::state::{Phase, ShimState};
 use vmd_runtime::{console, files, VmName};
 
 use super::error::{IoContext, VmError};
+use super::host::is_netns_name;
 use super::manager::{service_of, Manager};
 use super::plan::{needs_in_use, plan, InUse, Plan};
 use crate::api::{MachineInfo, Vm};
+use crate::network::{console_address, console_port};
+use std::net::{IpAddr, Ipv4Addr};
+use vmd_runtime::spec::WebConsole;
 
 /// How long Run waits for the VM to boot.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,6 +38,8 @@ impl Manager {
             }
             return Err(VmError::AlreadyExists);
         }
+        // Asked before anything is written: a refusal leaves nothing behind.
+        plan.spec.web_console = self.place_console(&vm, &name).await?;
         // Probed once per binary (and again after an upgrade in place).
         let release = self
             .versions()
@@ -64,6 +70,50 @@ impl Manager {
                 })
             }
         }
+    }
+
+    /// Where the VM's web console listens, by Zero-OS's rule: on the first
+    /// interface with a private network (`NetID`) and an IPv4 address, the
+    /// network module gives the namespace and subnet; the console listens on
+    /// the subnet's `.1`, port 20000 + the VM's last octet. Asked once, at
+    /// Run: the placement is part of the VM's description from then on.
+    async fn place_console(&self, vm: &Vm, name: &VmName) -> Result<Option<WebConsole>, VmError> {
+        let Some(network) = self.network() else {
+            return Ok(None);
+        };
+        let Some((net_id, ip)) = console_network(vm) else {
+            return Ok(None);
+        };
+        let fail = |reason: String| VmError::ConsoleConfig {
+            name: name.to_string(),
+            reason,
+        };
+        let ns = network
+            .namespace(net_id)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let subnet = network
+            .subnet(net_id)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let address = console_address(&subnet).ok_or_else(|| {
+            let shown = subnet
+                .ip
+                .addr()
+                .map_or("<nil>".to_owned(), |a| a.to_string());
+            fail(format!("invalid network address: {shown}"))
+        })?;
+        if !is_netns_name(&ns) {
+            return Err(fail(format!("invalid network namespace {ns:?}")));
+        }
+        let console = &self.host().console;
+        Ok(Some(WebConsole {
+            netns: self.host().netns_dir.join(ns),
+            address,
+            port: console_port(ip),
+            server: console.server.clone(),
+            assets: console.assets.clone(),
+        }))
     }
 
     /// What every VM present holds (PCI devices, writable disks).
@@ -172,4 +222,19 @@ impl Manager {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+}
+
+/// The network the web console goes on: the first interface with a private
+/// network and an IPv4 address, with that address.
+fn console_network(vm: &Vm) -> Option<(&str, Ipv4Addr)> {
+    vm.network.ifaces.iter().find_map(|i| {
+        if i.net_id.is_empty() {
+            return None;
+        }
+        let v4 = i.ips.iter().find_map(|n| match n.ip.addr()? {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(a) => a.to_ipv4_mapped(),
+        })?;
+        Some((i.net_id.as_str(), v4))
+    })
 }

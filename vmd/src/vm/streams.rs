@@ -57,10 +57,7 @@ impl Manager {
         if ns.is_empty() {
             return Ok(());
         }
-        if ns.contains('/')
-            || ns.starts_with('.')
-            || ns.chars().any(|c| c.is_whitespace() || c.is_control())
-        {
+        if !super::host::is_netns_name(ns) {
             return Err(refused(format!("invalid network namespace {ns:?}")));
         }
         if !self.host().netns_dir.join(ns).exists() {
