@@ -9,6 +9,10 @@ cd "$(dirname "$0")/../.."
 need_pkgs=()
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)
 command -v mtype >/dev/null || need_pkgs+=(mtools)
+# The web console: its page's npm packages, a real browser to test it in.
+command -v npm >/dev/null || need_pkgs+=(npm)
+command -v chromium >/dev/null || need_pkgs+=(chromium)
+command -v ip >/dev/null || need_pkgs+=(iproute2)
 # virtiofsd (virtio-fs tests) is built from crates.io; it needs these.
 vfsd=$(command -v virtiofsd || echo "$HOME/.cargo/bin/virtiofsd")
 if [ ! -x "$vfsd" ]; then
@@ -31,6 +35,9 @@ if [ ! -x "$vfsd" ]; then
 fi
 export VMD_TEST_VIRTIOFSD=$vfsd
 
+# xterm.js for the web console's page, pinned by console/web/package-lock.json.
+[ -d console/web/node_modules/@xterm/xterm ] ||
+    npm ci --prefix console/web --no-audit --no-fund --silent
 cargo build --workspace --bins --quiet
 cargo test --workspace "$@"
 # The double plays v53 above; the tests that run VMs again with it playing

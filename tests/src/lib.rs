@@ -4,6 +4,7 @@
 //! and [`until`], the one way a test waits for something.
 
 pub mod fixture;
+pub mod netns;
 pub mod network_double;
 pub mod redis_server;
 pub mod stack;
@@ -21,6 +22,15 @@ pub use vmd_process::VmdProcess;
 
 /// The Go vectors, recorded from the real Go encoder (zbus v1.0.1), kept in
 /// the repository as test data: `tests/fixtures/go-vectors/` (see its README).
+/// The web console page of the repository (`console/web`, with xterm.js
+/// installed by `npm ci`).
+pub fn console_assets() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository")
+        .join("console/web")
+}
+
 pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }

@@ -2,13 +2,17 @@
 //! answers byte-for-byte as the Go server does) where each VM's console goes,
 //! by Zero-OS's rule, and records it in the VM's description.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use vmd::api::{Ip, IpNet, Vm, VmIface};
 use vmd::zbus::client::ClientError;
 use vmd_runtime::spec::VmSpec;
+use vmd_tests::netns::{NetNs, NETNS_DIR};
 use vmd_tests::network_double::{NetworkDouble, Subnets};
+use vmd_tests::vm::boot_timeout;
+
+const SHORT: Duration = Duration::from_secs(10);
 use vmd_tests::stack::Stack;
 
 fn method_err(e: ClientError) -> String {
@@ -140,4 +144,296 @@ async fn a_dead_network_module_is_a_clear_error_within_its_budget() {
     let info = env.stub.run(&vm).await.unwrap();
     assert_eq!(info.console_url, "");
     assert_eq!(spec(&env, "12-2-b").web_console, None);
+}
+
+/// A web console set up as on a node: the namespace with the subnet's `.1`,
+/// the network module that names it, vmd that asks.
+struct Web {
+    env: Stack,
+    ns: NetNs,
+    _double: NetworkDouble,
+}
+
+impl Web {
+    async fn start(address: Option<&str>) -> Result<Web, String> {
+        let ns = NetNs::new(address)?;
+        let env = Stack::start(&["--network-module", "net1", "--netns-dir", NETNS_DIR]).await;
+        let mut subnets = Subnets {
+            ip16: true,
+            ..Default::default()
+        };
+        subnets
+            .nets
+            .insert(ns.net_id.clone(), (Ipv4Addr::new(10, 20, 2, 0), 24));
+        let double = NetworkDouble::start(&env.redis.broker(), "net1", subnets).await;
+        Ok(Web {
+            env,
+            ns,
+            _double: double,
+        })
+    }
+
+    fn vm(&self, name: &str, last_octet: u8) -> Vm {
+        let mut vm = with_ifaces(
+            &self.env,
+            name,
+            vec![iface(
+                &format!("t-{last_octet}"),
+                &self.ns.net_id,
+                &[&format!("10.20.2.{last_octet}")],
+            )],
+        );
+        vm.kernel_args.insert("gaction".into(), "shell".into());
+        vm
+    }
+
+    /// An HTTP request from inside the namespace: (status, body).
+    fn get(&self, port: u16, path: &str) -> (u16, Vec<u8>) {
+        use std::io::{Read, Write};
+        let mut s = self
+            .ns
+            .connect(SocketAddr::from((Ipv4Addr::new(10, 20, 2, 1), port)))
+            .unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: 10.20.2.1\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).unwrap();
+        let head_end = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let status = String::from_utf8_lossy(&reply[9..12]).parse().unwrap();
+        (status, reply[head_end + 4..].to_vec())
+    }
+
+    async fn ws(&self, port: u16) -> Ws {
+        let s = self
+            .ns
+            .connect(SocketAddr::from((Ipv4Addr::new(10, 20, 2, 1), port)))
+            .unwrap();
+        s.set_nonblocking(true).unwrap();
+        let s = tokio::net::TcpStream::from_std(s).unwrap();
+        let url = format!("ws://10.20.2.1:{port}/ws");
+        let (ws, _) = tokio_tungstenite::client_async(url, s).await.unwrap();
+        Ws {
+            ws,
+            seen: String::new(),
+        }
+    }
+}
+
+struct Ws {
+    ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    seen: String,
+}
+
+impl Ws {
+    /// Waits for `text` `times` times; `false` if the socket closed first.
+    async fn wait_for(&mut self, text: &str, times: usize, limit: Duration) -> bool {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        let t0 = Instant::now();
+        while self.seen.matches(text).count() < times {
+            let left = limit.saturating_sub(t0.elapsed());
+            match tokio::time::timeout(left, self.ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => {
+                    self.seen.push_str(&String::from_utf8_lossy(&b))
+                }
+                Ok(Some(Ok(Message::Text(t)))) => panic!("a text frame: {t}"),
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(_))) | Ok(None) => return false,
+                Err(_) => panic!(
+                    "{text:?} x{times} not on the web console; it shows:\n{}",
+                    self.seen
+                ),
+            }
+        }
+        true
+    }
+
+    /// Waits until the shell of the guest's `n`th boot prompts.
+    async fn wait_shell_of_boot(&mut self, n: usize) {
+        let t0 = Instant::now();
+        loop {
+            let boots: Vec<&str> = self.seen.split("GUEST-HELLO").collect();
+            if boots.len() > n && boots[n].contains("/ # ") {
+                return;
+            }
+            assert!(
+                t0.elapsed() < boot_timeout() + SHORT,
+                "no shell of boot {n}:\n{}",
+                self.seen
+            );
+            assert!(
+                self.pump(Duration::from_millis(200)).await,
+                "closed:\n{}",
+                self.seen
+            );
+        }
+    }
+
+    /// Reads what comes within `d`; `false` once the socket closed.
+    async fn pump(&mut self, d: Duration) -> bool {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        match tokio::time::timeout(d, self.ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => {
+                self.seen.push_str(&String::from_utf8_lossy(&b));
+                true
+            }
+            Ok(Some(Ok(Message::Text(t)))) => panic!("a text frame: {t}"),
+            Ok(Some(Ok(_))) | Err(_) => true,
+            Ok(Some(Err(_))) | Ok(None) => false,
+        }
+    }
+
+    /// Types `line` and Enter, each key a frame, each after its echo.
+    async fn type_line(&mut self, line: &str) {
+        use futures_util::SinkExt;
+        use tokio_tungstenite::tungstenite::Message;
+        for (i, c) in line.char_indices() {
+            let typed = &line[..i + c.len_utf8()];
+            let before = self.seen.matches(typed).count();
+            self.ws
+                .send(Message::Binary(c.to_string().into_bytes().into()))
+                .await
+                .unwrap();
+            assert!(
+                self.wait_for(typed, before + 1, boot_timeout()).await,
+                "closed"
+            );
+        }
+        self.ws
+            .send(Message::Binary(b"\r".to_vec().into()))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_console_serves_the_page_and_the_session_in_the_namespace_only() {
+    let web = match Web::start(Some("10.20.2.1/24")).await {
+        Ok(w) => w,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    assert!(
+        vmd_tests::console_assets()
+            .join("node_modules/@xterm/xterm/lib/xterm.js")
+            .exists(),
+        "xterm.js is not installed: npm ci --prefix console/web (tests/scripts/test.sh does)"
+    );
+    let info = web.env.stub.run(&web.vm("12-3-a", 5)).await.unwrap();
+    assert_eq!(info.console_url, "10.20.2.1:20005");
+    let inspect = web.env.stub.inspect("12-3-a").await.unwrap();
+    assert_eq!(inspect.console_url.as_deref(), Some("10.20.2.1:20005"));
+    assert_eq!(inspect.console_error, None);
+
+    // The page and xterm.js, from npm.
+    let (status, page) = web.get(20005, "/");
+    assert_eq!(status, 200);
+    let page = String::from_utf8_lossy(&page).into_owned();
+    assert!(page.contains("xterm.js") && page.contains("/ws"), "{page}");
+    let (status, js) = web.get(20005, "/xterm.js");
+    assert_eq!(status, 200);
+    assert!(js.len() > 100_000, "xterm.js is {} bytes", js.len());
+    assert_eq!(web.get(20005, "/nothing").0, 404);
+
+    // Nothing listens in the host's namespace.
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    assert!(
+        !tcp.lines()
+            .any(|l| l.contains(&format!(":{:04X} ", 20005)) && l.contains(" 0A ")),
+        "something listens on port 20005 in the host namespace"
+    );
+
+    // The server runs as nobody, with nothing.
+    let server = vmd_tests::supervisor::processes_with("vmd-console")
+        .into_iter()
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("12-3-a"))
+        })
+        .expect("a vmd-console for the VM");
+    let status = |f: &str| vmd_tests::vm::proc_status(server as i32, f).unwrap_or_default();
+    assert!(status("Uid").starts_with("65534"), "Uid {}", status("Uid"));
+    assert_eq!(status("CapEff"), "0000000000000000");
+    assert_eq!(status("CapBnd"), "0000000000000000");
+    assert_eq!(status("NoNewPrivs"), "1");
+
+    // The session: the history first, typing, a second client sharing it.
+    let mut a = web.ws(20005).await;
+    assert!(a.wait_for("GUEST-HELLO", 1, SHORT).await);
+    a.wait_shell_of_boot(1).await;
+    let w = format!("web{}", std::process::id());
+    a.type_line(&format!("echo {w}")).await;
+    assert!(a.wait_for(&w, 2, boot_timeout()).await);
+    let mut b = web.ws(20005).await;
+    assert!(b.wait_for(&w, 2, SHORT).await);
+
+    // A VMM killed: both stay and see the new boot.
+    let run = vmd_runtime::RunDir::new(web.env.run_dir("12-3-a"));
+    let vmm = vmd_runtime::state::ShimState::load(&run.state())
+        .vmm
+        .unwrap()
+        .pid;
+    unsafe {
+        libc::kill(vmm, libc::SIGKILL);
+    }
+    assert!(a.wait_for("GUEST-HELLO", 2, boot_timeout() + SHORT).await);
+    assert!(b.wait_for("GUEST-HELLO", 2, SHORT).await);
+
+    // The shim killed: the clients are cut, a new one (the page reconnects)
+    // gets the history and the new boot, and types into it.
+    let shim = vmd_runtime::state::ShimState::load(&run.state()).shim_pid as i32;
+    unsafe {
+        libc::kill(shim, libc::SIGKILL);
+    }
+    assert!(
+        !a.wait_for("never printed", 1, SHORT).await,
+        "still open after the shim died"
+    );
+    let t0 = Instant::now();
+    let mut c = loop {
+        if let Ok(s) = web
+            .ns
+            .connect(SocketAddr::from((Ipv4Addr::new(10, 20, 2, 1), 20005)))
+        {
+            drop(s);
+            break web.ws(20005).await;
+        }
+        assert!(t0.elapsed() < SHORT, "the console did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(c.wait_for("GUEST-HELLO", 3, boot_timeout() + SHORT).await);
+    let w2 = format!("again{}", std::process::id());
+    c.wait_shell_of_boot(3).await;
+    c.type_line(&format!("echo {w2}")).await;
+    assert!(c.wait_for(&w2, 2, boot_timeout()).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_that_cannot_listen_does_not_fail_the_run() {
+    // The namespace exists but lacks the subnet's address.
+    let web = match Web::start(None).await {
+        Ok(w) => w,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let info = web.env.stub.run(&web.vm("12-4-a", 9)).await.unwrap();
+    assert_eq!(info.console_url, "");
+    let inspect = web.env.stub.inspect("12-4-a").await.unwrap();
+    assert_eq!(inspect.console_url, None);
+    let e = inspect.console_error.unwrap();
+    assert!(
+        e.starts_with(&format!(
+            "cannot listen on 10.20.2.1:20009 in {}",
+            web.ns.name
+        )),
+        "{e}"
+    );
 }

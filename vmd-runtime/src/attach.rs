@@ -14,6 +14,7 @@
 //! A client that does not keep up is disconnected: nobody waits for it.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -124,10 +125,25 @@ pub async fn attach(
     req: Request,
     timeout: Duration,
 ) -> Result<Attached, AttachError> {
-    let run = async {
-        let mut s = UnixStream::connect(socket)
+    let connect = async {
+        UnixStream::connect(socket)
             .await
-            .map_err(|e| AttachError::Connect(socket.display().to_string(), e))?;
+            .map_err(|e| AttachError::Connect(socket.display().to_string(), e))
+    };
+    let s = tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| AttachError::Timeout(timeout))??;
+    attach_on(s, req, timeout).await
+}
+
+/// Attaches over a connection to the shim's console made otherwise (a
+/// [`Connector`]'s).
+pub async fn attach_on(
+    mut s: UnixStream,
+    req: Request,
+    timeout: Duration,
+) -> Result<Attached, AttachError> {
+    let run = async {
         s.write_all(req.line().as_bytes()).await?;
         let line = read_line(&mut s).await?;
         if let Some(e) = line.strip_prefix("error: ") {
@@ -142,6 +158,127 @@ pub async fn attach(
     tokio::time::timeout(timeout, run)
         .await
         .map_err(|_| AttachError::Timeout(timeout))?
+}
+
+/// Connections to the shim's console for a process that cannot open its
+/// socket (the web console server runs as nobody, without capabilities):
+/// it holds one end of a socket pair the shim made, writes a byte, and the
+/// shim answers with one end of a fresh connection (SCM_RIGHTS), served
+/// exactly like one accepted on the console socket.
+pub struct Connector {
+    sock: tokio::sync::Mutex<UnixStream>,
+}
+
+impl Connector {
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Connector> {
+        let s = std::os::unix::net::UnixStream::from(fd);
+        s.set_nonblocking(true)?;
+        Ok(Connector {
+            sock: tokio::sync::Mutex::new(UnixStream::from_std(s)?),
+        })
+    }
+
+    /// A new connection to the shim's console.
+    pub async fn connect(&self) -> io::Result<UnixStream> {
+        // One request and its answer at a time: answers carry no id.
+        let s = self.sock.lock().await;
+        loop {
+            s.writable().await?;
+            match s.try_write(b"c") {
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let fd = loop {
+            s.readable().await?;
+            match s.try_io(tokio::io::Interest::READABLE, || recv_fd(s.as_raw_fd())) {
+                Ok(fd) => break fd,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        let c = std::os::unix::net::UnixStream::from(fd);
+        c.set_nonblocking(true)?;
+        UnixStream::from_std(c)
+    }
+}
+
+/// The shim's side of a [`Connector`]: answers each request byte with a new
+/// connection, whose other end goes to `serve`. Returns when the other side
+/// closes its end.
+pub async fn serve_connector(fd: OwnedFd, mut serve: impl FnMut(UnixStream)) -> io::Result<()> {
+    let s = std::os::unix::net::UnixStream::from(fd);
+    s.set_nonblocking(true)?;
+    let s = UnixStream::from_std(s)?;
+    let mut buf = [0u8; 64];
+    loop {
+        s.readable().await?;
+        let n = match s.try_read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        for _ in 0..n {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+            loop {
+                s.writable().await?;
+                match s.try_io(tokio::io::Interest::WRITABLE, || {
+                    send_fd(s.as_raw_fd(), theirs.as_raw_fd())
+                }) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            drop(theirs);
+            ours.set_nonblocking(true)?;
+            serve(UnixStream::from_std(ours)?);
+        }
+    }
+}
+
+fn send_fd(sock: RawFd, fd: RawFd) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let fds = [fd];
+    let iov = [std::io::IoSlice::new(b"f")];
+    sendmsg::<()>(
+        sock,
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map(|_| ())
+    .map_err(io::Error::from)
+}
+
+fn recv_fd(sock: RawFd) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+        .map_err(io::Error::from)?;
+    let mut got = None;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for fd in fds {
+                // SAFETY: the kernel just installed `fd` in this process
+                // for us; nothing else owns it.
+                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                got.get_or_insert(owned);
+            }
+        }
+    }
+    if msg.bytes == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the shim closed the console connector",
+        ));
+    }
+    got.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no connection passed"))
 }
 
 /// The shim's answer line.
@@ -179,5 +316,25 @@ mod tests {
         };
         assert_eq!(since(500).start(1_000), 500);
         assert_eq!(since(5_000).start(1_000), 1_000, "a future offset is now");
+    }
+
+    #[tokio::test]
+    async fn a_connector_hands_out_connections() {
+        use tokio::io::AsyncReadExt;
+        let (shim, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        let served = tokio::spawn(serve_connector(OwnedFd::from(shim), |mut s| {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"hello").await;
+            });
+        }));
+        let c = Connector::from_fd(OwnedFd::from(server)).unwrap();
+        for _ in 0..3 {
+            let mut s = c.connect().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"hello");
+        }
+        drop(c);
+        served.await.unwrap().unwrap();
     }
 }

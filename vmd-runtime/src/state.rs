@@ -110,6 +110,19 @@ pub struct ShimState {
     pub shim_pid: u32,
     /// Unix seconds of the last change.
     pub updated_at: u64,
+    /// The web console, for a VM that has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_console: Option<WebConsoleState>,
+}
+
+/// Whether the web console listens, and why not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebConsoleState {
+    /// `10.20.2.1:20005`.
+    pub url: String,
+    pub listening: bool,
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 pub fn now_secs() -> u64 {
@@ -139,6 +152,7 @@ impl ShimState {
             vm: None,
             shim_pid: std::process::id(),
             updated_at: now_secs(),
+            web_console: None,
         }
     }
 

@@ -239,7 +239,7 @@ pub fn listen(
 }
 
 /// One attached terminal.
-async fn serve(mut s: UnixStream, console: SharedConsole, keyboard: Keyboard) {
+pub async fn serve(mut s: UnixStream, console: SharedConsole, keyboard: Keyboard) {
     let line = tokio::time::timeout(Duration::from_secs(5), attach::read_line(&mut s)).await;
     let req = match line {
         Ok(Ok(line)) => Request::parse(&line),

@@ -24,8 +24,15 @@ use vmd_runtime::vmm::args::EVENT_FD;
 pub struct Hardening {
     parent: libc::pid_t,
     drop: Vec<libc::c_ulong>,
-    event_fd: Option<libc::c_int>,
+    /// Descriptors handed over: (ours, the number the child sees).
+    pass: Vec<(libc::c_int, libc::c_int)>,
+    /// Become this (uid, gid), with no supplementary groups.
+    user: Option<(libc::uid_t, libc::gid_t)>,
 }
+
+/// Where the web console server finds its descriptors.
+pub const CONSOLE_LISTEN_FD: libc::c_int = 3;
+pub const CONSOLE_CONNECTOR_FD: libc::c_int = 4;
 
 /// What virtiofsd keeps: the capabilities it keeps for itself after its own
 /// drop (it serves files as the guest's users), chroot for its sandbox,
@@ -73,15 +80,35 @@ impl Hardening {
     /// the VMM as fd 3 (its event monitor).
     pub fn vmm(spec: &VmSpec, event_fd: libc::c_int) -> Self {
         let keep: Vec<Capability> = needed_caps(spec).into_iter().map(|(c, _)| c).collect();
-        Hardening::keeping(&keep, Some(event_fd))
+        let mut h = Hardening::keeping(&keep);
+        h.pass = vec![(event_fd, EVENT_FD)];
+        h
     }
 
     /// Prepares the hardening of a virtiofsd.
     pub fn virtiofsd() -> Self {
-        Hardening::keeping(&VIRTIOFSD_CAPS, None)
+        Hardening::keeping(&VIRTIOFSD_CAPS)
     }
 
-    fn keeping(keep: &[Capability], event_fd: Option<libc::c_int>) -> Self {
+    /// Prepares the hardening of the web console server: nothing kept at
+    /// all — it runs as `user`, without capabilities, and gets its
+    /// listening socket and console connector as fds 3 and 4. The fds must
+    /// not be 3 or 4 already (see [`high_fd`]).
+    pub fn console_server(
+        listen: libc::c_int,
+        connector: libc::c_int,
+        user: Option<(libc::uid_t, libc::gid_t)>,
+    ) -> Self {
+        let mut h = Hardening::keeping(&[]);
+        h.pass = vec![
+            (listen, CONSOLE_LISTEN_FD),
+            (connector, CONSOLE_CONNECTOR_FD),
+        ];
+        h.user = user;
+        h
+    }
+
+    fn keeping(keep: &[Capability]) -> Self {
         // Without CAP_SETPCAP (an unprivileged shim) nothing can be dropped,
         // and nothing needs to be: the VMM has no capabilities to begin with.
         let can_drop =
@@ -98,7 +125,8 @@ impl Hardening {
         Hardening {
             parent: std::process::id() as libc::pid_t,
             drop,
-            event_fd,
+            pass: Vec::new(),
+            user: None,
         }
     }
 
@@ -106,14 +134,6 @@ impl Hardening {
     /// To be called only in the child between fork and exec.
     pub unsafe fn apply(&self) -> std::io::Result<()> {
         let err = std::io::Error::last_os_error;
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-            return Err(err());
-        }
-        // The shim may have died between fork and prctl: then the death
-        // signal will never come, so do not run at all.
-        if libc::getppid() != self.parent {
-            return Err(std::io::Error::other("parent died before exec"));
-        }
         for &cap in &self.drop {
             // EINVAL: a capability this kernel does not know; nothing to drop.
             if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
@@ -133,23 +153,52 @@ impl Hardening {
         {
             return Err(err());
         }
+        if let Some((uid, gid)) = self.user {
+            // Leaving root clears the permitted and effective sets.
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(gid, gid, gid) != 0
+                || libc::setresuid(uid, uid, uid) != 0
+            {
+                return Err(err());
+            }
+        }
+        // After any change of user: that clears the death signal.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            return Err(err());
+        }
+        // The shim may have died between fork and prctl: then the death
+        // signal will never come, so do not run at all.
+        if libc::getppid() != self.parent {
+            return Err(std::io::Error::other("parent died before exec"));
+        }
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             return Err(err());
         }
-        if let Some(fd) = self.event_fd {
-            const TARGET: libc::c_int = EVENT_FD;
-            if fd == TARGET {
+        for &(fd, target) in &self.pass {
+            if fd == target {
                 // dup2 onto itself keeps close-on-exec: clear it instead.
                 let flags = libc::fcntl(fd, libc::F_GETFD);
                 if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
                     return Err(err());
                 }
-            } else if libc::dup2(fd, TARGET) < 0 {
+            } else if libc::dup2(fd, target) < 0 {
                 return Err(err());
             }
         }
         Ok(())
     }
+}
+
+/// A copy of `fd` numbered 10 or above (close-on-exec), so that handing
+/// several descriptors to low numbers in a child never overwrites one
+/// with another.
+pub fn high_fd(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<std::os::fd::OwnedFd> {
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))
+        .map(|n| {
+            // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor we own.
+            unsafe { std::os::fd::FromRawFd::from_raw_fd(n) }
+        })
+        .map_err(std::io::Error::from)
 }
 
 impl Hardening {

@@ -9,7 +9,8 @@
 //! * [`lock`] — keeping a locked VM paused;
 //! * [`shared`] — the shim's state, in memory and in `state.json`;
 //! * [`console`] — the console log shared with attached terminals, and their input;
-//! * [`control`] — the control socket vmd talks to.
+//! * [`control`] — the control socket vmd talks to;
+//! * [`web`] — the web console server, bound in the VM's network namespace.
 //!
 //! Lifecycle lines go to stdout (zinit's ring: `zinit log vm:<name>`); the
 //! VMM's own log lines to stderr and the console log; console bytes only to
@@ -33,6 +34,7 @@ mod shared;
 mod supervisor;
 mod virtiofsd;
 mod vmm;
+mod web;
 
 #[derive(Parser)]
 #[command(

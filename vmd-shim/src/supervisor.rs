@@ -116,6 +116,29 @@ pub async fn run(run: RunDir) -> ExitCode {
             caps.join(", ")
         }
     ));
+    // Before the VMM: a Run that sees the VM booted sees whether the
+    // console listens too.
+    // What an earlier shim recorded no longer holds.
+    shared.set(|s| s.web_console = None);
+    if let Some(w) = spec.web_console.clone() {
+        let task = crate::web::run(
+            spec.name.clone(),
+            w,
+            shared.clone(),
+            Arc::clone(&log),
+            keyboard.clone(),
+        );
+        tokio::spawn(task);
+        let mut changes = shared.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while shared.snapshot().web_console.is_none() {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
     let versions = VersionCache::new();
     if let Some(release) = spec.hypervisor_release {
         versions.remember(&spec.hypervisor, release);

@@ -181,6 +181,20 @@ pub struct VmInfo {
         skip_serializing_if = "Option::is_none"
     )]
     pub streams: Option<Vec<StreamStatus>>,
+    /// The web console's address while it listens.
+    #[serde(
+        rename = "ConsoleURL",
+        deserialize_with = "nil_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub console_url: Option<String>,
+    /// Why the VM's web console does not listen.
+    #[serde(
+        rename = "ConsoleError",
+        deserialize_with = "nil_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub console_error: Option<String>,
 }
 
 /// A log stream of a VM as `Inspect` shows it (vmd's addition).

@@ -190,6 +190,12 @@ async fn op(stub: &VmdStub, args: &CtlArgs) -> Result<ExitCode, ClientError> {
                 if let Some(u) = info.uptime_secs {
                     println!("uptime:    {u}s");
                 }
+                if let Some(c) = &info.console_url {
+                    println!("console:   http://{c}/");
+                }
+                if let Some(e) = &info.console_error {
+                    println!("console:   not listening: {e}");
+                }
             }
         }
         Op::Exists { name } => {

@@ -34,6 +34,12 @@ impl Manager {
             .request(&n)
             .ok_or_else(|| VmError::NotFound(name.to_owned()))?;
         let live = self.live(&n);
+        let web = ShimState::load(&self.run_dir(&n).state()).web_console;
+        let (console_url, console_error) = match web {
+            Some(w) if w.listening => (Some(w.url), None),
+            Some(w) => (None, w.error.or(Some("not listening".into()))),
+            None => (None, None),
+        };
         Ok(VmInfo {
             ht_enabled: false,
             memory: (vm.memory >> 20) as i64,
@@ -44,6 +50,8 @@ impl Manager {
             pid: live.pid,
             uptime_secs: live.uptime,
             streams: Some(self.stream_statuses(&n)).filter(|s| !s.is_empty()),
+            console_url,
+            console_error,
         })
     }
 

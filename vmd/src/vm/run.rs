@@ -34,7 +34,9 @@ impl Manager {
         if self.present(&name) {
             // A retried Run of the same VM is answered as the first one was.
             if self.request(&name).as_ref() == Some(&vm) {
-                return Ok(MachineInfo::default());
+                return Ok(MachineInfo {
+                    console_url: self.console_url(&name),
+                });
             }
             return Err(VmError::AlreadyExists);
         }
@@ -57,7 +59,9 @@ impl Manager {
                 self.mark(&self.paths().present_mark(&name))?;
                 self.unlink(&self.run_dir(&name).creating_mark())?;
                 tracing::info!(vm = %name, took = ?t0.elapsed(), "vm started");
-                Ok(MachineInfo::default())
+                Ok(MachineInfo {
+                    console_url: self.console_url(&name),
+                })
             }
             Err(reason) => {
                 let console = console::tail_of(&self.paths().log(&name), CONSOLE_TAIL);
@@ -114,6 +118,21 @@ impl Manager {
             server: console.server.clone(),
             assets: console.assets.clone(),
         }))
+    }
+
+    /// The web console's address if it listens now (a console that cannot
+    /// listen does not fail the Run: the reason is in `Inspect`).
+    fn console_url(&self, name: &VmName) -> String {
+        let st = ShimState::load(&self.run_dir(name).state());
+        match st.web_console {
+            Some(w) if w.listening => w.url,
+            Some(w) => {
+                let why = w.error.unwrap_or_default();
+                tracing::warn!(vm = %name, url = %w.url, %why, "the web console does not listen");
+                String::new()
+            }
+            None => String::new(),
+        }
     }
 
     /// What every VM present holds (PCI devices, writable disks).

@@ -1,0 +1,287 @@
+//! `vmd-console`: the web console of one VM, as Zero-OS's `cloud-console`
+//! serves it, so the links users have keep working: `GET /` is a page with a
+//! terminal (xterm.js, 80×25, 2 000 lines of scrollback), `GET /ws` a
+//! WebSocket carrying the serial console — output as binary frames, the
+//! recent console first; keystrokes back as frames, typed into the guest.
+//!
+//! The shim starts it and gives it everything it needs already open, so it
+//! runs with nothing: as nobody, no capabilities, `no_new_privs`.
+//!
+//! * fd 3: the listening socket, bound by the shim inside the VM's network
+//!   namespace on the console's address (this process never enters a
+//!   namespace and could not);
+//! * fd 4: a [`Connector`]: each web client gets its own connection to the
+//!   shim's console (history, live output, paced input; a client that falls
+//!   behind is dropped by the shim, nobody waits for it).
+//!
+//! Lines on stdout (the shim's zinit log): who connected, who left and why.
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use vmd_runtime::attach::{self, Connector, Request, DEFAULT_HISTORY};
+use vmd_runtime::process::{current_thread_runtime, say};
+
+/// A frame from a browser: a keystroke, a paste, at most this much.
+const MAX_FRAME: usize = 64 << 10;
+/// Console output is sent in frames of at most this much.
+const OUTPUT_CHUNK: usize = 16 << 10;
+
+#[derive(Parser)]
+#[command(
+    name = "vmd-console",
+    about = "The web console of one VM (run by vmd-shim)"
+)]
+struct Cli {
+    /// The VM's name (for the log lines).
+    #[arg(long)]
+    name: String,
+    /// The page's files: index.html, and xterm.js from npm (node_modules).
+    #[arg(long)]
+    assets: PathBuf,
+    /// The listening socket.
+    #[arg(long, default_value_t = 3)]
+    listen_fd: RawFd,
+    /// The connector to the shim's console.
+    #[arg(long, default_value_t = 4)]
+    connector_fd: RawFd,
+    /// Web clients at once; one more gets 503.
+    #[arg(long, default_value_t = 64)]
+    max_clients: usize,
+    /// Bytes of the past console a client gets first.
+    #[arg(long, default_value_t = DEFAULT_HISTORY)]
+    history: u64,
+}
+
+struct App {
+    name: String,
+    assets: PathBuf,
+    connector: Connector,
+    clients: AtomicUsize,
+    max_clients: usize,
+    history: u64,
+}
+
+/// A web client's place among `max_clients`, given back when it leaves.
+struct Slot(Arc<App>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Takes over descriptor `fd`, which the shim left open for us.
+fn inherited(fd: RawFd, what: &str) -> Result<OwnedFd, String> {
+    if !is_open(fd) {
+        return Err(format!(
+            "no {what} on fd {fd} (vmd-console is started by vmd-shim)"
+        ));
+    }
+    // SAFETY: the descriptor is open (checked) and nothing else in this
+    // process owns it: it was inherited for this purpose.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether descriptor `fd` is open.
+fn is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only inspects the descriptor, whatever it is.
+    unsafe { nix::libc::fcntl(fd, nix::libc::F_GETFD) >= 0 }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match current_thread_runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            say(e);
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(serve(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            say(format!("web console: {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(cli: Cli) -> Result<(), String> {
+    let listener = std::net::TcpListener::from(inherited(cli.listen_fd, "listening socket")?);
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("listening socket: {e}"))?;
+    let listener = tokio::net::TcpListener::from_std(listener)
+        .map_err(|e| format!("listening socket: {e}"))?;
+    let connector = Connector::from_fd(inherited(cli.connector_fd, "console connector")?)
+        .map_err(|e| format!("console connector: {e}"))?;
+    let at = listener
+        .local_addr()
+        .map_err(|e| format!("listening socket: {e}"))?;
+    let app = Arc::new(App {
+        name: cli.name,
+        assets: cli.assets,
+        connector,
+        clients: AtomicUsize::new(0),
+        max_clients: cli.max_clients,
+        history: cli.history,
+    });
+    say(format!("web console of vm {} on http://{at}/", app.name));
+    let router = Router::new()
+        .route("/", get(page))
+        .route("/xterm.js", get(xterm_js))
+        .route("/xterm.css", get(xterm_css))
+        .route("/ws", get(ws))
+        .with_state(app);
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await
+    .map_err(|e| format!("serving: {e}"))
+}
+
+async fn file(app: &App, rel: &str, kind: &'static str) -> Response {
+    match tokio::fs::read(app.assets.join(rel)).await {
+        Ok(body) => (
+            [
+                (header::CONTENT_TYPE, kind),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            body,
+        )
+            .into_response(),
+        Err(e) => {
+            say(format!("web console: cannot read {rel}: {e}"));
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the console page is not installed\n",
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn page(State(app): State<Arc<App>>) -> Response {
+    file(&app, "index.html", "text/html; charset=utf-8").await
+}
+
+async fn xterm_js(State(app): State<Arc<App>>) -> Response {
+    file(
+        &app,
+        "node_modules/@xterm/xterm/lib/xterm.js",
+        "text/javascript",
+    )
+    .await
+}
+
+async fn xterm_css(State(app): State<Arc<App>>) -> Response {
+    file(&app, "node_modules/@xterm/xterm/css/xterm.css", "text/css").await
+}
+
+async fn ws(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if app.clients.fetch_add(1, Ordering::SeqCst) >= app.max_clients {
+        app.clients.fetch_sub(1, Ordering::SeqCst);
+        say(format!(
+            "web console: {peer} refused: {} clients already",
+            app.max_clients
+        ));
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many consoles open\n").into_response();
+    }
+    let slot = Slot(Arc::clone(&app));
+    upgrade
+        .max_message_size(MAX_FRAME)
+        .max_frame_size(MAX_FRAME)
+        .on_upgrade(move |socket| session(slot, peer, socket))
+}
+
+/// One web client, until it leaves, the shim drops it, or the shim goes.
+async fn session(slot: Slot, peer: SocketAddr, mut socket: WebSocket) {
+    let app = Arc::clone(&slot.0);
+    let attached = async {
+        let s = app.connector.connect().await.map_err(|e| e.to_string())?;
+        attach::attach_on(s, Request::new(app.history), Duration::from_secs(5))
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let console = match attached.await {
+        Ok(a) => a,
+        Err(e) => {
+            say(format!("web console: {peer}: cannot attach: {e}"));
+            let text = format!("\r\n[vmd: the console is not available: {e}]\r\n");
+            let _ = socket.send(Message::Binary(Bytes::from(text))).await;
+            let _ = socket.close().await;
+            return;
+        }
+    };
+    say(format!(
+        "web console: {peer} connected ({} open)",
+        app.clients.load(Ordering::SeqCst)
+    ));
+    let (mut to_browser, mut from_browser) = socket.split();
+    let (mut from_shim, mut to_shim) = console.stream.into_split();
+    let output = async {
+        let mut buf = vec![0u8; OUTPUT_CHUNK];
+        loop {
+            let n = match from_shim.read(&mut buf).await {
+                Ok(0) => {
+                    return "the console went away (fell behind, or the shim restarted)".to_owned()
+                }
+                Ok(n) => n,
+                Err(e) => return format!("console: {e}"),
+            };
+            // A slow browser makes this wait; the shim then drops this
+            // client rather than wait for it.
+            if let Err(e) = to_browser
+                .send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
+                .await
+            {
+                return format!("browser: {e}");
+            }
+        }
+    };
+    let input = async {
+        while let Some(msg) = from_browser.next().await {
+            let bytes: Bytes = match msg {
+                Ok(Message::Binary(b)) => b,
+                Ok(Message::Text(t)) => Bytes::copy_from_slice(t.as_str().as_bytes()),
+                Ok(Message::Close(_)) => return "closed by the browser".to_owned(),
+                Ok(_) => continue,
+                Err(e) => return format!("browser: {e}"),
+            };
+            // Waits while the guest's keyboard is busy: this browser is not
+            // read meanwhile, nobody else waits.
+            if let Err(e) = to_shim.write_all(&bytes).await {
+                return format!("console: {e}");
+            }
+        }
+        "the browser went away".to_owned()
+    };
+    let why = tokio::select! {
+        w = output => w,
+        w = input => w,
+    };
+    say(format!("web console: {peer} disconnected: {why}"));
+    drop(slot);
+}
