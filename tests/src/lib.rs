@@ -3,6 +3,7 @@
 //! of them, the Go vectors, a fixture module, paths of the built binaries,
 //! and [`until`], the one way a test waits for something.
 
+pub mod browser;
 pub mod fixture;
 pub mod netns;
 pub mod network_double;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use vmd::api::{Ip, IpNet, Vm, VmIface};
 use vmd::zbus::client::ClientError;
 use vmd_runtime::spec::VmSpec;
+use vmd_tests::browser::{Browser, Page};
 use vmd_tests::netns::{NetNs, NETNS_DIR};
 use vmd_tests::network_double::{NetworkDouble, Subnets};
 use vmd_tests::vm::boot_timeout;
@@ -436,4 +437,154 @@ async fn a_console_that_cannot_listen_does_not_fail_the_run() {
         )),
         "{e}"
     );
+}
+
+/// What the page's terminal shows, scrollback included.
+const SCREEN: &str = "(() => { if (typeof term === 'undefined') return ''; \
+    const b = term.buffer.active; const out = []; \
+    for (let i = 0; i < b.length; i++) out.push(b.getLine(i).translateToString(true)); \
+    return out.join('\\n'); })()";
+
+async fn screen_shows(
+    b: &mut Browser,
+    page: &Page,
+    text: &str,
+    times: usize,
+    limit: Duration,
+) -> String {
+    let t0 = Instant::now();
+    loop {
+        let screen = b
+            .eval(page, SCREEN)
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if screen.matches(text).count() >= times {
+            return screen;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "{text:?} x{times} not on the page within {limit:?}; it shows:\n{screen}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Types `line` and Enter into the page, a key at a time, each after the
+/// guest echoed it.
+async fn type_in(b: &mut Browser, page: &Page, line: &str) {
+    for (i, c) in line.char_indices() {
+        let typed = &line[..i + c.len_utf8()];
+        let before = b
+            .eval(page, SCREEN)
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .matches(typed)
+            .count();
+        b.key(page, c).await;
+        screen_shows(b, page, typed, before + 1, boot_timeout()).await;
+    }
+    b.key(page, '\r').await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_real_browsers_share_the_console_across_kills_of_the_vmm_and_the_shim() {
+    let web = match Web::start(Some("10.20.2.1/24")).await {
+        Ok(w) => w,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let info = web.env.stub.run(&web.vm("12-5-a", 7)).await.unwrap();
+    assert_eq!(info.console_url, "10.20.2.1:20007");
+    let url = format!("http://{}/", info.console_url);
+    let mut one = Browser::launch(&web.ns);
+    let p1 = one.open(&url).await;
+    // The boot from the history, then the shell.
+    screen_shows(&mut one, &p1, "GUEST-HELLO", 1, boot_timeout()).await;
+    screen_shows(&mut one, &p1, "/ # ", 1, boot_timeout()).await;
+    let w1 = format!("first{}", std::process::id());
+    type_in(&mut one, &p1, &format!("echo {w1}")).await;
+    screen_shows(&mut one, &p1, &w1, 2, boot_timeout()).await;
+
+    // A second browser sees the same session, and types into it.
+    let mut two = Browser::launch(&web.ns);
+    let p2 = two.open(&url).await;
+    screen_shows(&mut two, &p2, &w1, 2, SHORT).await;
+    let w2 = format!("second{}", std::process::id());
+    type_in(&mut two, &p2, &format!("echo {w2}")).await;
+    screen_shows(&mut one, &p1, &w2, 2, boot_timeout()).await;
+
+    // kill -9 of the VMM: both pages show the new boot and keep working.
+    let run = vmd_runtime::RunDir::new(web.env.run_dir("12-5-a"));
+    let vmm = vmd_runtime::state::ShimState::load(&run.state())
+        .vmm
+        .unwrap()
+        .pid;
+    unsafe {
+        libc::kill(vmm, libc::SIGKILL);
+    }
+    screen_shows(&mut one, &p1, "GUEST-HELLO", 2, boot_timeout() + SHORT).await;
+    screen_shows(&mut two, &p2, "GUEST-HELLO", 2, boot_timeout() + SHORT).await;
+    let t0 = Instant::now();
+    loop {
+        let s = one
+            .eval(&p1, SCREEN)
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if s.rsplit("GUEST-HELLO")
+            .next()
+            .is_some_and(|b| b.contains("/ # "))
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < boot_timeout(),
+            "no shell after the VMM restart:\n{s}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let w3 = format!("third{}", std::process::id());
+    type_in(&mut one, &p1, &format!("echo {w3}")).await;
+    screen_shows(&mut two, &p2, &w3, 2, boot_timeout()).await;
+
+    // kill -9 of the shim: the pages reconnect by themselves to the new
+    // shim's console, replay the history, and keep working.
+    let shim = vmd_runtime::state::ShimState::load(&run.state()).shim_pid as i32;
+    unsafe {
+        libc::kill(shim, libc::SIGKILL);
+    }
+    // The new boot (the history replayed on reconnect holds all of them).
+    let t0 = Instant::now();
+    let limit = boot_timeout() + Duration::from_secs(30);
+    for (b, p) in [(&mut one, &p1), (&mut two, &p2)] {
+        loop {
+            let s = b
+                .eval(p, SCREEN)
+                .await
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            if s.matches("GUEST-HELLO").count() >= 3
+                && s.rsplit("GUEST-HELLO")
+                    .next()
+                    .is_some_and(|b| b.contains("/ # "))
+            {
+                break;
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "no new boot after the shim's kill:\n{s}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let w4 = format!("fourth{}", std::process::id());
+    type_in(&mut two, &p2, &format!("echo {w4}")).await;
+    screen_shows(&mut one, &p1, &w4, 2, boot_timeout()).await;
 }
