@@ -588,3 +588,137 @@ async fn two_real_browsers_share_the_console_across_kills_of_the_vmm_and_the_shi
     type_in(&mut two, &p2, &format!("echo {w4}")).await;
     screen_shows(&mut one, &p1, &w4, 2, boot_timeout()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_and_slow_clients_are_bounded_and_harm_no_one() {
+    if vmd_tests::vm::real_ch() {
+        eprintln!(
+            "skipped: needs the double's console flood (double.flood_bps), a real guest has none"
+        );
+        return;
+    }
+    let web = match Web::start(Some("10.20.2.1/24")).await {
+        Ok(w) => w,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let mut vm = web.vm("12-6-a", 6);
+    // 16 MiB of console output at 1 MB/s, starting 3 s after boot.
+    for (k, v) in [
+        ("gaction", "wait"),
+        ("double.boot_ms", "3000"),
+        ("double.flood_bps", "1000000"),
+        ("double.flood_bytes", "16777216"),
+    ] {
+        vm.kernel_args.insert(k.into(), v.into());
+    }
+    let info = web.env.stub.run(&vm).await.unwrap();
+    assert_eq!(info.console_url, "10.20.2.1:20006");
+    let server = vmd_tests::supervisor::processes_with("vmd-console")
+        .into_iter()
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("12-6-a"))
+        })
+        .expect("a vmd-console for the VM");
+
+    // 64 web clients at once; the 65th is refused with 503.
+    let mut many = Vec::new();
+    for _ in 0..64 {
+        many.push(web.ws(20006).await);
+    }
+    let s = web
+        .ns
+        .connect(SocketAddr::from((Ipv4Addr::new(10, 20, 2, 1), 20006)))
+        .unwrap();
+    s.set_nonblocking(true).unwrap();
+    let s = tokio::net::TcpStream::from_std(s).unwrap();
+    match tokio_tungstenite::client_async("ws://10.20.2.1:20006/ws", s).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a 65th client was let in"),
+    }
+    drop(many);
+
+    // Garbage instead of HTTP, a frame over the bound, a client gone in
+    // the middle of a frame: each costs only its own connection.
+    {
+        use std::io::{Read, Write};
+        let addr = SocketAddr::from((Ipv4Addr::new(10, 20, 2, 1), 20006));
+        let mut g = web.ns.connect(addr).unwrap();
+        g.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n")
+            .unwrap();
+        g.set_read_timeout(Some(SHORT)).unwrap();
+        let mut sink = Vec::new();
+        let _ = g.read_to_end(&mut sink);
+        // A WebSocket, then half a frame announcing 1000 bytes, then gone.
+        let mut h = web.ns.connect(addr).unwrap();
+        write!(
+            h,
+            "GET /ws HTTP/1.1\r\nHost: 10.20.2.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = [0u8; 12];
+        h.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 101");
+        h.write_all(&[0x82, 0xfe, 0x03, 0xe8, 1, 2, 3, 4, b'x', b'y'])
+            .unwrap();
+        drop(h);
+    }
+    let mut big = web.ws(20006).await;
+    {
+        use futures_util::SinkExt;
+        let frame = vec![b'x'; 1 << 20];
+        let _ = big
+            .ws
+            .send(tokio_tungstenite::tungstenite::Message::Binary(
+                frame.into(),
+            ))
+            .await;
+    }
+    assert!(
+        !big.wait_for("never printed", 1, SHORT).await,
+        "a 1 MiB frame was taken"
+    );
+    assert_eq!(web.get(20006, "/").0, 200, "the server is still up");
+
+    // A client that never reads and one that does, through the flood.
+    let stuck = web.ws(20006).await;
+    let mut reader = web.ws(20006).await;
+    let rss0 = vmd_tests::vm::rss_kib(server);
+    // It reads frames and counts bytes, nothing more (a reader slower
+    // than the console would rightly be cut).
+    let t0 = Instant::now();
+    let mut received = 0usize;
+    while received < 8 << 20 {
+        use futures_util::StreamExt;
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the reader got {received} bytes"
+        );
+        match tokio::time::timeout(SHORT, reader.ws.next()).await {
+            Ok(Some(Ok(m))) => received += m.len(),
+            other => panic!("the reader was cut after {received} bytes: {other:?}"),
+        }
+    }
+    let rss1 = vmd_tests::vm::rss_kib(server);
+    assert!(
+        rss1 < rss0 + 8 * 1024,
+        "vmd-console rss {rss0} KiB -> {rss1} KiB"
+    );
+    // The stuck one was let go: its stream ends well before 16 MiB.
+    let mut stuck = stuck;
+    let mut got = 0usize;
+    loop {
+        use futures_util::StreamExt;
+        match tokio::time::timeout(SHORT, stuck.ws.next()).await {
+            Ok(Some(Ok(m))) => got += m.len(),
+            Ok(Some(Err(_))) | Ok(None) => break,
+            Err(_) => panic!("the stuck client is still served after {got} bytes"),
+        }
+    }
+    assert!(got < 8 << 20, "the stuck client got {got} bytes");
+}
