@@ -13,6 +13,7 @@ pub mod supervisor;
 pub mod terminal;
 pub mod vm;
 pub mod vmd_process;
+pub mod web;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -2,16 +2,15 @@
 //! answers byte-for-byte as the Go server does) where each VM's console goes,
 //! by Zero-OS's rule, and records it in the VM's description.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use vmd::api::{Ip, IpNet, Vm, VmIface};
 use vmd::zbus::client::ClientError;
 use vmd_runtime::spec::VmSpec;
 use vmd_tests::browser::{Browser, Page};
-use vmd_tests::netns::{NetNs, NETNS_DIR};
 use vmd_tests::network_double::{NetworkDouble, Subnets};
 use vmd_tests::vm::boot_timeout;
+use vmd_tests::web::{iface, with_ifaces, Web};
 
 const SHORT: Duration = Duration::from_secs(10);
 use vmd_tests::stack::Stack;
@@ -21,39 +20,6 @@ fn method_err(e: ClientError) -> String {
         ClientError::Method(m) => m,
         other => panic!("expected a method error, got {other}"),
     }
-}
-
-fn iface(tap: &str, net_id: &str, ips: &[&str]) -> VmIface {
-    VmIface {
-        tap: tap.into(),
-        mac: "de:ad:be:ef:00:01".into(),
-        ips: ips
-            .iter()
-            .map(|a| {
-                let ip: IpAddr = a.parse().unwrap();
-                // /24 or /64
-                let mask = match ip {
-                    IpAddr::V4(_) => vec![255, 255, 255, 0],
-                    IpAddr::V6(_) => [vec![255; 8], vec![0; 8]].concat(),
-                };
-                IpNet {
-                    ip: Ip::from(ip),
-                    mask: Ip(serde_bytes::ByteBuf::from(mask)),
-                }
-            })
-            .collect(),
-        net_id: net_id.into(),
-        ..Default::default()
-    }
-}
-
-fn with_ifaces(env: &Stack, name: &str, ifaces: Vec<VmIface>) -> Vm {
-    let mut vm = env.vm(name, &[("gaction", "wait")]);
-    for i in &ifaces {
-        env.tap(&i.tap, [0; 4]);
-    }
-    vm.network.ifaces = ifaces;
-    vm
 }
 
 fn spec(env: &Stack, name: &str) -> VmSpec {
@@ -145,170 +111,6 @@ async fn a_dead_network_module_is_a_clear_error_within_its_budget() {
     let info = env.stub.run(&vm).await.unwrap();
     assert_eq!(info.console_url, "");
     assert_eq!(spec(&env, "12-2-b").web_console, None);
-}
-
-/// A web console set up as on a node: the namespace with the subnet's `.1`,
-/// the network module that names it, vmd that asks.
-struct Web {
-    env: Stack,
-    ns: NetNs,
-    _double: NetworkDouble,
-}
-
-impl Web {
-    async fn start(address: Option<&str>) -> Result<Web, String> {
-        let ns = NetNs::new(address)?;
-        let env = Stack::start(&["--network-module", "net1", "--netns-dir", NETNS_DIR]).await;
-        let mut subnets = Subnets {
-            ip16: true,
-            ..Default::default()
-        };
-        subnets
-            .nets
-            .insert(ns.net_id.clone(), (Ipv4Addr::new(10, 20, 2, 0), 24));
-        let double = NetworkDouble::start(&env.redis.broker(), "net1", subnets).await;
-        Ok(Web {
-            env,
-            ns,
-            _double: double,
-        })
-    }
-
-    fn vm(&self, name: &str, last_octet: u8) -> Vm {
-        let mut vm = with_ifaces(
-            &self.env,
-            name,
-            vec![iface(
-                &format!("t-{last_octet}"),
-                &self.ns.net_id,
-                &[&format!("10.20.2.{last_octet}")],
-            )],
-        );
-        vm.kernel_args.insert("gaction".into(), "shell".into());
-        vm
-    }
-
-    /// An HTTP request from inside the namespace: (status, body).
-    fn get(&self, port: u16, path: &str) -> (u16, Vec<u8>) {
-        use std::io::{Read, Write};
-        let mut s = self
-            .ns
-            .connect(SocketAddr::from((Ipv4Addr::new(10, 20, 2, 1), port)))
-            .unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: 10.20.2.1\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut reply = Vec::new();
-        s.read_to_end(&mut reply).unwrap();
-        let head_end = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-        let status = String::from_utf8_lossy(&reply[9..12]).parse().unwrap();
-        (status, reply[head_end + 4..].to_vec())
-    }
-
-    async fn ws(&self, port: u16) -> Ws {
-        let s = self
-            .ns
-            .connect(SocketAddr::from((Ipv4Addr::new(10, 20, 2, 1), port)))
-            .unwrap();
-        s.set_nonblocking(true).unwrap();
-        let s = tokio::net::TcpStream::from_std(s).unwrap();
-        let url = format!("ws://10.20.2.1:{port}/ws");
-        let (ws, _) = tokio_tungstenite::client_async(url, s).await.unwrap();
-        Ws {
-            ws,
-            seen: String::new(),
-        }
-    }
-}
-
-struct Ws {
-    ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
-    seen: String,
-}
-
-impl Ws {
-    /// Waits for `text` `times` times; `false` if the socket closed first.
-    async fn wait_for(&mut self, text: &str, times: usize, limit: Duration) -> bool {
-        use futures_util::StreamExt;
-        use tokio_tungstenite::tungstenite::Message;
-        let t0 = Instant::now();
-        while self.seen.matches(text).count() < times {
-            let left = limit.saturating_sub(t0.elapsed());
-            match tokio::time::timeout(left, self.ws.next()).await {
-                Ok(Some(Ok(Message::Binary(b)))) => {
-                    self.seen.push_str(&String::from_utf8_lossy(&b))
-                }
-                Ok(Some(Ok(Message::Text(t)))) => panic!("a text frame: {t}"),
-                Ok(Some(Ok(_))) => {}
-                Ok(Some(Err(_))) | Ok(None) => return false,
-                Err(_) => panic!(
-                    "{text:?} x{times} not on the web console; it shows:\n{}",
-                    self.seen
-                ),
-            }
-        }
-        true
-    }
-
-    /// Waits until the shell of the guest's `n`th boot prompts.
-    async fn wait_shell_of_boot(&mut self, n: usize) {
-        let t0 = Instant::now();
-        loop {
-            let boots: Vec<&str> = self.seen.split("GUEST-HELLO").collect();
-            if boots.len() > n && boots[n].contains("/ # ") {
-                return;
-            }
-            assert!(
-                t0.elapsed() < boot_timeout() + SHORT,
-                "no shell of boot {n}:\n{}",
-                self.seen
-            );
-            assert!(
-                self.pump(Duration::from_millis(200)).await,
-                "closed:\n{}",
-                self.seen
-            );
-        }
-    }
-
-    /// Reads what comes within `d`; `false` once the socket closed.
-    async fn pump(&mut self, d: Duration) -> bool {
-        use futures_util::StreamExt;
-        use tokio_tungstenite::tungstenite::Message;
-        match tokio::time::timeout(d, self.ws.next()).await {
-            Ok(Some(Ok(Message::Binary(b)))) => {
-                self.seen.push_str(&String::from_utf8_lossy(&b));
-                true
-            }
-            Ok(Some(Ok(Message::Text(t)))) => panic!("a text frame: {t}"),
-            Ok(Some(Ok(_))) | Err(_) => true,
-            Ok(Some(Err(_))) | Ok(None) => false,
-        }
-    }
-
-    /// Types `line` and Enter, each key a frame, each after its echo.
-    async fn type_line(&mut self, line: &str) {
-        use futures_util::SinkExt;
-        use tokio_tungstenite::tungstenite::Message;
-        for (i, c) in line.char_indices() {
-            let typed = &line[..i + c.len_utf8()];
-            let before = self.seen.matches(typed).count();
-            self.ws
-                .send(Message::Binary(c.to_string().into_bytes().into()))
-                .await
-                .unwrap();
-            assert!(
-                self.wait_for(typed, before + 1, boot_timeout()).await,
-                "closed"
-            );
-        }
-        self.ws
-            .send(Message::Binary(b"\r".to_vec().into()))
-            .await
-            .unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

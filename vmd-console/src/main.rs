@@ -41,7 +41,11 @@ use vmd_runtime::process::{current_thread_runtime, say};
 /// A frame from a browser: a keystroke, a paste, at most this much.
 const MAX_FRAME: usize = 64 << 10;
 /// Console output is sent in frames of at most this much.
-const OUTPUT_CHUNK: usize = 16 << 10;
+const OUTPUT_CHUNK: usize = 8 << 10;
+/// Per client buffers, kept small: a VM's console is a slow stream, and the
+/// shim, not this process, absorbs a burst (up to its per-client bound).
+const READ_BUFFER: usize = 4 << 10;
+const WRITE_BUFFER: usize = 8 << 10;
 
 #[derive(Parser)]
 #[command(
@@ -213,6 +217,8 @@ async fn ws(
     upgrade
         .max_message_size(MAX_FRAME)
         .max_frame_size(MAX_FRAME)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         .on_upgrade(move |socket| session(slot, peer, socket))
 }
 
