@@ -115,7 +115,7 @@ async fn a_dead_network_module_is_a_clear_error_within_its_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_console_serves_the_page_and_the_session_in_the_namespace_only() {
-    let web = match Web::start(Some("10.20.2.1/24")).await {
+    let mut web = match Web::start(Some("10.20.2.1/24")).await {
         Ok(w) => w,
         Err(why) => {
             eprintln!("skipped: {why}");
@@ -215,6 +215,34 @@ async fn the_web_console_serves_the_page_and_the_session_in_the_namespace_only()
     c.wait_shell_of_boot(3).await;
     c.type_line(&format!("echo {w2}")).await;
     assert!(c.wait_for(&w2, 2, boot_timeout()).await);
+
+    // vmd's own crash and restart do not touch the console.
+    web.env.vmd.crash_and_restart();
+    web.env.vmd.wait_ready().await;
+    let w3 = format!("vmdgone{}", std::process::id());
+    c.type_line(&format!("echo {w3}")).await;
+    assert!(c.wait_for(&w3, 2, boot_timeout()).await);
+
+    // Delete takes the console with the VM: the session ends, the server
+    // is gone, nothing listens on the address any more.
+    web.env.stub.delete("12-3-a").await.unwrap();
+    assert!(
+        !c.wait_for("never printed", 1, SHORT).await,
+        "still open after Delete"
+    );
+    vmd_tests::until(SHORT, "vmd-console gone after Delete", || async {
+        !vmd_tests::supervisor::processes_with("vmd-console")
+            .into_iter()
+            .any(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("12-3-a"))
+            })
+    })
+    .await;
+    assert!(web
+        .ns
+        .connect(SocketAddr::from((Ipv4Addr::new(10, 20, 2, 1), 20005)))
+        .is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -245,9 +245,25 @@ async fn session(slot: Slot, peer: SocketAddr, mut socket: WebSocket) {
         "web console: {peer} connected ({} open)",
         app.clients.load(Ordering::SeqCst)
     ));
+    let history_len = console.history_len();
     let (mut to_browser, mut from_browser) = socket.split();
     let (mut from_shim, mut to_shim) = console.stream.into_split();
     let output = async {
+        // The history, without the queries of the past (xterm.js would
+        // answer them, into the guest).
+        let mut history = vec![0u8; history_len];
+        if let Err(e) = from_shim.read_exact(&mut history).await {
+            return format!("console: {e}");
+        }
+        for chunk in attach::quiet_history(&history).chunks(OUTPUT_CHUNK) {
+            if let Err(e) = to_browser
+                .send(Message::Binary(Bytes::copy_from_slice(chunk)))
+                .await
+            {
+                return format!("browser: {e}");
+            }
+        }
+        drop(history);
         let mut buf = vec![0u8; OUTPUT_CHUNK];
         loop {
             let n = match from_shim.read(&mut buf).await {

@@ -2,9 +2,15 @@
 //! how a terminal attaches to a VM's serial console. Both sides are here.
 //!
 //! The client sends one line, `attach history=N` or `attach history=N
-//! since=OFFSET`; the shim answers `ok from=OFFSET` (or `error: …` and
-//! closes), then streams the console: first what the log holds from
-//! `OFFSET`, then every byte as it is appended, exactly once and in order.
+//! since=OFFSET`; the shim answers `ok from=OFFSET live=LIVE` (or `error:
+//! …` and closes), then streams the console: first what the log holds from
+//! `OFFSET` to `LIVE` (the history), then every byte as it is appended,
+//! exactly once and in order.
+//!
+//! A client that shows the console in a terminal emulator replays the
+//! history through [`quiet_history`]: a terminal answers the queries a
+//! program once sent (where is the cursor, what are you), and answers to
+//! queries from the past would reach the guest as typed input.
 //! Everything the client sends after its line is typed into the guest.
 //!
 //! Offsets are absolute positions in everything the VM ever printed (the
@@ -99,7 +105,16 @@ pub enum AttachError {
 /// takes input for the guest.
 pub struct Attached {
     pub from: u64,
+    /// Where the history ends and live output starts.
+    pub live: u64,
     pub stream: UnixStream,
+}
+
+impl Attached {
+    /// The history's length in bytes (what comes first on the stream).
+    pub fn history_len(&self) -> usize {
+        (self.live - self.from) as usize
+    }
 }
 
 /// Reads one `\n`-terminated line, byte by byte: what follows it on the
@@ -149,11 +164,22 @@ pub async fn attach_on(
         if let Some(e) = line.strip_prefix("error: ") {
             return Err(AttachError::Refused(e.to_owned()));
         }
-        let from = line
-            .strip_prefix("ok from=")
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| AttachError::BadReply(line.clone()))?;
-        Ok(Attached { from, stream: s })
+        let bad = || AttachError::BadReply(line.clone());
+        let rest = line.strip_prefix("ok from=").ok_or_else(bad)?;
+        let (from, live) = match rest.split_once(" live=") {
+            Some((f, l)) => (f.parse().ok(), l.parse().ok()),
+            None => (rest.parse().ok(), None),
+        };
+        let from: u64 = from.ok_or_else(bad)?;
+        let live = live.unwrap_or(from).max(from);
+        if live - from > MAX_HISTORY {
+            return Err(bad());
+        }
+        Ok(Attached {
+            from,
+            live,
+            stream: s,
+        })
     };
     tokio::time::timeout(timeout, run)
         .await
@@ -282,8 +308,82 @@ fn recv_fd(sock: RawFd) -> io::Result<OwnedFd> {
 }
 
 /// The shim's answer line.
-pub fn ok_line(from: u64) -> String {
-    format!("ok from={from}\n")
+pub fn ok_line(from: u64, live: u64) -> String {
+    format!("ok from={from} live={live}\n")
+}
+
+/// `history` without the terminal queries it holds: device status and
+/// attributes requests (`CSI n`, `CSI c`), mode and window reports (`CSI
+/// $p`, `CSI t`), keyboard protocol queries (`CSI ? u`), colour queries
+/// (`OSC …;?`), setting requests (`DCS $q`, `DCS +q`) and ENQ. What is
+/// shown is unchanged; nothing in it makes a terminal answer.
+pub fn quiet_history(history: &[u8]) -> Vec<u8> {
+    const ESC: u8 = 0x1b;
+    let b = history;
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == 0x05 {
+            i += 1;
+            continue;
+        }
+        if b[i] == ESC {
+            match b.get(i + 1) {
+                Some(b'[') => {
+                    let params = i + 2;
+                    let mut j = params;
+                    while j < b.len() && (0x30..=0x3f).contains(&b[j]) {
+                        j += 1;
+                    }
+                    let inter = j;
+                    while j < b.len() && (0x20..=0x2f).contains(&b[j]) {
+                        j += 1;
+                    }
+                    if let Some(&fin) = b.get(j).filter(|f| (0x40..=0x7e).contains(*f)) {
+                        let query = match fin {
+                            b'n' | b'c' | b't' => true,
+                            b'p' => b[inter..j].contains(&b'$'),
+                            b'u' => b.get(params) == Some(&b'?'),
+                            _ => false,
+                        };
+                        if query {
+                            i = j + 1;
+                            continue;
+                        }
+                    }
+                }
+                Some(&k @ (b']' | b'P')) => {
+                    // OSC ends with BEL or ST (ESC \), DCS with ST.
+                    let body = i + 2;
+                    let mut j = body;
+                    let end = loop {
+                        match b.get(j) {
+                            None => break None,
+                            Some(0x07) if k == b']' => break Some(j + 1),
+                            Some(&ESC) if b.get(j + 1) == Some(&b'\\') => break Some(j + 2),
+                            _ => j += 1,
+                        }
+                    };
+                    if let Some(end) = end {
+                        let text = &b[body..j];
+                        let query = if k == b']' {
+                            text.ends_with(b"?") || text.windows(2).any(|w| w == b";?")
+                        } else {
+                            text.starts_with(b"$q") || text.starts_with(b"+q")
+                        };
+                        if query {
+                            i = end;
+                            continue;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -316,6 +416,18 @@ mod tests {
         };
         assert_eq!(since(500).start(1_000), 500);
         assert_eq!(since(5_000).start(1_000), 1_000, "a future offset is now");
+    }
+
+    #[test]
+    fn replayed_history_asks_the_terminal_nothing() {
+        let h = b"a\x1b[6nb\x1b[31mc\x1b[cd\x05e\x1b]11;?\x07f\x1b]0;title\x07g\x1b[?u\
+                  h\x1b[?2004$pi\x1bP$qm\x1b\\j\x1b[14tk\x1b[2Jl\x1b[";
+        assert_eq!(
+            quiet_history(h),
+            b"ab\x1b[31mcdef\x1b]0;title\x07ghijk\x1b[2Jl\x1b[".to_vec()
+        );
+        // Busybox's prompt as a real guest printed it.
+        assert_eq!(quiet_history(b"/ # \x1b[6n"), b"/ # ".to_vec());
     }
 
     #[tokio::test]

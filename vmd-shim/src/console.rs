@@ -263,7 +263,9 @@ pub async fn serve(mut s: UnixStream, console: SharedConsole, keyboard: Keyboard
     ));
     let (mut rd, mut wr) = s.into_split();
     let output = async move {
-        wr.write_all(attach::ok_line(a.from).as_bytes()).await?;
+        let live = a.from + a.history.len() as u64;
+        wr.write_all(attach::ok_line(a.from, live).as_bytes())
+            .await?;
         wr.write_all(&a.history).await?;
         drop(std::mem::take(&mut a.history));
         while let Some(chunk) = a.live.recv().await {

@@ -111,8 +111,16 @@ async fn session(
     mut keys: mpsc::Receiver<Vec<u8>>,
 ) -> Result<(), TerminalError> {
     let mut stdout = tokio::io::stdout();
-    let mut at = first.from;
+    let mut at = first.live;
+    let history_len = first.history_len();
     let mut stream = first.stream;
+    // The history, without the queries of the past: the operator's
+    // terminal would answer them, into the guest.
+    let mut history = vec![0u8; history_len];
+    stream.read_exact(&mut history).await?;
+    stdout.write_all(&attach::quiet_history(&history)).await?;
+    stdout.flush().await?;
+    drop(history);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let lost = loop {

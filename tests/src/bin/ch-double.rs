@@ -953,11 +953,18 @@ async fn serve_conn(vmm: Arc<Vmm>, mut s: UnixStream) {
 
 /// The shell on the console, as far as tests need one: echo what is typed
 /// (a terminal in raw mode sends `\r` for Enter), run `echo X`, prompt.
-/// The prompt of busybox `sh` for root in `/`.
-const PROMPT: &[u8] = b"/ # ";
+/// The prompt of busybox `sh` for root in `/`, and the cursor position
+/// query its line editor sends after it (`ESC [ 6 n`, as the real guest's
+/// shell does); a terminal answers `ESC [ row ; col R`.
+const PROMPT: &[u8] = b"/ # \x1b[6n";
 
 async fn console_shell(vmm: Arc<Vmm>, mut input: mpsc::Receiver<Vec<u8>>) {
     let mut line = Vec::new();
+    // An escape sequence being read, and whether the prompt's cursor query
+    // is still unanswered (its answer is taken; any other is typed text,
+    // as a surprise answer ends up in the real shell's command line).
+    let mut esc: Option<Vec<u8>> = None;
+    let mut asked = true;
     while let Some(bytes) = input.recv().await {
         if !vmm.shell.load(std::sync::atomic::Ordering::SeqCst) {
             // Nothing reads the guest's console.
@@ -966,7 +973,24 @@ async fn console_shell(vmm: Arc<Vmm>, mut input: mpsc::Receiver<Vec<u8>>) {
         }
         let mut out = Vec::new();
         for b in bytes {
+            if let Some(seq) = esc.as_mut() {
+                seq.push(b);
+                let done = seq.len() > 1 && (0x40..=0x7e).contains(&b) || seq.len() > 32;
+                if done {
+                    let seq = esc.take().unwrap_or_default();
+                    if asked && seq.first() == Some(&b'[') && b == b'R' {
+                        asked = false;
+                    } else {
+                        let text: Vec<u8> =
+                            seq.into_iter().filter(|c| c.is_ascii_graphic()).collect();
+                        line.extend_from_slice(&text);
+                        out.extend_from_slice(&text);
+                    }
+                }
+                continue;
+            }
             match b {
+                0x1b => esc = Some(Vec::new()),
                 b'\r' | b'\n' => {
                     out.extend_from_slice(b"\r\n");
                     let cmd = String::from_utf8_lossy(&line).trim().to_owned();
@@ -978,6 +1002,7 @@ async fn console_shell(vmm: Arc<Vmm>, mut input: mpsc::Receiver<Vec<u8>>) {
                         out.extend_from_slice(format!("sh: {cmd}: not found\r\n").as_bytes());
                     }
                     out.extend_from_slice(PROMPT);
+                    asked = true;
                 }
                 0x7f | 0x08 => {
                     if line.pop().is_some() {
