@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 use vmd_runtime::state::ShimState;
 use vmd_runtime::RunDir;
 use vmd_tests::vm::{ch_binary, real_ch, settled_memory_kib};
-use vmd_tests::web::Web;
+use vmd_tests::web::{console_server, Web};
 use vmd_tests::{ms, pct};
 
 const KEYS: usize = 300;
@@ -148,6 +148,14 @@ async fn via_web(web: &Web, port: u16) -> Vec<Duration> {
     v
 }
 
+/// The port of a `ConsoleURL` (`10.20.2.1:20005`).
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a console URL")
+}
+
 fn row(what: &str, v: &[Duration], floor: &[Duration]) {
     println!(
         "| {what} | {} | {} | {} | {:.2}× | ≤ 2 ms |",
@@ -156,16 +164,6 @@ fn row(what: &str, v: &[Duration], floor: &[Duration]) {
         ms(pct(floor, 50)),
         pct(v, 50).as_secs_f64() / pct(floor, 50).as_secs_f64()
     );
-}
-
-fn vmd_console_pid(vm: &str) -> i32 {
-    vmd_tests::supervisor::processes_with("vmd-console")
-        .into_iter()
-        .find(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(vm))
-        })
-        .expect("a vmd-console")
 }
 
 /// A flood of `bytes` at `bps` (0: as fast as the double prints), with `clients` web
@@ -189,13 +187,7 @@ async fn flood(
         vm.kernel_args.insert(k.into(), v.into());
     }
     let info = web.env.stub.run(&vm).await.unwrap();
-    let port = info
-        .console_url
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let port = port_of(&info.console_url);
     let mut readers = Vec::new();
     for _ in 0..clients {
         let c = web.ws(port).await;
@@ -284,13 +276,7 @@ async fn bench() {
     };
     let floor = by_hand();
     let info = web.env.stub.run(&web.vm("echo", 5)).await.unwrap();
-    let port: u16 = info
-        .console_url
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let port = port_of(&info.console_url);
     let web_rt = via_web(&web, port).await;
     let runtime = web.env.vmd.runtime();
     let ctl = tokio::task::spawn_blocking(move || via_ctl(&runtime, "echo"))
@@ -312,7 +298,7 @@ async fn bench() {
     println!();
 
     // Memory of the console path of one VM.
-    let server = vmd_console_pid("echo");
+    let server = console_server("echo").expect("a vmd-console");
     let run = RunDir::new(web.env.run_dir("echo"));
     let shim = ShimState::load(&run.state()).shim_pid as i32;
     let (_, server_idle) = settled_memory_kib(server).await;

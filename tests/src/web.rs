@@ -14,6 +14,29 @@ use crate::vm::boot_timeout;
 
 const SHORT: Duration = Duration::from_secs(10);
 
+/// What the guest's shell (busybox `sh`, real or the double's) prints when
+/// it is up.
+pub const PROMPT: &str = "/ # ";
+
+/// Whether `console` shows the shell prompt of the guest's `n`th boot
+/// (what is typed before it reaches no one).
+pub fn shell_prompted(console: &str, n: usize) -> bool {
+    console
+        .split("GUEST-HELLO")
+        .nth(n)
+        .is_some_and(|boot| boot.contains(PROMPT))
+}
+
+/// The pid of the web console server of vm `name`, if one runs.
+pub fn console_server(name: &str) -> Option<i32> {
+    crate::supervisor::processes_with("vmd-console")
+        .into_iter()
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(name))
+        })
+}
+
 /// An interface on network `net_id` (empty: none) with `ips`.
 pub fn iface(tap: &str, net_id: &str, ips: &[&str]) -> VmIface {
     VmIface {
@@ -160,8 +183,7 @@ impl Ws {
     pub async fn wait_shell_of_boot(&mut self, n: usize) {
         let t0 = Instant::now();
         loop {
-            let boots: Vec<&str> = self.seen.split("GUEST-HELLO").collect();
-            if boots.len() > n && boots[n].contains("/ # ") {
+            if shell_prompted(&self.seen, n) {
                 return;
             }
             assert!(

@@ -8,12 +8,10 @@ use std::time::{Duration, Instant};
 use vmd_runtime::attach::AttachError;
 use vmd_tests::terminal::Terminal;
 use vmd_tests::vm::{alive, boot_timeout, real_ch, rss_kib, TestVm};
+use vmd_tests::web::{shell_prompted, PROMPT};
 use vmd_tests::Supervisor;
 
 const SHORT: Duration = Duration::from_secs(10);
-
-/// What the guest prints when its shell is up.
-const PROMPT: &str = "/ # ";
 
 /// Waits until the shell of the guest's `n`th boot prompts (what is typed
 /// before that reaches no one).
@@ -21,8 +19,7 @@ async fn shell_of_boot(t: &mut Terminal, n: usize) {
     let t0 = Instant::now();
     loop {
         let text = t.text();
-        let boots: Vec<&str> = text.split("GUEST-HELLO").collect();
-        if boots.len() > n && boots[n].contains(PROMPT) {
+        if shell_prompted(&text, n) {
             return;
         }
         assert!(

@@ -10,7 +10,7 @@ use vmd_runtime::spec::VmSpec;
 use vmd_tests::browser::{Browser, Page};
 use vmd_tests::network_double::{NetworkDouble, Subnets};
 use vmd_tests::vm::boot_timeout;
-use vmd_tests::web::{iface, with_ifaces, Web};
+use vmd_tests::web::{console_server, iface, shell_prompted, with_ifaces, Web};
 
 const SHORT: Duration = Duration::from_secs(10);
 use vmd_tests::stack::Stack;
@@ -153,14 +153,8 @@ async fn the_web_console_serves_the_page_and_the_session_in_the_namespace_only()
     );
 
     // The server runs as nobody, with nothing.
-    let server = vmd_tests::supervisor::processes_with("vmd-console")
-        .into_iter()
-        .find(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("12-3-a"))
-        })
-        .expect("a vmd-console for the VM");
-    let status = |f: &str| vmd_tests::vm::proc_status(server as i32, f).unwrap_or_default();
+    let server = console_server("12-3-a").expect("a vmd-console for the VM");
+    let status = |f: &str| vmd_tests::vm::proc_status(server, f).unwrap_or_default();
     assert!(status("Uid").starts_with("65534"), "Uid {}", status("Uid"));
     assert_eq!(status("CapEff"), "0000000000000000");
     assert_eq!(status("CapBnd"), "0000000000000000");
@@ -231,12 +225,7 @@ async fn the_web_console_serves_the_page_and_the_session_in_the_namespace_only()
         "still open after Delete"
     );
     vmd_tests::until(SHORT, "vmd-console gone after Delete", || async {
-        !vmd_tests::supervisor::processes_with("vmd-console")
-            .into_iter()
-            .any(|p| {
-                std::fs::read(format!("/proc/{p}/cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("12-3-a"))
-            })
+        console_server("12-3-a").is_none()
     })
     .await;
     assert!(web
@@ -367,10 +356,7 @@ async fn two_real_browsers_share_the_console_across_kills_of_the_vmm_and_the_shi
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        if s.rsplit("GUEST-HELLO")
-            .next()
-            .is_some_and(|b| b.contains("/ # "))
-        {
+        if shell_prompted(&s, 2) {
             break;
         }
         assert!(
@@ -400,11 +386,7 @@ async fn two_real_browsers_share_the_console_across_kills_of_the_vmm_and_the_shi
                 .as_str()
                 .unwrap_or_default()
                 .to_owned();
-            if s.matches("GUEST-HELLO").count() >= 3
-                && s.rsplit("GUEST-HELLO")
-                    .next()
-                    .is_some_and(|b| b.contains("/ # "))
-            {
+            if shell_prompted(&s, 3) {
                 break;
             }
             assert!(
@@ -446,13 +428,7 @@ async fn bad_and_slow_clients_are_bounded_and_harm_no_one() {
     }
     let info = web.env.stub.run(&vm).await.unwrap();
     assert_eq!(info.console_url, "10.20.2.1:20006");
-    let server = vmd_tests::supervisor::processes_with("vmd-console")
-        .into_iter()
-        .find(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("12-6-a"))
-        })
-        .expect("a vmd-console for the VM");
+    let server = console_server("12-6-a").expect("a vmd-console for the VM");
 
     // 64 web clients at once; the 65th is refused with 503.
     let mut many = Vec::new();

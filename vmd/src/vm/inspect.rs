@@ -25,6 +25,10 @@ pub struct Live {
     pub restarts: u64,
     pub pid: Option<i64>,
     pub uptime: Option<u64>,
+    /// The web console's address while it listens…
+    pub console_url: Option<String>,
+    /// …or why it does not.
+    pub console_error: Option<String>,
 }
 
 impl Manager {
@@ -34,12 +38,6 @@ impl Manager {
             .request(&n)
             .ok_or_else(|| VmError::NotFound(name.to_owned()))?;
         let live = self.live(&n);
-        let web = ShimState::load(&self.run_dir(&n).state()).web_console;
-        let (console_url, console_error) = match web {
-            Some(w) if w.listening => (Some(w.url), None),
-            Some(w) => (None, w.error.or(Some("not listening".into()))),
-            None => (None, None),
-        };
         Ok(VmInfo {
             ht_enabled: false,
             memory: (vm.memory >> 20) as i64,
@@ -50,8 +48,8 @@ impl Manager {
             pid: live.pid,
             uptime_secs: live.uptime,
             streams: Some(self.stream_statuses(&n)).filter(|s| !s.is_empty()),
-            console_url,
-            console_error,
+            console_url: live.console_url,
+            console_error: live.console_error,
         })
     }
 
@@ -93,6 +91,11 @@ impl Manager {
             }
             _ => None,
         };
+        let (console_url, console_error) = match st.web_console {
+            Some(w) if w.listening => (Some(w.url), None),
+            Some(w) => (None, w.error.or(Some("not listening".into()))),
+            None => (None, None),
+        };
         Live {
             state,
             reason,
@@ -102,6 +105,8 @@ impl Manager {
                 .vmm_started_at
                 .filter(|_| vmm_alive)
                 .map(|t| now_secs().saturating_sub(t)),
+            console_url,
+            console_error,
         }
     }
 }

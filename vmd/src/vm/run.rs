@@ -123,16 +123,11 @@ impl Manager {
     /// The web console's address if it listens now (a console that cannot
     /// listen does not fail the Run: the reason is in `Inspect`).
     fn console_url(&self, name: &VmName) -> String {
-        let st = ShimState::load(&self.run_dir(name).state());
-        match st.web_console {
-            Some(w) if w.listening => w.url,
-            Some(w) => {
-                let why = w.error.unwrap_or_default();
-                tracing::warn!(vm = %name, url = %w.url, %why, "the web console does not listen");
-                String::new()
-            }
-            None => String::new(),
+        let live = self.live(name);
+        if let Some(why) = &live.console_error {
+            tracing::warn!(vm = %name, %why, "the web console does not listen");
         }
+        live.console_url.unwrap_or_default()
     }
 
     /// What every VM present holds (PCI devices, writable disks).
