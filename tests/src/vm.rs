@@ -184,7 +184,7 @@ impl TestVm {
                 "{marker:?} x{times} not on the console within {limit:?}; console:\n{}",
                 tail(&self.console(), 2000)
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(crate::poll_interval(t0.elapsed())).await;
         }
     }
 

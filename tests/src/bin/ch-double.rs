@@ -474,8 +474,11 @@ impl Vmm {
         }
     }
 
+    /// One line on the serial port as a real guest's 8250 console sends it:
+    /// the kernel's console writer and the tty's ONLCR both end lines with
+    /// CR LF.
     async fn print(&self, line: &str) {
-        let _ = self.serial.send(format!("{line}\n").into_bytes()).await;
+        let _ = self.serial.send(format!("{line}\r\n").into_bytes()).await;
     }
 
     fn state(&self) -> VmState {
@@ -618,7 +621,8 @@ impl Vmm {
                 continue;
             }
             // 64-byte lines: "FLOOD <12-digit seq> b<7-digit boot id> xxx…\n":
-            // the boot id tells the lines of two boots apart.
+            // the boot id tells the lines of two boots apart. (A bare LF: a
+            // double-only knob whose layout the tests parse as bytes.)
             let mut chunk = Vec::with_capacity(64 * 1024);
             while chunk.len() < 64 * 1024 && sent + (chunk.len() as u64) < limit {
                 seq += 1;
