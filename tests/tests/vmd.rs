@@ -508,15 +508,29 @@ async fn a_lock_outlives_a_vmm_crash_and_a_locked_vm_still_deletes_gracefully() 
     }
     s.lock("frozen", true).await.unwrap();
     wait_state(&env, "frozen", "paused").await;
+    // A second name for the console log, to show it should this fail:
+    // Delete removes the log's name, not what the shim writes until it ends.
+    let console = env.sys.path().join("frozen.console");
+    std::fs::hard_link(env.log("frozen"), &console).unwrap();
     let t0 = Instant::now();
     s.delete("frozen").await.unwrap();
     let took = t0.elapsed();
     // Well inside the 30 s grace (a real guest on emulated KVM needs a few
     // seconds to power off), and by the guest, not forced.
     let limit = Duration::from_secs(if real_ch() { 25 } else { 10 });
-    assert!(took < limit, "delete took {took:?}");
-    env.assert_gone("frozen").await;
     let ring = env.zinit.client().log_snapshot().await.unwrap_or_default();
+    assert!(
+        took < limit,
+        "delete took {took:?}; zinit: {:#?}\nconsole:\n{}",
+        ring.iter()
+            .filter(|l| l.contains("vm:frozen"))
+            .collect::<Vec<_>>(),
+        vmd_tests::vm::tail(
+            &std::fs::read_to_string(env.log("frozen")).unwrap_or_default(),
+            2000
+        )
+    );
+    env.assert_gone("frozen").await;
     let said = |what: &str| {
         ring.iter()
             .any(|l| l.contains("vm:frozen") && l.contains(what))
