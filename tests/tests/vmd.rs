@@ -526,7 +526,7 @@ async fn a_lock_outlives_a_vmm_crash_and_a_locked_vm_still_deletes_gracefully() 
             .filter(|l| l.contains("vm:frozen"))
             .collect::<Vec<_>>(),
         vmd_tests::vm::tail(
-            &std::fs::read_to_string(env.log("frozen")).unwrap_or_default(),
+            &String::from_utf8_lossy(&std::fs::read(&console).unwrap_or_default()),
             2000
         )
     );
