@@ -435,13 +435,13 @@ async fn every_boot_keeps_its_first_and_last_console_lines() {
     } else {
         ("GUEST-HELLO", 0)
     };
-    let (st, log) = until_some(boot_timeout(), "the first line of the latest start", || {
-        let (st, log) = (vm.state(), vm.console());
-        let firsts = log.matches(first_line).count() as u64;
-        async move { (firsts + cut_short > st.restarts).then_some((st, log)) }
-    })
-    .await;
-    let firsts = log.matches(first_line).count() as u64;
+    let (st, log, firsts) =
+        until_some(boot_timeout(), "the first line of the latest start", || {
+            let (st, log) = (vm.state(), vm.console());
+            let firsts = log.matches(first_line).count() as u64;
+            async move { (firsts + cut_short > st.restarts).then_some((st, log, firsts)) }
+        })
+        .await;
     assert!(
         (st.restarts + 1 - cut_short..=st.restarts + 2).contains(&firsts),
         "{firsts} boots in the log for {} VMM starts:\n{}",
