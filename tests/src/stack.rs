@@ -112,14 +112,20 @@ impl Stack {
 
     /// Waits until `marker` is on `name`'s console (as `LogsFull` shows it).
     pub async fn wait_logs(&self, name: &str, marker: &str) {
+        self.wait_logs_since(name, marker, 0).await;
+    }
+
+    /// [`Stack::wait_logs`] for output after byte `from` of `LogsFull`
+    /// (a later boot's, say).
+    pub async fn wait_logs_since(&self, name: &str, marker: &str, from: usize) {
         until(
             boot_timeout(),
-            format!("{marker} on {name}'s console"),
+            format!("{marker} on {name}'s console after byte {from}"),
             || async {
                 self.stub
                     .logs_full(name)
                     .await
-                    .is_ok_and(|l| l.contains(marker))
+                    .is_ok_and(|l| l.get(from..).is_some_and(|l| l.contains(marker)))
             },
         )
         .await;

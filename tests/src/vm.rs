@@ -265,22 +265,29 @@ pub struct LineClock {
 
 impl LineClock {
     pub fn start(path: PathBuf) -> Self {
+        use std::io::{Read, Seek};
         let lines = std::sync::Arc::<std::sync::Mutex<Vec<_>>>::default();
         let seen = lines.clone();
+        // Opened here, not in the task: what is appended once `start`
+        // returns must count, however late the task first runs.
+        let mut file = std::fs::File::open(&path)
+            .unwrap_or_else(|e| panic!("cannot watch {}: {e}", path.display()));
+        file.seek(std::io::SeekFrom::End(0)).unwrap();
+        let t0 = Instant::now();
         let task = tokio::spawn(async move {
-            let t0 = Instant::now();
-            let from = std::fs::metadata(&path).map_or(0, |m| m.len() as usize);
-            let mut done = from;
+            // Only what was appended is read; `pending` holds a line not
+            // yet ended.
+            let mut pending = Vec::new();
             loop {
-                let bytes = std::fs::read(&path).unwrap_or_default();
-                if let Some(end) = bytes
-                    .get(done..)
-                    .and_then(|b| b.iter().rposition(|c| *c == b'\n'))
-                {
-                    let new = String::from_utf8_lossy(&bytes[done..done + end]).into_owned();
-                    let mut l = seen.lock().unwrap();
-                    l.extend(new.lines().map(|x| (t0.elapsed(), x.trim_end().to_owned())));
-                    done += end + 1;
+                let _ = file.read_to_end(&mut pending);
+                if let Some(end) = pending.iter().rposition(|c| *c == b'\n') {
+                    let done: Vec<u8> = pending.drain(..=end).collect();
+                    let at = t0.elapsed();
+                    seen.lock().unwrap().extend(
+                        String::from_utf8_lossy(&done)
+                            .lines()
+                            .map(|x| (at, x.trim_end().to_owned())),
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -365,4 +372,46 @@ pub async fn settled_memory_kib(pid: i32) -> (u64, u64) {
         last = now;
     }
     last
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Only lines appended after the start, each once, a line reported
+    /// only once it ends.
+    #[tokio::test]
+    async fn a_line_clock_reports_appended_lines_once_they_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        std::fs::write(&path, "before\n").unwrap();
+        let clock = LineClock::start(path.clone());
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"one\n").unwrap();
+        crate::until(Duration::from_secs(5), "line one", || async {
+            clock.report().contains("one")
+        })
+        .await;
+        f.write_all(b"two\nthr").unwrap();
+        crate::until(Duration::from_secs(5), "line two", || async {
+            clock.report().contains("two")
+        })
+        .await;
+        assert!(!clock.report().contains("thr"), "{}", clock.report());
+        f.write_all(b"ee\n").unwrap();
+        crate::until(Duration::from_secs(5), "line three", || async {
+            clock.report().contains("three")
+        })
+        .await;
+        let lines: Vec<String> = clock
+            .report()
+            .lines()
+            .map(|l| l.split_once(" s  ").unwrap().1.to_owned())
+            .collect();
+        assert_eq!(lines, ["one", "two", "three"]);
+    }
 }

@@ -7,7 +7,7 @@ use vmd::api::{Vm, VmDisk, VmIface};
 use vmd::zbus::client::ClientError;
 use vmd_tests::stack::Stack;
 use vmd_tests::until;
-use vmd_tests::vm::{alive, boot_timeout, pvm_host, real_ch, LineClock};
+use vmd_tests::vm::{alive, pvm_host, real_ch, LineClock};
 
 type Env = Stack;
 
@@ -501,10 +501,8 @@ async fn a_lock_outlives_a_vmm_crash_and_a_locked_vm_still_deletes_gracefully() 
     // `acpid` listens a few seconds after GUEST-READY; the shim's later
     // presses cover that.)
     if real_ch() {
-        until(boot_timeout(), "the third boot's GUEST-READY", || async {
-            s.logs_full("frozen").await.unwrap()[third_boot..].contains("GUEST-READY")
-        })
-        .await;
+        env.wait_logs_since("frozen", "GUEST-READY", third_boot)
+            .await;
     }
     s.lock("frozen", true).await.unwrap();
     wait_state(&env, "frozen", "paused").await;
