@@ -300,7 +300,10 @@ async fn bench() {
     // Memory of the console path of one VM.
     let server = console_server("echo").expect("a vmd-console");
     let run = RunDir::new(web.env.run_dir("echo"));
-    let shim = ShimState::load(&run.state()).shim_pid as i32;
+    let shim = ShimState::load(&run.state())
+        .unwrap()
+        .unwrap_or_default()
+        .shim_pid as i32;
     let (_, server_idle) = settled_memory_kib(server).await;
     let (_, shim_idle) = settled_memory_kib(shim).await;
     let mut clients = Vec::new();

@@ -179,6 +179,8 @@ impl TestVm {
 
     pub fn state(&self) -> ShimState {
         ShimState::load(&self.run.state())
+            .unwrap()
+            .unwrap_or_default()
     }
 
     pub fn console(&self) -> String {

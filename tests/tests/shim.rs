@@ -465,3 +465,146 @@ async fn every_boot_keeps_its_first_and_last_console_lines() {
         tail(&log, 3000)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_socket_answers_while_a_share_daemon_is_slow_to_start() {
+    if real_ch() {
+        eprintln!("skipped: uses the recording virtiofsd");
+        return;
+    }
+    let z = Supervisor::start();
+    let mut vm = TestVm::new(&z, "slowfs", "gaction=wait");
+    let shared = z.dir.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let socket = vm.run.share_socket(0);
+    vm.spec.virtiofsd = vmd_tests::bin("vmd-test-probe");
+    vm.spec.shares = vec![vmd_runtime::spec::Share {
+        tag: "data".into(),
+        socket: socket.clone(),
+        source: shared,
+    }];
+    let mut delay = socket.clone().into_os_string();
+    delay.push(".delay_ms");
+    std::fs::write(&delay, "4000").unwrap();
+    let mut status = socket.clone().into_os_string();
+    status.push(".status");
+    let status = std::path::PathBuf::from(status);
+    vm.start(&z).await;
+    until(SHORT, "the share daemon started", || async {
+        status.exists()
+    })
+    .await;
+    assert!(!socket.exists(), "the daemon bound its socket early");
+    // The shim waits for the daemon's socket; its control socket answers
+    // meanwhile (it froze for the whole wait when the wait blocked).
+    let t0 = Instant::now();
+    let line = vmd_runtime::control::request(
+        &vm.run.control_socket(),
+        "status",
+        Duration::from_millis(1500),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("no status while virtiofsd starts: {e}"));
+    assert!(line.contains("\"phase\":\"starting\""), "{line}");
+    assert!(t0.elapsed() < Duration::from_millis(1500));
+    assert!(
+        !socket.exists(),
+        "answered only after the wait: not a test of it"
+    );
+    vm.wait_state("booted", Duration::from_secs(20), |s| s.booted())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_state_is_said_and_kept_not_silently_reset() {
+    let z = Supervisor::start();
+    let vm = TestVm::new(&z, "corrupt", "gaction=wait");
+    std::fs::write(vm.run.state(), b"{\"version\":1,\"phase\":\"fai").unwrap();
+    vm.start(&z).await;
+    let c = z.client();
+    until(SHORT, "the shim says the state is corrupt", || async {
+        let ring = c.service_log(&vm.service).await.unwrap_or_default();
+        ring.iter()
+            .any(|l| l.contains("is corrupt") && l.contains("kept as"))
+    })
+    .await;
+    let kept = vm.run.state().with_extension("json.corrupt");
+    assert_eq!(
+        std::fs::read(&kept).unwrap(),
+        b"{\"version\":1,\"phase\":\"fai"
+    );
+    vm.wait_state("booted", boot_timeout(), |s| s.booted())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_kernel_fails_the_vm_once_instead_of_a_crash_loop() {
+    let z = Supervisor::start();
+    let mut vm = TestVm::new(&z, "nokernel", "gaction=wait");
+    vm.spec.kernel = z.dir.path().join("no-such-vmlinux");
+    vm.start(&z).await;
+    let st = vm
+        .wait_state("failed", SHORT, |s| s.phase == Phase::Failed)
+        .await;
+    let reason = st.reason.clone().unwrap();
+    assert!(
+        reason.contains("the kernel") && reason.contains("does not exist"),
+        "{reason}"
+    );
+    assert!(st.exits.is_empty(), "retried like a crash: {st:?}");
+    assert_eq!(st.restarts, 0);
+    let kinds: Vec<_> = st.events.recent.iter().map(|e| e.kind).collect();
+    use vmd_runtime::events::EventKind;
+    assert_eq!(kinds, [EventKind::Starting, EventKind::Failed]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_pushes_the_state_then_each_event_and_resumes_after_a_seq() {
+    use vmd_runtime::control::ShimClient;
+    use vmd_runtime::events::{EventKind, WatchLine};
+    let z = Supervisor::start();
+    let vm = TestVm::new(&z, "watched", "gaction=wait");
+    vm.start(&z).await;
+    vm.wait_state("booted", boot_timeout(), |s| s.booted())
+        .await;
+    let shim = ShimClient::new(&vm.run);
+    let mut w = shim.watch(0, SHORT).await.unwrap();
+    let Some(WatchLine::State(st)) = w.next().await.unwrap() else {
+        panic!("the state comes first");
+    };
+    assert!(st.booted());
+    let mut kinds = Vec::new();
+    for _ in 0..st.events.seq {
+        match w.next().await.unwrap() {
+            Some(WatchLine::Event(e)) => kinds.push((e.seq, e.kind)),
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+    assert_eq!(kinds, [(1, EventKind::Starting), (2, EventKind::Booted)]);
+    // Live: a VMM crash arrives as it happens, on the open watch.
+    let vmm = vm.vmm_pid(SHORT).await;
+    unsafe {
+        libc::kill(vmm, libc::SIGKILL);
+    }
+    let next = tokio::time::timeout(SHORT, w.next())
+        .await
+        .unwrap()
+        .unwrap();
+    match next {
+        Some(WatchLine::Event(e)) => {
+            assert_eq!((e.seq, e.kind), (3, EventKind::Crashed));
+            assert!(e.reason.unwrap().starts_with("signal 9"));
+        }
+        other => panic!("expected the crash, got {other:?}"),
+    }
+    // A watcher that comes back after seq 2 gets the state, then 3 on.
+    let mut again = shim.watch(2, SHORT).await.unwrap();
+    assert!(matches!(
+        again.next().await.unwrap(),
+        Some(WatchLine::State(_))
+    ));
+    match again.next().await.unwrap() {
+        Some(WatchLine::Event(e)) => assert_eq!(e.seq, 3),
+        other => panic!("expected event 3, got {other:?}"),
+    }
+}

@@ -173,6 +173,8 @@ async fn the_web_console_serves_the_page_and_the_session_in_the_namespace_only()
     // A VMM killed: both stay and see the new boot.
     let run = vmd_runtime::RunDir::new(web.env.run_dir("12-3-a"));
     let vmm = vmd_runtime::state::ShimState::load(&run.state())
+        .unwrap()
+        .unwrap_or_default()
         .vmm
         .unwrap()
         .pid;
@@ -184,7 +186,10 @@ async fn the_web_console_serves_the_page_and_the_session_in_the_namespace_only()
 
     // The shim killed: the clients are cut, a new one (the page reconnects)
     // gets the history and the new boot, and types into it.
-    let shim = vmd_runtime::state::ShimState::load(&run.state()).shim_pid as i32;
+    let shim = vmd_runtime::state::ShimState::load(&run.state())
+        .unwrap()
+        .unwrap_or_default()
+        .shim_pid as i32;
     unsafe {
         libc::kill(shim, libc::SIGKILL);
     }
@@ -340,6 +345,8 @@ async fn two_real_browsers_share_the_console_across_kills_of_the_vmm_and_the_shi
     // kill -9 of the VMM: both pages show the new boot and keep working.
     let run = vmd_runtime::RunDir::new(web.env.run_dir("12-5-a"));
     let vmm = vmd_runtime::state::ShimState::load(&run.state())
+        .unwrap()
+        .unwrap_or_default()
         .vmm
         .unwrap()
         .pid;
@@ -371,7 +378,10 @@ async fn two_real_browsers_share_the_console_across_kills_of_the_vmm_and_the_shi
 
     // kill -9 of the shim: the pages reconnect by themselves to the new
     // shim's console, replay the history, and keep working.
-    let shim = vmd_runtime::state::ShimState::load(&run.state()).shim_pid as i32;
+    let shim = vmd_runtime::state::ShimState::load(&run.state())
+        .unwrap()
+        .unwrap_or_default()
+        .shim_pid as i32;
     unsafe {
         libc::kill(shim, libc::SIGKILL);
     }

@@ -10,6 +10,9 @@
 //!   which is what vmd reads).
 //! * `lock` — make the VMM match the lock mark vmd keeps in the run
 //!   directory: pause it when marked, resume it when not ([`LockReply`]).
+//! * `watch <seq>` — the state, then every event after `<seq>` the shim
+//!   retained, then each new one as it happens, one [`WatchLine`] per line,
+//!   for as long as the connection stays open ([`crate::events`]).
 //!
 //! vmd never talks to a VMM itself: the shim is its only owner.
 
@@ -21,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
+use crate::events::WatchLine;
 use crate::layout::RunDir;
 use crate::unix::{exchange, ExchangeError};
 use crate::vmm::VmState;
@@ -33,21 +37,38 @@ pub enum Command {
     Stop,
     Status,
     Lock,
+    /// Events after this sequence number, then live.
+    Watch(u64),
 }
 
 impl Command {
-    pub const ALL: [Command; 3] = [Command::Stop, Command::Status, Command::Lock];
-
-    pub fn as_str(self) -> &'static str {
+    pub fn word(self) -> &'static str {
         match self {
             Command::Stop => "stop",
             Command::Status => "status",
             Command::Lock => "lock",
+            Command::Watch(_) => "watch",
+        }
+    }
+
+    /// The command line, without its newline.
+    pub fn line(self) -> String {
+        match self {
+            Command::Watch(since) => format!("watch {since}"),
+            c => c.word().to_owned(),
         }
     }
 
     pub fn parse(line: &str) -> Option<Command> {
-        Command::ALL.into_iter().find(|c| c.as_str() == line)
+        let mut words = line.split(' ');
+        let c = match words.next()? {
+            "stop" => Command::Stop,
+            "status" => Command::Status,
+            "lock" => Command::Lock,
+            "watch" => Command::Watch(words.next()?.parse().ok()?),
+            _ => return None,
+        };
+        words.next().is_none().then_some(c)
     }
 }
 
@@ -138,14 +159,13 @@ impl ShimClient {
         command: Command,
         timeout: Duration,
     ) -> Result<T, ControlError> {
-        let line = request(&self.socket, command.as_str(), timeout).await?;
-        serde_json::from_str(&line)
-            .map_err(|_| ControlError::BadReply(command.as_str().into(), line))
+        let line = request(&self.socket, &command.line(), timeout).await?;
+        serde_json::from_str(&line).map_err(|_| ControlError::BadReply(command.line(), line))
     }
 
     /// Stops the VM gracefully; returns once its VMM is gone.
     pub async fn stop(&self, timeout: Duration) -> Result<(), ControlError> {
-        let line = request(&self.socket, Command::Stop.as_str(), timeout).await?;
+        let line = request(&self.socket, &Command::Stop.line(), timeout).await?;
         if line != STOPPED {
             return Err(ControlError::BadReply("stop".into(), line));
         }
@@ -156,26 +176,91 @@ impl ShimClient {
     pub async fn lock(&self, timeout: Duration) -> Result<LockReply, ControlError> {
         self.json(Command::Lock, timeout).await
     }
+
+    /// Watches the VM: connects within `timeout`, then yields lines for as
+    /// long as the shim lives.
+    pub async fn watch(&self, since: u64, timeout: Duration) -> Result<Watch, ControlError> {
+        let command = Command::Watch(since).line();
+        let connect = async {
+            let mut s = UnixStream::connect(&self.socket)
+                .await
+                .map_err(|e| ControlError::Connect(self.socket.display().to_string(), e))?;
+            s.write_all(format!("{command}\n").as_bytes()).await?;
+            Ok::<_, ControlError>(s)
+        };
+        let s = tokio::time::timeout(timeout, connect)
+            .await
+            .map_err(|_| ControlError::Timeout(command.clone(), timeout))??;
+        Ok(Watch {
+            lines: BufReader::new(s),
+            line: String::new(),
+        })
+    }
 }
 
-/// The shim's side: reads one command from `stream`, answers with the line
-/// `handle` returns. Unknown commands and silent clients get nothing done.
-pub async fn serve<F, Fut>(stream: UnixStream, handle: F)
+/// The shim's answer to `watch`, line by line.
+pub struct Watch {
+    lines: BufReader<UnixStream>,
+    line: String,
+}
+
+impl Watch {
+    /// The next line; `None` once the shim closed the connection (it exited,
+    /// or the watcher fell too far behind and has to resume).
+    pub async fn next(&mut self) -> Result<Option<WatchLine>, ControlError> {
+        self.line.clear();
+        if self.lines.read_line(&mut self.line).await? == 0 {
+            return Ok(None);
+        }
+        let line = self.line.trim_end();
+        if let Some(e) = line.strip_prefix("error: ") {
+            return Err(ControlError::Refused("watch".into(), e.to_owned()));
+        }
+        serde_json::from_str(line)
+            .map(Some)
+            .map_err(|_| ControlError::BadReply("watch".into(), line.to_owned()))
+    }
+}
+
+/// The shim's side: reads one command from `stream`. Unknown commands are
+/// answered here; silent clients get nothing.
+pub async fn read_command(stream: UnixStream) -> Option<(Command, UnixStream)> {
+    let mut s = BufReader::new(stream);
+    let mut line = String::new();
+    match tokio::time::timeout(READ_COMMAND, s.read_line(&mut line)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => return None,
+    }
+    // Nothing follows a command: the buffer holds no byte of the client's.
+    let mut stream = s.into_inner();
+    match Command::parse(line.trim_end_matches(['\n', '\r'])) {
+        Some(c) => Some((c, stream)),
+        None => {
+            let reply = error_reply(format!("unknown command {:?}", line.trim()));
+            let _ = stream.write_all(format!("{reply}\n").as_bytes()).await;
+            None
+        }
+    }
+}
+
+/// Writes one reply line.
+pub async fn reply(stream: &mut UnixStream, line: &str) -> std::io::Result<()> {
+    stream.write_all(format!("{line}\n").as_bytes()).await
+}
+
+/// A line of the `watch` answer.
+pub fn watch_line(line: &WatchLine) -> String {
+    json_reply(line)
+}
+
+/// The shim's side of a one-line command: answers with what `handle` returns.
+pub async fn serve<F, Fut>(command: Command, mut stream: UnixStream, handle: F)
 where
     F: FnOnce(Command) -> Fut,
     Fut: Future<Output = String>,
 {
-    let mut s = BufReader::new(stream);
-    let mut line = String::new();
-    match tokio::time::timeout(READ_COMMAND, s.read_line(&mut line)).await {
-        Ok(Ok(_)) => {}
-        _ => return,
-    }
-    let reply = match Command::parse(line.trim()) {
-        Some(c) => handle(c).await,
-        None => error_reply(format!("unknown command {:?}", line.trim())),
-    };
-    let _ = s.get_mut().write_all(format!("{reply}\n").as_bytes()).await;
+    let line = handle(command).await;
+    let _ = reply(&mut stream, &line).await;
 }
 
 /// A reply line carrying a value.
@@ -209,9 +294,17 @@ mod tests {
         st.vm = Some(VmState::Paused);
         let back: ShimState = serde_json::from_str(&json_reply(&st)).unwrap();
         assert_eq!(back, st);
-        for c in Command::ALL {
-            assert_eq!(Command::parse(c.as_str()), Some(c));
+        for c in [
+            Command::Stop,
+            Command::Status,
+            Command::Lock,
+            Command::Watch(0),
+            Command::Watch(u64::MAX),
+        ] {
+            assert_eq!(Command::parse(&c.line()), Some(c));
         }
-        assert_eq!(Command::parse("reboot"), None);
+        for bad in ["reboot", "watch", "watch -1", "watch 1 2", "stop now", ""] {
+            assert_eq!(Command::parse(bad), None, "{bad:?}");
+        }
     }
 }

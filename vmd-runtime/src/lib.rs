@@ -11,6 +11,7 @@
 //! * [`progress`] — a stream worker's `.progress` file;
 //! * [`output`] — the stream outputs receivers accept;
 //! * [`control`] — the shim's control socket, client and server side by side;
+//! * [`events`] — a VM's lifecycle events, as shims push them to watchers;
 //! * [`attach`] — the shim's console socket: history, live output, input;
 //! * [`vmm`] — cloud-hypervisor: its command line and its REST API;
 //! * [`files`] — the durable atomic write every state file goes through;
@@ -19,6 +20,7 @@
 pub mod attach;
 pub mod console;
 pub mod control;
+pub mod events;
 pub mod files;
 pub mod layout;
 pub mod name;

@@ -12,7 +12,19 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::events::EventLog;
 use crate::vmm::VmState;
+
+/// Why a saved state could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot read {0}: {1}")]
+    Read(String, #[source] io::Error),
+    #[error("{0} is corrupt: {1}")]
+    Corrupt(String, String),
+    #[error("{0} has version {1}; this build reads version {2}")]
+    Version(String, u32, u32),
+}
 
 pub const STATE_VERSION: u32 = 1;
 
@@ -113,6 +125,10 @@ pub struct ShimState {
     /// The web console, for a VM that has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub web_console: Option<WebConsoleState>,
+    /// The VM's lifecycle events: how many, and the last few (what a
+    /// watcher that comes back resumes from).
+    #[serde(default)]
+    pub events: EventLog,
 }
 
 /// Whether the web console listens, and why not.
@@ -153,14 +169,30 @@ impl ShimState {
             shim_pid: std::process::id(),
             updated_at: now_secs(),
             web_console: None,
+            events: EventLog::default(),
         }
     }
 
-    /// The saved state, or a fresh one when there is none or it is unreadable.
-    pub fn load(path: &Path) -> Self {
-        crate::files::read_json::<ShimState>(path)
-            .filter(|s| s.version == STATE_VERSION)
-            .unwrap_or_default()
+    /// The saved state; `None` when there is none yet (a VM that never
+    /// started). A state that exists but cannot be read is an error: it may
+    /// hold a failed VM or a crash count, which must not silently turn into
+    /// a fresh start.
+    pub fn load(path: &Path) -> Result<Option<Self>, StateError> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StateError::Read(path.display().to_string(), e)),
+        };
+        let st: ShimState = serde_json::from_slice(&bytes)
+            .map_err(|e| StateError::Corrupt(path.display().to_string(), e.to_string()))?;
+        if st.version != STATE_VERSION {
+            return Err(StateError::Version(
+                path.display().to_string(),
+                st.version,
+                STATE_VERSION,
+            ));
+        }
+        Ok(Some(st))
     }
 
     /// Written whole and durably: readers never see half a state.
@@ -180,6 +212,36 @@ impl Default for ShimState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_state_is_none_and_a_corrupt_one_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json");
+        assert!(ShimState::load(&p).unwrap().is_none());
+        let mut st = ShimState::new();
+        st.phase = Phase::Failed;
+        st.events
+            .record(crate::events::EventKind::Failed, Some("crash loop".into()));
+        st.save(&p).unwrap();
+        let back = ShimState::load(&p).unwrap().unwrap();
+        assert_eq!(back.phase, Phase::Failed);
+        assert_eq!(back.events.seq, 1);
+        std::fs::write(&p, b"{\"version\":1,\"phase\":\"fail").unwrap();
+        let e = ShimState::load(&p).unwrap_err();
+        assert!(matches!(e, StateError::Corrupt(..)), "{e}");
+        std::fs::write(
+            &p,
+            serde_json::to_vec(&serde_json::json!({
+                "version": 99, "phase": "running", "restarts": 0, "shim_pid": 1, "updated_at": 0
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(
+            ShimState::load(&p).unwrap_err(),
+            StateError::Version(..)
+        ));
+    }
 
     #[test]
     fn identity_tells_reused_pids_apart() {

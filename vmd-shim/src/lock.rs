@@ -59,7 +59,7 @@ impl Locker {
             Ok(()) => {
                 // Recorded before the reply (the VMM's event may come a
                 // moment later): an Inspect right after Lock sees it.
-                self.shared.set(|s| s.vm = Some(want));
+                self.shared.set_vm(want);
                 LockReply::Applied(want)
             }
             Err(e) => LockReply::Failed(e.to_string()),

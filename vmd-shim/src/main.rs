@@ -3,13 +3,14 @@
 //! * [`supervisor`] — the VM's life: start, watch, restart or give up, stop;
 //! * [`policy`] — what an exit of the VMM leads to (pure);
 //! * [`vmm`] — starting cloud-hypervisor, judging its exit, stopping it gracefully;
+//! * [`error`] — why a VMM could not start, and whether a retry can help;
 //! * [`virtiofsd`] — one virtiofsd per share;
 //! * [`hygiene`] — how both are spawned (capabilities, `no_new_privs`, death signal);
 //! * [`pumps`] — the VMM's output, events and serial console into the console log;
 //! * [`lock`] — keeping a locked VM paused;
 //! * [`shared`] — the shim's state, in memory and in `state.json`;
 //! * [`console`] — the console log shared with attached terminals, and their input;
-//! * [`control`] — the control socket vmd talks to;
+//! * [`control`] — the control socket vmd talks to (and watches);
 //! * [`web`] — the web console server, bound in the VM's network namespace.
 //!
 //! Lifecycle lines go to stdout (zinit's ring: `zinit log vm:<name>`); the
@@ -25,6 +26,7 @@ use vmd_runtime::RunDir;
 
 mod console;
 mod control;
+mod error;
 mod hygiene;
 mod lock;
 mod policy;

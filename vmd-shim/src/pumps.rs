@@ -76,7 +76,7 @@ pub async fn events(fd: std::os::fd::OwnedFd, events: Arc<Events>) {
                 Some("paused") => VmState::Paused,
                 _ => continue,
             };
-            events.shared.set(|s| s.vm = Some(now));
+            events.shared.set_vm(now);
         }
         buf.drain(..consumed);
         if buf.len() > 1 << 20 {

@@ -13,6 +13,7 @@ use vmd_runtime::console::ConsoleLog;
 
 use crate::console::{Console, Keyboard, SharedConsole};
 use vmd_runtime::control::STOPPED;
+use vmd_runtime::events::EventKind;
 use vmd_runtime::process::say;
 use vmd_runtime::spec::VmSpec;
 use vmd_runtime::state::{now_secs, Exit, Phase, ShimState};
@@ -20,6 +21,7 @@ use vmd_runtime::vmm::VersionCache;
 use vmd_runtime::RunDir;
 
 use crate::control::StopFrom;
+use crate::error::StartError;
 use crate::hygiene::needed_caps;
 use crate::lock::Locker;
 use crate::policy::{decide, Decision};
@@ -69,10 +71,27 @@ pub async fn run(run: RunDir) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut state = ShimState::load(&run.state());
+    let mut state = match ShimState::load(&run.state()) {
+        Ok(s) => s.unwrap_or_default(),
+        Err(e) => {
+            // Never silently: it may have said the VM failed. Kept for the
+            // operator; the VM starts afresh, its crash count from zero.
+            let kept = run.state().with_extension("json.corrupt");
+            let moved = std::fs::rename(run.state(), &kept);
+            say(format!(
+                "{e}; {}; starting the VM afresh",
+                match moved {
+                    Ok(()) => format!("kept as {}", kept.display()),
+                    Err(e) => format!("cannot keep it aside: {e}"),
+                }
+            ));
+            ShimState::new()
+        }
+    };
     // A shim that died with its VMM: the death signal killed the VMM,
     // but make sure, identity-checked so a reused pid is left alone.
-    if let Some(old) = state.vmm.take() {
+    let lost = state.vmm.take();
+    if let Some(old) = lost {
         if old.alive() {
             say(format!(
                 "killing the VMM left by a previous shim (pid {})",
@@ -86,6 +105,17 @@ pub async fn run(run: RunDir) -> ExitCode {
     }
     let (stop_tx, stops) = mpsc::channel(4);
     let shared = Shared::new(run.clone(), state);
+    if let Some(old) = lost {
+        // Its VMM went with it: for watchers, the VM crashed.
+        shared.emit(
+            EventKind::Crashed,
+            Some(format!(
+                "the shim exited; its VMM (pid {}) went with it",
+                old.pid
+            )),
+            |s| s.vm = None,
+        );
+    }
     let locker = Arc::new(Locker::new(shared.clone()));
     if let Err(e) = crate::control::listen(shared.clone(), Arc::clone(&locker), stop_tx.clone()) {
         say(format!("cannot open the control socket: {e}"));
@@ -173,8 +203,15 @@ impl Shim {
             _ => {}
         }
         loop {
-            let restart = self.shared.snapshot().vmm_started_at.is_some();
-            self.shared.set(|s| {
+            let snapshot = self.shared.snapshot();
+            let restart = snapshot.vmm_started_at.is_some();
+            let (kind, reason) = if restart {
+                let attempt = snapshot.restarts + 1;
+                (EventKind::Restarting, Some(format!("restart {attempt}")))
+            } else {
+                (EventKind::Starting, None)
+            };
+            self.shared.emit(kind, reason, |s| {
                 s.phase = Phase::Starting;
                 s.vm = None;
                 if restart {
@@ -182,6 +219,16 @@ impl Shim {
                 }
             });
             let exit = match self.start_vmm().await {
+                Err(e) if e.is_permanent() => {
+                    let reason = format!("the VM cannot start: {e}");
+                    say(&reason);
+                    self.shared
+                        .emit(EventKind::Failed, Some(reason.clone()), |s| {
+                            s.phase = Phase::Failed;
+                            s.reason = Some(reason.clone());
+                        });
+                    return self.idle().await;
+                }
                 Err(e) => Exit {
                     at: now_secs(),
                     status: format!("could not start the VMM: {e}"),
@@ -203,6 +250,12 @@ impl Shim {
                 }
             };
             say(format!("vmm exited: {}", exit.status));
+            let (kind, reason) = if exit.clean {
+                (EventKind::PoweredOff, None)
+            } else {
+                (EventKind::Crashed, Some(exit.status.clone()))
+            };
+            self.shared.emit(kind, reason, |s| s.vm = None);
             let decision = {
                 let mut st = self.shared.lock();
                 let d = decide(
@@ -237,11 +290,12 @@ impl Shim {
                 }
                 Decision::GiveUp { reason } => {
                     let tail = crate::console::lock(&self.log).tail(2048);
-                    self.shared.set(|s| {
-                        s.phase = Phase::Failed;
-                        s.reason = Some(reason.clone());
-                        s.last_console = Some(tail);
-                    });
+                    self.shared
+                        .emit(EventKind::Failed, Some(reason.clone()), |s| {
+                            s.phase = Phase::Failed;
+                            s.reason = Some(reason.clone());
+                            s.last_console = Some(tail);
+                        });
                     say(format!("gave up: {reason}"));
                     return self.idle().await;
                 }
@@ -249,12 +303,8 @@ impl Shim {
         }
     }
 
-    async fn start_vmm(&mut self) -> Result<Vmm, String> {
-        let version = self
-            .versions
-            .supported(&self.spec.hypervisor)
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn start_vmm(&mut self) -> Result<Vmm, StartError> {
+        let version = self.versions.supported(&self.spec.hypervisor).await?;
         let vmm = Vmm::start(
             &self.spec,
             &self.shared.run,
@@ -262,7 +312,8 @@ impl Shim {
             &self.log,
             &self.keyboard,
             &self.shared,
-        )?;
+        )
+        .await?;
         let identity = vmd_runtime::state::ProcessIdentity::of(vmm.pid);
         self.shared.set(|s| {
             s.phase = Phase::Running;
@@ -290,24 +341,32 @@ impl Shim {
 
     /// A stop that came while no VMM ran (during a back-off).
     async fn stopped(&mut self, stop: Option<StopFrom>) -> ExitCode {
-        self.shared.set(|s| s.phase = Phase::Stopped);
+        self.shared
+            .emit(EventKind::Stopping, None, |s| s.phase = Phase::Stopping);
+        self.shared.emit(
+            EventKind::Stopped,
+            Some("stopped while no VMM ran".into()),
+            |s| s.phase = Phase::Stopped,
+        );
         say("stopped");
         self.after_stop(stop).await
     }
 
     /// Stops a running VMM gracefully, then reports and exits or idles.
     async fn stop_vmm(&mut self, mut vmm: Vmm, stop: Option<StopFrom>) -> ExitCode {
-        self.shared.set(|s| s.phase = Phase::Stopping);
+        self.shared
+            .emit(EventKind::Stopping, None, |s| s.phase = Phase::Stopping);
         let how = vmm
             .stop_gracefully(Duration::from_secs(self.spec.grace_secs))
             .await;
         vmm.drain_pumps().await;
-        self.shared.set(|s| {
-            s.phase = Phase::Stopped;
-            s.vmm = None;
-            s.vm = None;
-            s.reason = Some(how.clone());
-        });
+        self.shared
+            .emit(EventKind::Stopped, Some(how.clone()), |s| {
+                s.phase = Phase::Stopped;
+                s.vmm = None;
+                s.vm = None;
+                s.reason = Some(how.clone());
+            });
         say(format!("stopped: {how}"));
         self.after_stop(stop).await
     }

@@ -17,6 +17,7 @@ use vmd_runtime::vmm::{args, Version, VmState, VmmApi};
 use vmd_runtime::RunDir;
 
 use crate::console::{Keyboard, Plugged, SharedConsole};
+use crate::error::StartError;
 use crate::hygiene::{describe, Hardening};
 use crate::pumps;
 use crate::shared::Shared;
@@ -35,17 +36,42 @@ pub struct Vmm {
     pumps: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// The files the VM cannot start without. Checked before anything is
+/// started: a VMM would only exit on them, and a restart would not help.
+fn preflight(spec: &VmSpec) -> Result<(), StartError> {
+    let mut needed: Vec<(&'static str, &std::path::Path)> = vec![("kernel", &spec.kernel)];
+    if let Some(i) = &spec.initramfs {
+        needed.push(("initrd", i));
+    }
+    needed.extend(spec.disks.iter().map(|d| ("disk", d.path.as_path())));
+    needed.extend(
+        spec.shares
+            .iter()
+            .map(|s| ("shared directory", s.source.as_path())),
+    );
+    for (what, path) in needed {
+        if !path.exists() {
+            return Err(StartError::Missing {
+                what,
+                path: path.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl Vmm {
     /// Starts the shares' virtiofsd, then VMM `version`, with its output,
     /// events and serial console pumped into `log`.
-    pub fn start(
+    pub async fn start(
         spec: &VmSpec,
         run: &RunDir,
         version: Version,
         log: &SharedConsole,
         keyboard: &Keyboard,
         shared: &Shared,
-    ) -> Result<Vmm, String> {
+    ) -> Result<Vmm, StartError> {
+        preflight(spec)?;
         // cloud-hypervisor v53 leaves `<socket>.lock` behind.
         let api = run.api_socket();
         let mut lock = api.clone().into_os_string();
@@ -53,9 +79,9 @@ impl Vmm {
         for p in [api, lock.into()] {
             crate::virtiofsd::remove_stale(&p)?;
         }
-        let fs_daemons = crate::virtiofsd::start(spec)?;
-        let (ev_r, ev_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| format!("event pipe: {e}"))?;
+        let fs_daemons = crate::virtiofsd::start(spec).await?;
+        let (ev_r, ev_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(StartError::EventPipe)?;
         let input = match crate::serial::Input::open() {
             Ok(i) => Some(i),
             Err(e) => {
@@ -83,9 +109,10 @@ impl Vmm {
             "starting the VMM: {} (cloud-hypervisor {version})",
             spec.hypervisor.display()
         ));
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", spec.hypervisor.display()))?;
+        let mut child = cmd.spawn().map_err(|source| StartError::Spawn {
+            program: spec.hypervisor.clone(),
+            source,
+        })?;
         // The child has its copies; the pty's guest side went with `cmd`.
         drop(cmd);
         let keyboard_plug = serial_input.and_then(|master| match keyboard.plug(master) {

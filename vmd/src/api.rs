@@ -357,3 +357,31 @@ impl Serialize for Ip {
         }
     }
 }
+
+/// The stream method lifecycle events are published under: channel
+/// `vmd.manager@0.0.1.Events`, as a Go zbus server publishes a stream.
+pub const EVENTS: &str = "Events";
+
+/// The Redis channel of [`VmEvent`]s.
+pub fn events_channel() -> String {
+    format!("{MODULE}.{OBJECT}@{VERSION}.{EVENTS}")
+}
+
+wire_struct! {
+    /// A change in a VM's life, published on [`events_channel`]: the Go type
+    /// is `VMEvent{Name string; Event string; Seq uint64; At int64; Reason
+    /// string \`msgpack:",omitempty"\`}` (`docs/events.md`). Nothing else is
+    /// ever published there: a Go stub panics on what it cannot decode.
+    pub struct VmEvent {
+        "Name" => pub name: String,
+        /// `vmd_runtime::events::EventKind`'s wire text: `booted`, `crashed`…
+        "Event" => pub event: String,
+        /// 1, 2, 3… per VM, without gaps; `created` is 1.
+        "Seq" => pub seq: u64,
+        /// Unix seconds.
+        "At" => pub at: i64,
+        /// Why, where there is a reason (an exit status, a stream id…).
+        #[serde(skip_serializing_if = "String::is_empty")]
+        "Reason" => pub reason: String,
+    }
+}

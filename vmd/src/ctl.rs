@@ -58,6 +58,19 @@ enum Op {
     Unlock { name: String },
     /// The zbus status object of vmd: objects and workers.
     Status,
+    /// Lifecycle events: those the broker kept, then each as it happens
+    /// (Ctrl-C stops). One line each: time, VM, sequence number, event,
+    /// reason; `--json`: one JSON object per line.
+    Events {
+        /// Only this VM's.
+        name: Option<String>,
+        /// Only those after this sequence number of their VM.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Print what the broker kept and exit.
+        #[arg(long)]
+        no_follow: bool,
+    },
     /// The log streams of a VM.
     Streams { name: String },
     /// Ship a VM's console to redis://host:port/channel, ws://… or wss://….
@@ -86,6 +99,18 @@ enum Op {
 }
 
 pub async fn run(broker: Broker, args: CtlArgs) -> ExitCode {
+    if let Op::Events {
+        name,
+        since,
+        no_follow,
+    } = &args.op
+    {
+        let filter = vmd::events::subscribe::Filter {
+            name: name.clone(),
+            since: *since,
+        };
+        return events(&broker, filter, !no_follow, args.json).await;
+    }
     let stub = VmdStub::new(broker)
         .with_object(ObjectId::new(args.object.clone(), api::VERSION))
         .with_timeout(Duration::from_secs(args.timeout.max(1)));
@@ -96,6 +121,55 @@ pub async fn run(broker: Broker, args: CtlArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `vmd ctl events`: straight from the broker, where vmd publishes them.
+async fn events(
+    broker: &Broker,
+    filter: vmd::events::subscribe::Filter,
+    follow: bool,
+    json: bool,
+) -> ExitCode {
+    use std::io::Write;
+    let mut sub = match vmd::events::subscribe::Subscription::start(broker, filter, follow).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmd ctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    while let Some(e) = sub.next().await {
+        let line = if json {
+            serde_json::json!({
+                "name": e.name, "event": e.event, "seq": e.seq, "at": e.at, "reason": e.reason,
+            })
+            .to_string()
+        } else {
+            let at = time::OffsetDateTime::from_unix_timestamp(e.at)
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_else(|| e.at.to_string());
+            format!(
+                "{at}  {:<24} #{:<5} {:<14} {}",
+                e.name, e.seq, e.event, e.reason
+            )
+            .trim_end()
+            .to_owned()
+        };
+        let mut out = std::io::stdout().lock();
+        // A closed pipe (`| head`) ends it.
+        if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+            return ExitCode::SUCCESS;
+        }
+    }
+    if follow {
+        eprintln!("vmd ctl: the broker went away");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 async fn console(name: &str, runtime_dir: &std::path::Path, history: u64) -> ExitCode {
@@ -331,6 +405,7 @@ async fn op(stub: &VmdStub, args: &CtlArgs) -> Result<ExitCode, ClientError> {
             runtime_dir,
             history,
         } => return Ok(console(name, runtime_dir, *history).await),
+        Op::Events { .. } => unreachable!("answered in run"),
         Op::Status => {
             let st = stub.status().await?;
             if json {

@@ -116,6 +116,10 @@ struct DaemonArgs {
     /// never wait for changes, and changes of one VM run one after the other.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65536))]
     max_changes: u32,
+    /// Lifecycle events the broker keeps for `vmd ctl events` to replay
+    /// (a Redis stream, trimmed to about this many); 0 keeps none.
+    #[arg(long, default_value_t = 10_000)]
+    event_history: usize,
     /// Log filter (tracing syntax, e.g. `info`, `vmd=debug`); RUST_LOG wins.
     #[arg(long, default_value = "info")]
     log: String,
@@ -258,7 +262,14 @@ async fn daemon(
         sys_net: args.sys_net.clone(),
         sys_pci: args.sys_pci.clone(),
     };
-    let mut manager = Manager::new(host, settings).context("cannot prepare vmd's directories")?;
+    let events = vmd::events::Events::start(
+        broker.clone(),
+        args.event_history,
+        host.paths.clone(),
+        &pool,
+    );
+    let mut manager =
+        Manager::new(host, settings, events).context("cannot prepare vmd's directories")?;
     if args.network_module != "none" {
         manager = manager.with_network(vmd::network::Networker::new(
             broker.clone(),
@@ -282,6 +293,11 @@ async fn daemon(
     // background; only calls changing one of them wait, for that one.
     let plan = reconcile::plan(&manager, &server.locks());
     info!(pending = plan.pending(), "reconciling in the background");
+    // Every VM's shim is watched from now on; each watch resumes after the
+    // last event published, so what happened while vmd was away goes out.
+    for name in manager.names() {
+        drop(manager.events().follow(&name, false));
+    }
     let _reconciling = reconcile::spawn(&pool, Arc::clone(&manager), server.locks(), plan);
     server.run(stop_rx).await.context("zbus server")?;
     info!("vmd stopped");

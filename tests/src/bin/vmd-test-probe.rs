@@ -11,7 +11,8 @@
 //! * `exit CODE` — exits with CODE at once;
 //! * `--socket-path=S --shared-dir=D …` (virtiofsd's command line): writes
 //!   its `/proc/self/status` to `S.status`, listens on `S`, and sleeps — a
-//!   virtiofsd that shows how it was started.
+//!   virtiofsd that shows how it was started. If `S.delay_ms` holds a
+//!   number, it binds `S` only that many milliseconds later (a slow daemon).
 
 use std::io::Write;
 use std::time::Duration;
@@ -42,6 +43,12 @@ fn main() {
     if let Some(socket) = mode.strip_prefix("--socket-path=") {
         let status = std::fs::read("/proc/self/status").expect("read own status");
         std::fs::write(format!("{socket}.status"), status).expect("write status");
+        if let Some(ms) = std::fs::read_to_string(format!("{socket}.delay_ms"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         let _listener = std::os::unix::net::UnixListener::bind(socket).expect("bind socket");
         sleep_forever();
     }

@@ -67,6 +67,10 @@ impl Manager {
             .what(|| format!("cannot remove the console log of vm {name}"))?;
         files::remove_state(&paths.seed(name))
             .what(|| format!("cannot remove the cloud-init image of vm {name}"))?;
+        // Before the run directory goes: the shim's record in it is what is
+        // published of its last moments.
+        let why = (!graceful).then(|| "the VM was rolled back or cleaned up".to_owned());
+        self.events().deleted(name, why).await;
         files::remove_dir_all(run.path())
             .what(|| format!("cannot remove the run directory of vm {name}"))
     }

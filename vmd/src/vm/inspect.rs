@@ -75,7 +75,22 @@ impl Manager {
 
     /// What `Inspect` adds to Zero-OS's fields.
     pub fn live(&self, name: &VmName) -> Live {
-        let st = ShimState::load(&self.run_dir(name).state());
+        let st = match ShimState::load(&self.run_dir(name).state()) {
+            Ok(Some(st)) => st,
+            // Its shim has not written anything yet.
+            Ok(None) => ShimState::new(),
+            Err(e) => {
+                return Live {
+                    state: "unknown".into(),
+                    reason: Some(e.to_string()),
+                    restarts: 0,
+                    pid: None,
+                    uptime: None,
+                    console_url: None,
+                    console_error: None,
+                }
+            }
+        };
         let vmm_alive = st.vmm.is_some_and(|v| v.alive());
         let mut state = st.phase.as_str().to_owned();
         if st.phase == Phase::Running {

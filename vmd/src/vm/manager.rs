@@ -35,6 +35,8 @@ pub struct Manager {
     versions: VersionCache,
     /// The network module, which places web consoles (none: no web console).
     network: Option<crate::network::Networker>,
+    /// What every VM's shim pushes, and what vmd publishes.
+    events: crate::events::Events,
 }
 
 /// The zinit service of a VM.
@@ -45,7 +47,11 @@ pub fn service_of(name: &VmName) -> zinit::ServiceName {
 
 impl Manager {
     /// Creates vmd's directories (private: they hold requests and sockets).
-    pub fn new(host: Host, settings: Settings) -> std::io::Result<Self> {
+    pub fn new(
+        host: Host,
+        settings: Settings,
+        events: crate::events::Events,
+    ) -> std::io::Result<Self> {
         let p = &host.paths;
         files::create_dir(&p.vms_dir(), 0o700)?;
         files::create_dir(&p.logs_dir(), 0o750)?;
@@ -61,6 +67,7 @@ impl Manager {
             services,
             versions: VersionCache::new(),
             network: None,
+            events,
         })
     }
 
@@ -72,6 +79,10 @@ impl Manager {
 
     pub fn network(&self) -> Option<&crate::network::Networker> {
         self.network.as_ref()
+    }
+
+    pub fn events(&self) -> &crate::events::Events {
+        &self.events
     }
 
     pub fn host(&self) -> &Host {

@@ -129,7 +129,10 @@ fn one(paths: &HostPaths, name: &VmName, sys_net: &Path) -> MachineMetric {
             tracing::warn!(vm = %name, error = %e, "cannot save the tap counters seen");
         }
     }
-    let st = ShimState::load(&run.state());
+    let st = ShimState::load(&run.state())
+        .ok()
+        .flatten()
+        .unwrap_or_default();
     out.restarts = Some(st.restarts);
     if let Some(vmm) = st.vmm.filter(|v| v.alive()) {
         if let Some((cpu_ms, rss)) = process_usage(vmm.pid) {

@@ -2,6 +2,9 @@
 
 use std::time::{Duration, Instant};
 
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::Receiver;
+use vmd_runtime::events::{EventKind, ShimEvent};
 use vmd_runtime::state::{Phase, ShimState};
 use vmd_runtime::{console, files, VmName};
 
@@ -10,12 +13,15 @@ use super::host::is_netns_name;
 use super::manager::{service_of, Manager};
 use super::plan::{needs_in_use, plan, InUse, Plan};
 use crate::api::{MachineInfo, Vm};
+use crate::events::Seen;
 use crate::network::{console_address, console_port};
 use std::net::{IpAddr, Ipv4Addr};
 use vmd_runtime::spec::WebConsole;
 
 /// How long Run waits for the VM to boot.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a silent shim is given before zinit is asked about it.
+const SHIM_SILENT: Duration = Duration::from_secs(1);
 /// What a failed Run shows of the console.
 const CONSOLE_TAIL: u64 = 2048;
 
@@ -49,11 +55,14 @@ impl Manager {
             .await?;
         plan.spec.hypervisor_release = Some(release);
         let t0 = Instant::now();
-        if let Err(e) = self.start(&vm, &plan).await {
-            self.roll_back(&name).await;
-            return Err(e);
-        }
-        match self.wait_up(&name).await {
+        let seen = match self.start(&vm, &plan).await {
+            Ok(seen) => seen,
+            Err(e) => {
+                self.roll_back(&name).await;
+                return Err(e);
+            }
+        };
+        match self.wait_up(&name, seen).await {
             Ok(()) => {
                 // The commit point: the VM exists.
                 self.mark(&self.paths().present_mark(&name))?;
@@ -151,8 +160,9 @@ impl Manager {
         }
     }
 
-    /// Writes the VM's files and hands its service to zinit.
-    async fn start(&self, vm: &Vm, plan: &Plan) -> Result<(), VmError> {
+    /// Writes the VM's files and hands its service to zinit; returns what
+    /// its shim will say.
+    async fn start(&self, vm: &Vm, plan: &Plan) -> Result<Receiver<Seen>, VmError> {
         let name = &plan.name;
         let run = self.run_dir(name);
         // Leftovers of an earlier life of this name (a crash mid-way).
@@ -161,6 +171,8 @@ impl Manager {
         }
         let shown = || format!("cannot create the run directory of vm {name}");
         files::create_dir(run.path(), 0o700).what(shown)?;
+        // Listening before the shim can say anything: nothing is missed.
+        let seen = self.events().follow(name, true);
         self.mark(&run.creating_mark())?;
         files::write_json(&run.request(), vm, 0o600)
             .what(|| format!("cannot write the request of vm {name}"))?;
@@ -176,6 +188,8 @@ impl Manager {
         self.services()
             .install(&service, &plan.service)
             .what(|| format!("cannot write the service file of {service}"))?;
+        // Before zinit runs the shim: `created` comes before its events.
+        self.events().created(name);
         let started = match self.zinit().monitor(&service).await {
             Err(zinit::ZinitError::AlreadyMonitored(_)) => {
                 // A service zinit kept from an earlier life: replace it.
@@ -189,52 +203,108 @@ impl Manager {
         started.map_err(|source| VmError::ServiceStart {
             service: service.to_string(),
             source,
-        })
+        })?;
+        Ok(seen)
     }
 
     /// Waits until the VM of `name` has booted, or its start failed (the
-    /// reason, for the caller).
-    async fn wait_up(&self, name: &VmName) -> Result<(), String> {
-        let run = self.run_dir(name);
-        let service = service_of(name);
-        let t0 = Instant::now();
-        let mut polls = 0u32;
+    /// reason, for the caller), listening to what its shim pushes. Only a
+    /// shim that never says anything is looked for in zinit (it may not
+    /// start at all: a missing binary, a broken service file).
+    async fn wait_up(&self, name: &VmName, mut seen: Receiver<Seen>) -> Result<(), String> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut heard = false;
+        let mut ask_zinit = Instant::now() + SHIM_SILENT;
         loop {
-            let st = ShimState::load(&run.state());
-            if let Some(exit) = st.exits.last() {
-                return Err(format!(
-                    "the VM stopped right after its start: {}",
-                    exit.status
-                ));
-            }
-            match st.phase {
-                Phase::Failed | Phase::PoweredOff => {
-                    return Err(st.reason.unwrap_or_else(|| "the VM failed".into()));
+            let got = tokio::select! {
+                got = seen.recv() => got,
+                _ = tokio::time::sleep_until(ask_zinit.into()), if !heard => {
+                    self.shim_never_started(name).await?;
+                    ask_zinit = Instant::now() + SHIM_SILENT;
+                    continue;
                 }
-                // Up means booted (the shim records the VMM's `booted`
-                // event): the API answers before the kernel is loaded, and a
-                // VMM that cannot load it exits right after.
-                Phase::Running if st.booted() => return Ok(()),
-                _ => {}
-            }
-            // The shim itself may fail before it writes any state.
-            polls += 1;
-            if polls.is_multiple_of(20) {
-                if let Ok(s) = self.zinit().status(&service).await {
-                    if matches!(s.state, zinit::State::Error(_) | zinit::State::Failure)
-                        && st.vmm.is_none()
-                    {
-                        let lines = self.zinit().service_log(&service).await.unwrap_or_default();
-                        let last = lines.last().cloned().unwrap_or_default();
-                        return Err(format!("the shim could not start ({}): {last}", s.state));
-                    }
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    return Err(format!("the VMM did not answer within {START_TIMEOUT:?}"));
                 }
+            };
+            let verdict = match got {
+                Ok(Seen::State(st)) => {
+                    heard = true;
+                    booted_by_state(&st)
+                }
+                Ok(Seen::Event(ev)) => {
+                    heard = true;
+                    booted_by_event(&ev)
+                }
+                // zinit restarts the shim: until the next one speaks, zinit
+                // is what can say why it does not.
+                Ok(Seen::Gone) => {
+                    heard = false;
+                    None
+                }
+                // Fell behind (it cannot, with a few events per boot): the
+                // shim's record says where the VM is.
+                Err(RecvError::Lagged(_)) => match ShimState::load(&self.run_dir(name).state()) {
+                    Ok(Some(st)) => booted_by_state(&st),
+                    _ => None,
+                },
+                Err(RecvError::Closed) => return Err("vmd stopped following the VM".into()),
+            };
+            if let Some(v) = verdict {
+                return v;
             }
-            if t0.elapsed() > START_TIMEOUT {
-                return Err(format!("the VMM did not answer within {START_TIMEOUT:?}"));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// A shim zinit cannot keep running, and that never spoke.
+    async fn shim_never_started(&self, name: &VmName) -> Result<(), String> {
+        let service = service_of(name);
+        match self.zinit().status(&service).await {
+            Ok(s) if matches!(s.state, zinit::State::Error(_) | zinit::State::Failure) => {
+                let lines = self.zinit().service_log(&service).await.unwrap_or_default();
+                let last = lines.last().cloned().unwrap_or_default();
+                Err(format!("the shim could not start ({}): {last}", s.state))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Whether a state the shim reports settles the Run.
+fn booted_by_state(st: &ShimState) -> Option<Result<(), String>> {
+    if let Some(exit) = st.exits.last() {
+        return Some(Err(format!(
+            "the VM stopped right after its start: {}",
+            exit.status
+        )));
+    }
+    match st.phase {
+        Phase::Failed | Phase::PoweredOff => Some(Err(st
+            .reason
+            .clone()
+            .unwrap_or_else(|| "the VM failed".into()))),
+        // Up means booted (the VMM's `booted` event): the API answers
+        // before the kernel is loaded, and a VMM that cannot load it exits
+        // right after.
+        Phase::Running if st.booted() => Some(Ok(())),
+        _ => None,
+    }
+}
+
+/// Whether an event settles the Run.
+fn booted_by_event(ev: &ShimEvent) -> Option<Result<(), String>> {
+    let reason = || ev.reason.clone().unwrap_or_else(|| ev.kind.to_string());
+    match ev.kind {
+        EventKind::Booted => Some(Ok(())),
+        EventKind::Crashed => Some(Err(format!(
+            "the VM stopped right after its start: {}",
+            reason()
+        ))),
+        EventKind::PoweredOff => Some(Err(
+            "the VM stopped right after its start: guest powered off".into(),
+        )),
+        EventKind::Failed => Some(Err(reason())),
+        _ => None,
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use vmd_runtime::events::EventKind;
 use vmd_runtime::output::Output;
 use vmd_runtime::progress::Progress;
 use vmd_runtime::{console, files, StreamId, VmName};
@@ -99,6 +100,10 @@ impl Manager {
             return Err(VmError::StreamExists(stream.id.clone()));
         }
         let result = self.install_stream(&name, &id, &spec).await;
+        if result.is_ok() {
+            self.events()
+                .note(&name, EventKind::StreamStarted, Some(id.to_string()));
+        }
         if result.is_err() {
             if let Err(e) = self.remove_stream(&id).await {
                 tracing::error!(stream = %id, error = %e, "cannot undo the failed StreamCreate; reconciliation removes it");
@@ -178,6 +183,7 @@ impl Manager {
     /// Stops and removes a stream.
     pub async fn remove_stream(&self, id: &StreamId) -> Result<(), VmError> {
         let svc = service_of(id);
+        let of: Option<StreamSpec> = files::read_json(&self.paths().stream_spec(id));
         self.zinit()
             .remove(&svc, Duration::from_secs(10))
             .await
@@ -194,6 +200,10 @@ impl Manager {
             self.paths().stream_spec(id),
         ] {
             files::remove_state(&p).what(|| format!("cannot remove {}", p.display()))?;
+        }
+        if let Some(vm) = of.and_then(|s| VmName::new(&s.vm).ok()) {
+            self.events()
+                .note(&vm, EventKind::StreamStopped, Some(id.to_string()));
         }
         Ok(())
     }

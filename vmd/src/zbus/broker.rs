@@ -140,6 +140,27 @@ impl Broker {
     }
 }
 
+impl Broker {
+    /// A connection for `SUBSCRIBE` (a subscribed connection takes no other
+    /// command).
+    pub async fn pubsub(&self) -> Result<redis::aio::PubSub, BrokerError> {
+        let err = |source| BrokerError::Connect {
+            broker: self.to_string(),
+            source,
+        };
+        let client = redis::Client::open(self.connection_info()).map_err(err)?;
+        tokio::time::timeout(Duration::from_secs(3), client.get_async_pubsub())
+            .await
+            .map_err(|_| {
+                err(redis::RedisError::from((
+                    redis::ErrorKind::IoError,
+                    "connection timed out",
+                )))
+            })?
+            .map_err(err)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
