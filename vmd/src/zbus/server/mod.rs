@@ -1,0 +1,352 @@
+//! The zbus v1 server side.
+//!
+//! Layout (one process, two tokio runtimes):
+//!
+//! ```text
+//!  front: one thread, current-thread runtime — nothing on it ever blocks
+//!  ───────────────────────────────────────────────────────────────────
+//!  popper (own connection) ── BLMPOP object queues COUNT free room
+//!     │ one task per request; at most `max_changes + READ_ROOM` popped and
+//!     │ not yet answered
+//!     ▼
+//!  Service::dispatch: decoded once into a typed call and what it needs
+//!     │ quick  → answered here (a few small files, async I/O)
+//!     │ read   → runs on the pool; never waits for a change
+//!     │ change → a slot of `max_changes` (none left: refused at once),
+//!     │          then its keys (same VM: one after the other), then the pool
+//!     ▼
+//!  replier (own connection, one task) ── queued replies as one pipeline of
+//!     RPUSH + EXPIRE 300 each, retried across reconnects
+//!  status popper (own connection) ── BLMPOP vmd.zbus@1.0, answered here
+//!
+//!  pool: multi-thread runtime — changes (which may wait on guests, fsync,
+//!  run processes) and reads that take CPU or disk (Metrics, LogsFull)
+//! ```
+//!
+//! Waiting is not working: a call that waits for its guest (a graceful
+//! Delete) holds its VM's key and a change slot, nothing that calls on other
+//! VMs or reads need. The change slots bound memory, not concurrency: past
+//! them a change is answered with a method error at once rather than queued
+//! past its caller's deadline (a Go caller panics when that passes). The
+//! whole path of a quick read stays on one thread, as lean as an echo over
+//! Redis: no hop between threads, no task of the pool involved.
+//!
+//! A request is popped only when there is room for it, so a popped request is
+//! always answered unless the process dies. Every Redis failure leads to a
+//! reconnect with capped exponential back-off, never to a spin.
+//!
+//! Here: the contract with a served object ([`Service`]), the server and
+//! the routing of a call by its [`Access`]; [`pop`] takes requests,
+//! [`reply`] sends answers, [`status`] is the status object.
+
+mod pop;
+mod reply;
+mod status;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_bytes::ByteBuf;
+use tokio::sync::{watch, Semaphore};
+use tracing::{debug, error, info, warn};
+
+use super::broker::Broker;
+use super::keyed::KeyedLocks;
+use super::wire::{ObjectId, Output, Response};
+use pop::pop_loop;
+use reply::Replier;
+pub use status::status_reply;
+use status::{status_response, Running};
+
+/// The future of one call: its output, or a protocol error message.
+pub type Call = Pin<Box<dyn Future<Output = Result<Output, String>> + Send>>;
+
+/// What a call needs before it may run, and where it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// Reads a few small files and maybe asks a socket (async): answered on
+    /// the front, at once. Never waits for a change in flight: every change
+    /// replaces what it reads atomically.
+    Quick,
+    /// Reads, but may take milliseconds of CPU or disk: runs on the pool,
+    /// never waits for a change either.
+    Read,
+    /// Changes what these keys name: calls sharing a key run one at a time,
+    /// on the pool.
+    Change(Vec<String>),
+}
+
+/// A request decoded into a call: what it needs, and the call itself (a
+/// future, so nothing runs before its keys are held).
+pub struct Dispatch {
+    pub access: Access,
+    pub call: Call,
+}
+
+/// An object served on the bus.
+pub trait Service: Send + Sync + 'static {
+    /// Decodes a request once. `Err` is a protocol error (unknown method,
+    /// malformed arguments), answered without waiting for anything.
+    fn dispatch(&self, method: &str, inputs: Vec<ByteBuf>) -> Result<Dispatch, String>;
+    /// The answer to a well-formed call that is refused without running
+    /// (too many changes in flight): a method error a Go caller can take.
+    fn refuse(&self, method: &str, message: String) -> Output;
+    /// What the status object shows for a running call.
+    fn action(&self, object: &str, method: &str) -> String {
+        format!("[{object}].{method}()")
+    }
+}
+
+/// Popped requests that are not changes always find room: reads are short
+/// and never wait for a change, so this many at once is a flood, not a queue.
+pub const READ_ROOM: usize = 256;
+
+/// How long a reply stays in Redis for its caller (the Go value).
+pub const REPLY_TTL_SECS: u64 = 300;
+/// BLPOP timeout. Short, so that shutdown never has to cancel a BLPOP whose
+/// element may already be on its way (which would lose that request).
+const POP_TIMEOUT_SECS: u64 = 1;
+/// Requests taken in one round trip, at most.
+const POP_BATCH: usize = 64;
+/// How long a reply is retried while Redis is away before it is given up.
+const REPLY_RETRY_FOR: Duration = Duration::from_secs(60);
+
+pub struct ServerConfig {
+    /// Module name: queues are `<module>.<object>@<version>`.
+    pub module: String,
+    /// Changes in flight (running or waiting for their keys), at most; one
+    /// more is refused at once with a method error. A bound on memory (a
+    /// waiting change is a small task), not on how many run at once.
+    pub max_changes: usize,
+    /// After shutdown is asked, how long calls in flight may still take.
+    pub drain_timeout: Duration,
+    /// Where changes and heavy reads run; `None`: on the server's runtime.
+    pub pool: Option<tokio::runtime::Handle>,
+}
+
+impl ServerConfig {
+    pub fn new(module: impl Into<String>) -> Self {
+        ServerConfig {
+            module: module.into(),
+            max_changes: 1024,
+            drain_timeout: Duration::from_secs(40),
+            pool: None,
+        }
+    }
+}
+
+pub struct Server {
+    config: ServerConfig,
+    broker: Broker,
+    services: HashMap<ObjectId, Arc<dyn Service>>,
+    registered: Vec<ObjectId>,
+    locks: Arc<KeyedLocks>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("no object registered")]
+    NoObjects,
+    #[error("max_changes must be at least 1")]
+    NoChanges,
+}
+
+struct Shared {
+    module: String,
+    services: HashMap<ObjectId, Arc<dyn Service>>,
+    /// Objects as the status reply lists them (aliases of one service once).
+    status_objects: Vec<ObjectId>,
+    changes: Arc<Semaphore>,
+    max_changes: usize,
+    running: Running,
+    locks: Arc<KeyedLocks>,
+    replier: Replier,
+    pool: tokio::runtime::Handle,
+}
+
+impl Server {
+    pub fn new(broker: Broker, config: ServerConfig) -> Self {
+        Server {
+            config,
+            broker,
+            services: HashMap::new(),
+            registered: Vec::new(),
+            locks: Arc::new(KeyedLocks::default()),
+        }
+    }
+
+    /// The per-key locks of changes. Whoever holds a key before `run` (start-
+    /// up reconciliation of an interrupted Delete) makes the calls changing
+    /// that VM wait for it, and only those.
+    pub fn locks(&self) -> Arc<KeyedLocks> {
+        Arc::clone(&self.locks)
+    }
+
+    /// Serves `service` as `object`. The same service may be registered under
+    /// several names (vmd's `manager` and `vmd`).
+    pub fn register(&mut self, object: ObjectId, service: Arc<dyn Service>) -> &mut Self {
+        if self.services.insert(object.clone(), service).is_none() {
+            self.registered.push(object);
+        }
+        self
+    }
+
+    /// Serves until `shutdown` turns true, then stops popping, lets the calls
+    /// in flight finish (up to the drain timeout) and returns.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
+        if self.services.is_empty() {
+            return Err(ServerError::NoObjects);
+        }
+        if self.config.max_changes == 0 {
+            return Err(ServerError::NoChanges);
+        }
+        // The status reply lists each service once, under the name it was
+        // first registered with (`manager`, which zbusdebug and callers know).
+        let mut status_objects: Vec<ObjectId> = Vec::new();
+        let mut seen: Vec<usize> = Vec::new();
+        for id in &self.registered {
+            let p = Arc::as_ptr(&self.services[id]) as *const () as usize;
+            if !seen.contains(&p) {
+                seen.push(p);
+                status_objects.push(id.clone());
+            }
+        }
+        let shared = Arc::new(Shared {
+            module: self.config.module.clone(),
+            status_objects,
+            changes: Arc::new(Semaphore::new(self.config.max_changes)),
+            max_changes: self.config.max_changes,
+            running: Running::new(),
+            pool: self
+                .config
+                .pool
+                .clone()
+                .unwrap_or_else(tokio::runtime::Handle::current),
+            locks: self.locks,
+            replier: Replier::start(self.broker.clone()),
+            services: self.services,
+        });
+
+        let mut queues: Vec<String> = shared
+            .services
+            .keys()
+            .map(|o| o.queue(&shared.module))
+            .collect();
+        queues.sort();
+        let status_queue = ObjectId::status().queue(&shared.module);
+        info!(queues = ?queues, status = %status_queue, max_changes = self.config.max_changes,
+              broker = %self.broker, "zbus server started");
+
+        let max_inflight = self.config.max_changes + READ_ROOM;
+        let inflight = Arc::new(Semaphore::new(max_inflight));
+        let status_inflight = Arc::new(Semaphore::new(16));
+        let main = tokio::spawn(pop_loop(
+            self.broker.clone(),
+            queues,
+            Arc::clone(&shared),
+            Arc::clone(&inflight),
+            shutdown.clone(),
+        ));
+        let status = tokio::spawn(pop_loop(
+            self.broker.clone(),
+            vec![status_queue],
+            Arc::clone(&shared),
+            Arc::clone(&status_inflight),
+            shutdown.clone(),
+        ));
+        let _ = shutdown.wait_for(|s| *s).await;
+        info!("shutting down: no new requests are taken");
+        let _ = main.await;
+        let _ = status.await;
+        let drained = tokio::time::timeout(self.config.drain_timeout, async {
+            let _a = inflight.acquire_many(max_inflight as u32).await;
+            let _b = status_inflight.acquire_many(16).await;
+        })
+        .await;
+        if drained.is_err() {
+            warn!("calls still running after the drain timeout; leaving them");
+        }
+        Ok(())
+    }
+}
+
+/// Capped exponential back-off for reconnects.
+struct Backoff(Duration);
+
+impl Backoff {
+    const MIN: Duration = Duration::from_millis(50);
+    const MAX: Duration = Duration::from_secs(2);
+
+    fn new() -> Self {
+        Backoff(Self::MIN)
+    }
+    fn reset(&mut self) {
+        self.0 = Self::MIN;
+    }
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Self::MAX);
+    }
+}
+
+async fn serve(
+    shared: &Shared,
+    object: ObjectId,
+    method: String,
+    inputs: Vec<ByteBuf>,
+    id: &str,
+) -> Response {
+    if object == ObjectId::status() {
+        return status_response(shared, id);
+    }
+    let Some(service) = shared.services.get(&object) else {
+        debug!(object = %object, "request for an unknown object");
+        return Response::protocol_error(id, "unknown object");
+    };
+    let dispatch = match service.dispatch(&method, inputs) {
+        Ok(d) => d,
+        Err(e) => return Response::protocol_error(id, e),
+    };
+    let result = match dispatch.access {
+        Access::Quick => {
+            let _running = shared.running.enter(object, method);
+            dispatch.call.await
+        }
+        Access::Read => on_pool(shared, service.as_ref(), object, method, dispatch.call).await,
+        Access::Change(keys) => {
+            let Ok(_slot) = Arc::clone(&shared.changes).try_acquire_owned() else {
+                warn!(id, method = %method, max = shared.max_changes, "too many changes in flight; refused");
+                let msg = format!(
+                    "vmd is busy: {} changes are in flight already; try again later",
+                    shared.max_changes
+                );
+                return Response::from_call(id, Ok(service.refuse(&method, msg)));
+            };
+            let _held = shared.locks.lock_all(keys).await;
+            on_pool(shared, service.as_ref(), object, method, dispatch.call).await
+        }
+    };
+    Response::from_call(id, result)
+}
+
+/// Runs `call` on the pool, shown as running, and waits for it. A call that
+/// cannot finish (the pool is shutting down) gets a Go-safe method error.
+async fn on_pool(
+    shared: &Shared,
+    service: &dyn Service,
+    object: ObjectId,
+    method: String,
+    call: Call,
+) -> Result<Output, String> {
+    let _running = shared.running.enter(object, method.clone());
+    match shared.pool.spawn(call).await {
+        Ok(result) => result,
+        Err(e) => {
+            error!(error = %e, method = %method, "a call on the pool did not finish");
+            Ok(service.refuse(&method, "internal error: the call was cancelled".into()))
+        }
+    }
+}
