@@ -45,5 +45,5 @@ cargo test --workspace "$@"
 # with a real cloud-hypervisor (VMD_TEST_CH): that is one release already.
 if [ $# -eq 0 ] && [ -z "${VMD_TEST_CH:-}" ]; then
     echo "== again with the double playing cloud-hypervisor v39"
-    VMD_TEST_CH_VERSION=39 cargo test -p vmd-tests --test shim --test console --test vmd --test streams --test virtiofs
+    VMD_TEST_CH_VERSION=39 cargo test -p vmd-tests --test shim --test console --test vmd --test streams --test virtiofs --test events
 fi
