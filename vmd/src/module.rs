@@ -17,6 +17,7 @@ use serde::Serialize;
 use serde_bytes::ByteBuf;
 
 use crate::api::{MachineInfo, MachineMetrics, Stream, Vm, VmInfo};
+use crate::zbus::client::{self, ClientError};
 use crate::zbus::codec;
 use crate::zbus::server::{Access, Call, Dispatch, Service};
 use crate::zbus::wire::{Output, RemoteError};
@@ -42,97 +43,308 @@ impl MethodError {
 
 pub type MethodResult<T> = Result<T, MethodError>;
 
-/// The methods of the Zero-OS `VMModule`, with their Go signatures.
-pub trait VmModule: Send + Sync + 'static {
-    fn run(&self, vm: Vm) -> impl Future<Output = MethodResult<MachineInfo>> + Send;
-    fn inspect(&self, name: String) -> impl Future<Output = MethodResult<VmInfo>> + Send;
-    fn delete(&self, name: String) -> impl Future<Output = MethodResult<()>> + Send;
-    /// Go's signature has no error: the answer is always a bool.
-    fn exists(&self, name: String) -> impl Future<Output = bool> + Send;
-    fn logs(&self, name: String) -> impl Future<Output = MethodResult<String>> + Send;
-    fn logs_full(&self, name: String) -> impl Future<Output = MethodResult<String>> + Send;
-    fn list(&self) -> impl Future<Output = MethodResult<Vec<String>>> + Send;
-    fn metrics(&self) -> impl Future<Output = MethodResult<MachineMetrics>> + Send;
-    fn lock(&self, name: String, lock: bool) -> impl Future<Output = MethodResult<()>> + Send;
-    fn stream_create(
-        &self,
-        name: String,
-        stream: Stream,
-    ) -> impl Future<Output = MethodResult<()>> + Send;
-    fn stream_delete(&self, id: String) -> impl Future<Output = MethodResult<()>> + Send;
+/// What a method answers, and how that goes on the wire both ways: the
+/// `Data` of a failure (the Go zero value of the result, or nil for
+/// error-only methods), the output of a call, and what the typed client
+/// makes of an output.
+pub trait Answer: Send + 'static {
+    /// What the typed client returns on success.
+    type Client;
+    /// `Data` when the method fails.
+    fn zero() -> Option<ByteBuf>;
+    fn into_output(self, method: Method) -> Output;
+    fn from_output(out: Output) -> Result<Self::Client, ClientError>;
 }
 
-/// The methods of the interface, without their arguments.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Method {
-    Run,
-    Inspect,
-    Delete,
-    Exists,
-    Logs,
-    LogsFull,
-    List,
-    Metrics,
-    Lock,
-    StreamCreate,
-    StreamDelete,
+/// Results carried in `Data` (error-only methods return `()`, which is not).
+pub trait Valued: Serialize + DeserializeOwned + Default + Send + 'static {}
+impl Valued for MachineInfo {}
+impl Valued for VmInfo {}
+impl Valued for String {}
+impl Valued for Vec<String> {}
+impl Valued for MachineMetrics {}
+
+impl<T: Valued> Answer for MethodResult<T> {
+    type Client = T;
+    fn zero() -> Option<ByteBuf> {
+        Some(encode_or_nil(&T::default()))
+    }
+    fn into_output(self, method: Method) -> Output {
+        match self {
+            Ok(v) => Output {
+                data: Some(encode_or_nil(&v)),
+                error: None,
+            },
+            Err(e) => failed(method, e.0),
+        }
+    }
+    fn from_output(out: Output) -> Result<T, ClientError> {
+        client::value(out)
+    }
 }
 
-impl Method {
-    /// In the order of the Go interface.
-    pub const ALL: [Method; 11] = [
-        Method::Run,
-        Method::Inspect,
-        Method::Delete,
-        Method::Exists,
-        Method::Logs,
-        Method::LogsFull,
-        Method::List,
-        Method::Metrics,
-        Method::Lock,
-        Method::StreamCreate,
-        Method::StreamDelete,
-    ];
-
-    /// The wire name (Go's method name, case-sensitive).
-    pub const fn name(self) -> &'static str {
+/// An error-only method: `Data` stays nil, as Go sends it.
+impl Answer for MethodResult<()> {
+    type Client = ();
+    fn zero() -> Option<ByteBuf> {
+        None
+    }
+    fn into_output(self, method: Method) -> Output {
         match self {
-            Method::Run => "Run",
-            Method::Inspect => "Inspect",
-            Method::Delete => "Delete",
-            Method::Exists => "Exists",
-            Method::Logs => "Logs",
-            Method::LogsFull => "LogsFull",
-            Method::List => "List",
-            Method::Metrics => "Metrics",
-            Method::Lock => "Lock",
-            Method::StreamCreate => "StreamCreate",
-            Method::StreamDelete => "StreamDelete",
+            Ok(()) => Output::default(),
+            Err(e) => failed(method, e.0),
         }
     }
-
-    pub fn from_name(name: &str) -> Option<Method> {
-        Method::ALL.into_iter().find(|m| m.name() == name)
+    fn from_output(out: Output) -> Result<(), ClientError> {
+        client::unit(out)
     }
+}
 
-    /// `Data` when the method fails: the Go zero value of its result, or nil
-    /// for methods that return only an error.
-    fn zero_data(self) -> Option<ByteBuf> {
-        match self {
-            Method::Run => Some(encode_or_nil(&MachineInfo::default())),
-            Method::Inspect => Some(encode_or_nil(&VmInfo::default())),
-            Method::Exists => Some(encode_or_nil(&false)),
-            Method::Logs | Method::LogsFull => Some(encode_or_nil(&String::new())),
-            Method::List => Some(encode_or_nil(&Vec::<String>::new())),
-            Method::Metrics => Some(encode_or_nil(&MachineMetrics::default())),
-            Method::Delete | Method::Lock | Method::StreamCreate | Method::StreamDelete => None,
+/// Go's `Exists` has no error: the answer is always a bool.
+impl Answer for bool {
+    type Client = bool;
+    fn zero() -> Option<ByteBuf> {
+        Some(encode_or_nil(&false))
+    }
+    fn into_output(self, _: Method) -> Output {
+        Output {
+            data: Some(encode_or_nil(&self)),
+            error: None,
         }
     }
+    fn from_output(out: Output) -> Result<bool, ClientError> {
+        client::value(out)
+    }
+}
+
+/// An argument of the typed client: borrowed or owned, `&str` for strings.
+pub trait IntoArg<T> {
+    fn into_arg(self) -> T;
+}
+
+impl<T> IntoArg<T> for T {
+    fn into_arg(self) -> T {
+        self
+    }
+}
+
+impl<T: Clone> IntoArg<T> for &T {
+    fn into_arg(self) -> T {
+        self.clone()
+    }
+}
+
+impl IntoArg<String> for &str {
+    fn into_arg(self) -> String {
+        self.to_owned()
+    }
+}
+
+/// Generates everything about the methods from the one table below.
+macro_rules! interface {
+    (
+        $(
+            $(#[doc = $doc:literal])*
+            $variant:ident => $fn:ident ( $( $arg:ident : $ty:ty as $go:literal ),* ) -> $ret:ty ,
+                access $access:block ,
+                serve |$m:ident| $serve:block ;
+        )*
+    ) => {
+        /// The methods of the Zero-OS `VMModule`, with their Go signatures.
+        pub trait VmModule: Send + Sync + 'static {
+            $(
+                $(#[doc = $doc])*
+                fn $fn(&self, $($arg: $ty),*) -> impl Future<Output = $ret> + Send;
+            )*
+        }
+
+        /// The methods of the interface, without their arguments.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Method {
+            $($variant),*
+        }
+
+        impl Method {
+            /// In the order of the Go interface.
+            pub const ALL: &'static [Method] = &[$(Method::$variant),*];
+
+            /// The wire name (Go's method name, case-sensitive).
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Method::$variant => stringify!($variant)),*
+                }
+            }
+
+            pub fn from_name(name: &str) -> Option<Method> {
+                Method::ALL.iter().copied().find(|m| m.name() == name)
+            }
+
+            /// `Data` when the method fails: the Go zero value of its
+            /// result, or nil for methods that return only an error.
+            fn zero_data(self) -> Option<ByteBuf> {
+                match self {
+                    $(Method::$variant => <$ret as Answer>::zero()),*
+                }
+            }
+        }
+
+        /// One call of the interface, decoded once from a request.
+        #[derive(Debug, Clone, PartialEq)]
+        // One per request, moved into its future: a box would only move the
+        // allocation.
+        #[allow(clippy::large_enum_variant)]
+        pub enum VmCall {
+            $($variant { $($arg: $ty),* }),*
+        }
+
+        impl VmCall {
+            /// Decodes a request's method and arguments. `Err` is the
+            /// protocol error Go's server sends for the same input, to the
+            /// byte.
+            // The argument counter's last step is never read.
+            #[allow(unused_assignments)]
+            pub fn decode(method: &str, inputs: &[ByteBuf]) -> Result<VmCall, String> {
+                let m = Method::from_name(method).ok_or_else(|| "not a function".to_owned())?;
+                match m {
+                    $(Method::$variant => {
+                        argc(inputs, <[&str]>::len(&[$(stringify!($arg)),*]))?;
+                        #[allow(unused_mut, unused_variables)]
+                        let mut next = 0usize;
+                        Ok(VmCall::$variant {
+                            $($arg: {
+                                let v: $ty = arg(inputs, next, $go)?;
+                                next += 1;
+                                v
+                            }),*
+                        })
+                    })*
+                }
+            }
+
+            /// The request's arguments, encoded as Go's stub encodes them:
+            /// the inverse of [`VmCall::decode`] (the typed client sends
+            /// these).
+            pub fn inputs(&self) -> Result<Vec<Vec<u8>>, codec::EncodeError> {
+                match self {
+                    $(VmCall::$variant { $($arg),* } => Ok(vec![$(codec::encode($arg)?),*])),*
+                }
+            }
+
+            pub fn method(&self) -> Method {
+                match self {
+                    $(VmCall::$variant { .. } => Method::$variant),*
+                }
+            }
+
+            /// What the call needs before it runs, and where it runs (see
+            /// the table).
+            pub fn access(&self) -> Access {
+                match self {
+                    $(
+                        #[allow(unused_variables)]
+                        VmCall::$variant { $($arg),* } => $access
+                    ),*
+                }
+            }
+
+            /// Runs the call on `m`. Whatever happens, the output is one a
+            /// Go stub takes: method failures and panics are `Output.Error`
+            /// beside the zero value of the result.
+            pub async fn call<M: VmModule>(self, m: &M) -> Output {
+                match self {
+                    $(VmCall::$variant { $($arg),* } => {
+                        answer(Method::$variant, m.$fn($($arg),*)).await
+                    })*
+                }
+            }
+        }
+
+        /// The VM module serves the interface: the handlers of the table.
+        impl VmModule for crate::vm::Manager {
+            $(
+                async fn $fn(&self, $($arg: $ty),*) -> $ret {
+                    let $m = self;
+                    $serve
+                }
+            )*
+        }
+
+        /// The typed client: one method per method of the interface.
+        impl crate::stub::VmdStub {
+            $(
+                $(#[doc = $doc])*
+                pub async fn $fn(
+                    &self,
+                    $($arg: impl IntoArg<$ty>),*
+                ) -> Result<<$ret as Answer>::Client, ClientError> {
+                    let call = VmCall::$variant { $($arg: $arg.into_arg()),* };
+                    <$ret as Answer>::from_output(self.send(&call).await?)
+                }
+            )*
+        }
+    };
+}
+
+// The interface: each method once, in the order of the Go interface — its
+// arguments (with the Go type a decode error names), its result (which
+// fixes its zero value and the client's return), what it needs before it
+// runs, and its handler. Reads see the state on disk, which every change
+// replaces atomically, and never wait behind a change (the caller's
+// deadline is short): the cheap ones are answered on the front (`Quick`),
+// Metrics (a walk over every VM) and LogsFull (up to 16 MiB) on the pool
+// (`Read`). Changes are serialised per VM; a stream also has an id of its
+// own: StreamCreate holds both, so it cannot interleave with a Delete of
+// the VM (which removes the VM's streams) nor with a StreamDelete of the id.
+interface! {
+    /// Starts a VM; answers once its guest booted.
+    Run => run(vm: Vm as "pkg.VM") -> MethodResult<MachineInfo>,
+        access { Access::Change(vec![vm.name.clone()]) },
+        serve |m| { Ok(m.run(vm).await?) };
+    /// Details of a VM.
+    Inspect => inspect(name: String as "string") -> MethodResult<VmInfo>,
+        access { Access::Quick },
+        serve |m| { Ok(m.inspect(&name).await?) };
+    /// Stops a VM gracefully and removes it.
+    Delete => delete(name: String as "string") -> MethodResult<()>,
+        access { Access::Change(vec![name.clone()]) },
+        serve |m| { Ok(m.delete(&name).await?) };
+    /// Whether a VM exists.
+    Exists => exists(name: String as "string") -> bool,
+        access { Access::Quick },
+        serve |m| { m.exists(&name) };
+    /// The last 2 KiB of a VM's console.
+    Logs => logs(name: String as "string") -> MethodResult<String>,
+        access { Access::Quick },
+        serve |m| { Ok(m.logs(&name, false)) };
+    /// A VM's console, up to 16 MiB.
+    LogsFull => logs_full(name: String as "string") -> MethodResult<String>,
+        access { Access::Read },
+        serve |m| { Ok(m.logs(&name, true)) };
+    /// The names of the VMs.
+    List => list() -> MethodResult<Vec<String>>,
+        access { Access::Quick },
+        serve |m| { Ok(m.list()) };
+    /// Network counters of every VM.
+    Metrics => metrics() -> MethodResult<MachineMetrics>,
+        access { Access::Read },
+        serve |m| { Ok(m.metrics().await) };
+    /// Pauses (`true`) or resumes a VM.
+    Lock => lock(name: String as "string", lock: bool as "bool") -> MethodResult<()>,
+        access { Access::Change(vec![name.clone()]) },
+        serve |m| { Ok(m.lock(&name, lock).await?) };
+    /// Ships a VM's console to a receiver.
+    StreamCreate => stream_create(name: String as "string", stream: Stream as "pkg.Stream") -> MethodResult<()>,
+        access { Access::Change(vec![name.clone(), stream_key(&stream.id)]) },
+        serve |m| { Ok(m.stream_create(&name, &stream).await?) };
+    /// Stops a log stream.
+    StreamDelete => stream_delete(id: String as "string") -> MethodResult<()>,
+        access { Access::Change(vec![stream_key(id)]) },
+        serve |m| { Ok(m.stream_delete(&id).await?) };
 }
 
 /// The wire names of the methods, in the order of the Go interface.
-pub const METHODS: [&str; 11] = {
-    let mut out = [""; 11];
+pub const METHODS: [&str; Method::ALL.len()] = {
+    let mut out = [""; Method::ALL.len()];
     let mut i = 0;
     while i < out.len() {
         out[i] = Method::ALL[i].name();
@@ -141,157 +353,20 @@ pub const METHODS: [&str; 11] = {
     out
 };
 
-/// One call of the interface, decoded once from a request.
-#[derive(Debug, Clone, PartialEq)]
-pub enum VmCall {
-    Run(Box<Vm>),
-    Inspect(String),
-    Delete(String),
-    Exists(String),
-    Logs(String),
-    LogsFull(String),
-    List,
-    Metrics,
-    Lock(String, bool),
-    StreamCreate(String, Stream),
-    StreamDelete(String),
-}
-
 /// The key a stream id is serialised under (VM names cannot contain ':').
 fn stream_key(id: &str) -> String {
     format!("stream:{id}")
 }
 
-impl VmCall {
-    /// Decodes a request's method and arguments. `Err` is the protocol error
-    /// Go's server sends for the same input, to the byte.
-    pub fn decode(method: &str, inputs: &[ByteBuf]) -> Result<VmCall, String> {
-        let m = Method::from_name(method).ok_or_else(|| "not a function".to_owned())?;
-        let i = inputs;
-        let s = |n| arg::<String>(i, n, "string");
-        Ok(match m {
-            Method::Run => {
-                argc(i, 1)?;
-                VmCall::Run(Box::new(arg(i, 0, "pkg.VM")?))
-            }
-            Method::Inspect => {
-                argc(i, 1)?;
-                VmCall::Inspect(s(0)?)
-            }
-            Method::Delete => {
-                argc(i, 1)?;
-                VmCall::Delete(s(0)?)
-            }
-            Method::Exists => {
-                argc(i, 1)?;
-                VmCall::Exists(s(0)?)
-            }
-            Method::Logs => {
-                argc(i, 1)?;
-                VmCall::Logs(s(0)?)
-            }
-            Method::LogsFull => {
-                argc(i, 1)?;
-                VmCall::LogsFull(s(0)?)
-            }
-            Method::List => {
-                argc(i, 0)?;
-                VmCall::List
-            }
-            Method::Metrics => {
-                argc(i, 0)?;
-                VmCall::Metrics
-            }
-            Method::Lock => {
-                argc(i, 2)?;
-                VmCall::Lock(s(0)?, arg(i, 1, "bool")?)
-            }
-            Method::StreamCreate => {
-                argc(i, 2)?;
-                VmCall::StreamCreate(s(0)?, arg(i, 1, "pkg.Stream")?)
-            }
-            Method::StreamDelete => {
-                argc(i, 1)?;
-                VmCall::StreamDelete(s(0)?)
-            }
-        })
-    }
-
-    /// The request's arguments, encoded as Go's stub encodes them: the
-    /// inverse of [`VmCall::decode`] (the typed client sends these).
-    pub fn inputs(&self) -> Result<Vec<Vec<u8>>, codec::EncodeError> {
-        use codec::encode as e;
-        Ok(match self {
-            VmCall::Run(vm) => vec![e(vm.as_ref())?],
-            VmCall::Inspect(s)
-            | VmCall::Delete(s)
-            | VmCall::Exists(s)
-            | VmCall::Logs(s)
-            | VmCall::LogsFull(s)
-            | VmCall::StreamDelete(s) => vec![e(s)?],
-            VmCall::List | VmCall::Metrics => Vec::new(),
-            VmCall::Lock(name, lock) => vec![e(name)?, e(lock)?],
-            VmCall::StreamCreate(name, stream) => vec![e(name)?, e(stream)?],
-        })
-    }
-
-    pub fn method(&self) -> Method {
-        match self {
-            VmCall::Run(_) => Method::Run,
-            VmCall::Inspect(_) => Method::Inspect,
-            VmCall::Delete(_) => Method::Delete,
-            VmCall::Exists(_) => Method::Exists,
-            VmCall::Logs(_) => Method::Logs,
-            VmCall::LogsFull(_) => Method::LogsFull,
-            VmCall::List => Method::List,
-            VmCall::Metrics => Method::Metrics,
-            VmCall::Lock(..) => Method::Lock,
-            VmCall::StreamCreate(..) => Method::StreamCreate,
-            VmCall::StreamDelete(_) => Method::StreamDelete,
-        }
-    }
-
-    /// What the call needs before it runs, and where it runs. Reads see the
-    /// state on disk, which every change replaces atomically, and must never
-    /// wait behind a long change (the caller's deadline is short): the cheap
-    /// ones are answered on the front, Metrics (a walk over every VM) and
-    /// LogsFull (up to 16 MiB) on the pool. Changes are serialised per VM; a
-    /// stream also has an id of its own: StreamCreate holds both, so it
-    /// cannot interleave with a Delete of the VM (which removes the VM's
-    /// streams) nor with a StreamDelete of the id.
-    pub fn access(&self) -> Access {
-        match self {
-            VmCall::Inspect(_) | VmCall::Exists(_) | VmCall::Logs(_) | VmCall::List => {
-                Access::Quick
-            }
-            VmCall::LogsFull(_) | VmCall::Metrics => Access::Read,
-            VmCall::Run(vm) => Access::Change(vec![vm.name.clone()]),
-            VmCall::Delete(name) | VmCall::Lock(name, _) => Access::Change(vec![name.clone()]),
-            VmCall::StreamCreate(name, stream) => {
-                Access::Change(vec![name.clone(), stream_key(&stream.id)])
-            }
-            VmCall::StreamDelete(id) => Access::Change(vec![stream_key(id)]),
-        }
-    }
-
-    /// Runs the call on `m`. Whatever happens, the output is one a Go stub
-    /// takes: method failures and panics are `Output.Error` beside the zero
-    /// value of the result.
-    pub async fn call<M: VmModule>(self, m: &M) -> Output {
-        let method = self.method();
-        match self {
-            VmCall::Run(vm) => valued(method, m.run(*vm)).await,
-            VmCall::Inspect(name) => valued(method, m.inspect(name)).await,
-            VmCall::Delete(name) => unit(method, m.delete(name)).await,
-            VmCall::Exists(name) => valued(method, m.exists(name).map(Ok)).await,
-            VmCall::Logs(name) => valued(method, m.logs(name)).await,
-            VmCall::LogsFull(name) => valued(method, m.logs_full(name)).await,
-            VmCall::List => valued(method, m.list()).await,
-            VmCall::Metrics => valued(method, m.metrics()).await,
-            VmCall::Lock(name, lock) => unit(method, m.lock(name, lock)).await,
-            VmCall::StreamCreate(name, stream) => unit(method, m.stream_create(name, stream)).await,
-            VmCall::StreamDelete(id) => unit(method, m.stream_delete(id)).await,
-        }
+/// Runs a method: whatever it does — fails, panics — the output is one a
+/// Go stub takes.
+async fn answer<A: Answer, F: Future<Output = A>>(method: Method, fut: F) -> Output {
+    match AssertUnwindSafe(fut).catch_unwind().await {
+        Ok(a) => a.into_output(method),
+        Err(_) => failed(
+            method,
+            format!("internal error: {} panicked", method.name()),
+        ),
     }
 }
 
@@ -339,37 +414,6 @@ fn failed(method: Method, message: String) -> Output {
     Output {
         data: method.zero_data(),
         error: Some(RemoteError { message }),
-    }
-}
-
-/// Runs a value-returning method: `Data` is set whatever happens.
-async fn valued<T, F>(method: Method, fut: F) -> Output
-where
-    T: Serialize,
-    F: Future<Output = MethodResult<T>>,
-{
-    match AssertUnwindSafe(fut).catch_unwind().await {
-        Ok(Ok(v)) => Output {
-            data: Some(encode_or_nil(&v)),
-            error: None,
-        },
-        Ok(Err(e)) => failed(method, e.0),
-        Err(_) => failed(
-            method,
-            format!("internal error: {} panicked", method.name()),
-        ),
-    }
-}
-
-/// Runs an error-only method: `Data` stays nil, as Go sends it.
-async fn unit<F: Future<Output = MethodResult<()>>>(method: Method, fut: F) -> Output {
-    match AssertUnwindSafe(fut).catch_unwind().await {
-        Ok(Ok(())) => Output::default(),
-        Ok(Err(e)) => failed(method, e.0),
-        Err(_) => failed(
-            method,
-            format!("internal error: {} panicked", method.name()),
-        ),
     }
 }
 

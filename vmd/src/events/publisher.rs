@@ -19,7 +19,7 @@ use vmd_runtime::events::EventKind;
 use vmd_runtime::VmName;
 
 use crate::api::VmEvent;
-use crate::zbus::broker::Broker;
+use crate::zbus::broker::{Broker, BrokerError};
 use crate::zbus::codec;
 
 /// Redis keys of the events (channel: [`crate::api::events_channel`]).
@@ -33,6 +33,15 @@ const BATCH: usize = 128;
 /// Events kept while the broker is away; older ones are dropped past it
 /// (said in the log), so a long outage costs bounded memory.
 const QUEUE_MAX: usize = 100_000;
+
+/// Why a round with the broker failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+enum PublishError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("broker error: {0}")]
+    Redis(#[from] redis::RedisError),
+}
 
 /// Where a VM's numbering stands.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -191,20 +200,19 @@ async fn run(broker: Broker, history: usize, mut rx: mpsc::UnboundedReceiver<Job
 }
 
 impl State {
-    async fn conn(&mut self) -> Result<&mut MultiplexedConnection, String> {
+    async fn conn(&mut self) -> Result<&mut MultiplexedConnection, PublishError> {
         if self.conn.is_none() {
-            self.conn = Some(self.broker.connect().await.map_err(|e| e.to_string())?);
+            self.conn = Some(self.broker.connect().await?);
         }
         Ok(self.conn.as_mut().expect("connected above"))
     }
 
-    async fn load_cursors(&mut self) -> Result<(), String> {
+    async fn load_cursors(&mut self) -> Result<(), PublishError> {
         let conn = self.conn().await?;
         let all: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(CURSORS_KEY)
             .query_async(conn)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         self.cursors = all
             .into_iter()
             .filter_map(|(k, v)| Some((VmName::new(&k).ok()?, Cursor::decode(&v)?)))
@@ -214,7 +222,7 @@ impl State {
 
     /// Answers what needs no broker, then publishes one batch of events.
     /// The queue keeps what could not be published.
-    async fn step(&mut self, queue: &mut VecDeque<Job>) -> Result<(), String> {
+    async fn step(&mut self, queue: &mut VecDeque<Job>) -> Result<(), PublishError> {
         // Numbered on a copy: only what the broker took is committed.
         let mut cursors = HashMap::new();
         let mut pipe = redis::pipe();
@@ -290,7 +298,7 @@ impl State {
                     tracing::warn!(error = %e, "the broker has no streams (Redis < 5.0): events are published without a history");
                     self.keep_history = false;
                 }
-                return Err(e.to_string());
+                return Err(e.into());
             }
         }
         for (name, c) in cursors {

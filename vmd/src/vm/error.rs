@@ -29,6 +29,26 @@ pub fn invalid<T>(why: String) -> Result<T, Invalid> {
     Err(Invalid(why))
 }
 
+/// Why a VM that Run started did not come up: what the caller reads after
+/// `failed to start vm NAME: `.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotUp {
+    /// Its VMM exited before the guest booted (the exit status, as the shim
+    /// judged it).
+    #[error("the VM stopped right after its start: {0}")]
+    Stopped(String),
+    /// The shim gave up on it, or it cannot start at all (the shim's reason).
+    #[error("{0}")]
+    Failed(String),
+    /// zinit cannot keep the shim itself running.
+    #[error("the shim could not start ({state}): {last_line}")]
+    ShimFailed { state: String, last_line: String },
+    #[error("the VMM did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("vmd stopped following the VM")]
+    Lost,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error("machine '{0}' does not exist")]
@@ -42,7 +62,7 @@ pub enum VmError {
     #[error("failed to start vm {name}: {reason}{}", console_suffix(.console))]
     StartFailed {
         name: String,
-        reason: String,
+        reason: NotUp,
         /// The end of the console log, shown to the caller.
         console: String,
     },
@@ -155,16 +175,16 @@ mod tests {
         );
         let failed = VmError::StartFailed {
             name: "web".into(),
-            reason: "the VMM did not answer".into(),
+            reason: NotUp::Timeout(std::time::Duration::from_secs(30)),
             console: "boot\nlast line\n".into(),
         };
         assert_eq!(
             failed.to_string(),
-            "failed to start vm web: the VMM did not answer\nconsole:\nboot\nlast line"
+            "failed to start vm web: the VMM did not answer within 30s\nconsole:\nboot\nlast line"
         );
         let quiet = VmError::StartFailed {
             name: "web".into(),
-            reason: "r".into(),
+            reason: NotUp::Failed("r".into()),
             console: " \n".into(),
         };
         assert_eq!(quiet.to_string(), "failed to start vm web: r");

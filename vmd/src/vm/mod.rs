@@ -9,8 +9,9 @@
 //! * [`error`] — [`VmError`], whose text is what Go callers see;
 //! * [`host`] — the flags that place vmd on a host.
 //!
-//! The interface (`crate::module::VmModule`) is implemented here: it is
-//! the zbus edge, where a [`VmError`] becomes a method error.
+//! The interface (`crate::module::VmModule`) is served by [`Manager`]: the
+//! handler of each method is named in the interface's table in
+//! `crate::module`, where a [`VmError`] becomes a method error.
 
 pub mod cloudinit;
 pub mod cmdline;
@@ -31,57 +32,10 @@ pub use host::Host;
 pub use manager::Manager;
 pub use plan::Settings;
 
-use crate::api::{MachineInfo, MachineMetrics, Stream, Vm, VmInfo};
-use crate::module::{MethodError, MethodResult, VmModule};
+use crate::module::MethodError;
 
 impl From<VmError> for MethodError {
     fn from(e: VmError) -> Self {
         MethodError::new(e.to_string())
-    }
-}
-
-impl VmModule for Manager {
-    async fn run(&self, vm: Vm) -> MethodResult<MachineInfo> {
-        Ok(Manager::run(self, vm).await?)
-    }
-
-    async fn inspect(&self, name: String) -> MethodResult<VmInfo> {
-        Ok(Manager::inspect(self, &name).await?)
-    }
-
-    async fn delete(&self, name: String) -> MethodResult<()> {
-        Ok(Manager::delete(self, &name).await?)
-    }
-
-    async fn exists(&self, name: String) -> bool {
-        Manager::exists(self, &name)
-    }
-
-    async fn logs(&self, name: String) -> MethodResult<String> {
-        Ok(Manager::logs(self, &name, false))
-    }
-
-    async fn logs_full(&self, name: String) -> MethodResult<String> {
-        Ok(Manager::logs(self, &name, true))
-    }
-
-    async fn list(&self) -> MethodResult<Vec<String>> {
-        Ok(Manager::list(self))
-    }
-
-    async fn metrics(&self) -> MethodResult<MachineMetrics> {
-        Ok(Manager::metrics(self).await)
-    }
-
-    async fn lock(&self, name: String, lock: bool) -> MethodResult<()> {
-        Ok(Manager::lock(self, &name, lock).await?)
-    }
-
-    async fn stream_create(&self, name: String, stream: Stream) -> MethodResult<()> {
-        Ok(Manager::stream_create(self, &name, &stream).await?)
-    }
-
-    async fn stream_delete(&self, id: String) -> MethodResult<()> {
-        Ok(Manager::stream_delete(self, &id).await?)
     }
 }

@@ -8,7 +8,7 @@ use vmd_runtime::events::{EventKind, ShimEvent};
 use vmd_runtime::state::{Phase, ShimState};
 use vmd_runtime::{console, files, VmName};
 
-use super::error::{IoContext, VmError};
+use super::error::{IoContext, NotUp, VmError};
 use super::host::is_netns_name;
 use super::manager::{service_of, Manager};
 use super::plan::{needs_in_use, plan, InUse, Plan};
@@ -211,7 +211,7 @@ impl Manager {
     /// reason, for the caller), listening to what its shim pushes. Only a
     /// shim that never says anything is looked for in zinit (it may not
     /// start at all: a missing binary, a broken service file).
-    async fn wait_up(&self, name: &VmName, mut seen: Receiver<Seen>) -> Result<(), String> {
+    async fn wait_up(&self, name: &VmName, mut seen: Receiver<Seen>) -> Result<(), NotUp> {
         let deadline = Instant::now() + START_TIMEOUT;
         let mut heard = false;
         let mut ask_zinit = Instant::now() + SHIM_SILENT;
@@ -224,7 +224,7 @@ impl Manager {
                     continue;
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
-                    return Err(format!("the VMM did not answer within {START_TIMEOUT:?}"));
+                    return Err(NotUp::Timeout(START_TIMEOUT));
                 }
             };
             let verdict = match got {
@@ -248,7 +248,7 @@ impl Manager {
                     Ok(Some(st)) => booted_by_state(&st),
                     _ => None,
                 },
-                Err(RecvError::Closed) => return Err("vmd stopped following the VM".into()),
+                Err(RecvError::Closed) => return Err(NotUp::Lost),
             };
             if let Some(v) = verdict {
                 return v;
@@ -257,13 +257,15 @@ impl Manager {
     }
 
     /// A shim zinit cannot keep running, and that never spoke.
-    async fn shim_never_started(&self, name: &VmName) -> Result<(), String> {
+    async fn shim_never_started(&self, name: &VmName) -> Result<(), NotUp> {
         let service = service_of(name);
         match self.zinit().status(&service).await {
             Ok(s) if matches!(s.state, zinit::State::Error(_) | zinit::State::Failure) => {
                 let lines = self.zinit().service_log(&service).await.unwrap_or_default();
-                let last = lines.last().cloned().unwrap_or_default();
-                Err(format!("the shim could not start ({}): {last}", s.state))
+                Err(NotUp::ShimFailed {
+                    state: s.state.to_string(),
+                    last_line: lines.last().cloned().unwrap_or_default(),
+                })
             }
             _ => Ok(()),
         }
@@ -271,18 +273,14 @@ impl Manager {
 }
 
 /// Whether a state the shim reports settles the Run.
-fn booted_by_state(st: &ShimState) -> Option<Result<(), String>> {
+fn booted_by_state(st: &ShimState) -> Option<Result<(), NotUp>> {
     if let Some(exit) = st.exits.last() {
-        return Some(Err(format!(
-            "the VM stopped right after its start: {}",
-            exit.status
-        )));
+        return Some(Err(NotUp::Stopped(exit.status.clone())));
     }
     match st.phase {
-        Phase::Failed | Phase::PoweredOff => Some(Err(st
-            .reason
-            .clone()
-            .unwrap_or_else(|| "the VM failed".into()))),
+        Phase::Failed | Phase::PoweredOff => Some(Err(NotUp::Failed(
+            st.reason.clone().unwrap_or_else(|| "the VM failed".into()),
+        ))),
         // Up means booted (the VMM's `booted` event): the API answers
         // before the kernel is loaded, and a VMM that cannot load it exits
         // right after.
@@ -292,18 +290,13 @@ fn booted_by_state(st: &ShimState) -> Option<Result<(), String>> {
 }
 
 /// Whether an event settles the Run.
-fn booted_by_event(ev: &ShimEvent) -> Option<Result<(), String>> {
+fn booted_by_event(ev: &ShimEvent) -> Option<Result<(), NotUp>> {
     let reason = || ev.reason.clone().unwrap_or_else(|| ev.kind.to_string());
     match ev.kind {
         EventKind::Booted => Some(Ok(())),
-        EventKind::Crashed => Some(Err(format!(
-            "the VM stopped right after its start: {}",
-            reason()
-        ))),
-        EventKind::PoweredOff => Some(Err(
-            "the VM stopped right after its start: guest powered off".into(),
-        )),
-        EventKind::Failed => Some(Err(reason())),
+        EventKind::Crashed => Some(Err(NotUp::Stopped(reason()))),
+        EventKind::PoweredOff => Some(Err(NotUp::Stopped("guest powered off".into()))),
+        EventKind::Failed => Some(Err(NotUp::Failed(reason()))),
         _ => None,
     }
 }

@@ -1,10 +1,12 @@
 //! From a `Vm` as a caller sent it to everything Run writes — the shim's
 //! `VmSpec`, the cloud-init seed, the zinit service — or a clear reason why
-//! not, before anything is written. Pure checks on the request, plus the
-//! host's files they name (kernel, disks, taps, PCI devices) and the PCI
-//! devices other VMs own.
+//! not, before anything is written: [`checks`] of the request's own text,
+//! then [`host_files`], what it names on the host (kernel, disks, taps, PCI
+//! devices) and what other VMs hold.
 
-use std::collections::BTreeMap;
+pub mod checks;
+pub mod host_files;
+
 use std::path::{Path, PathBuf};
 
 use vmd_runtime::name::is_word_char;
@@ -15,7 +17,10 @@ use vmd_runtime::VmName;
 use super::cmdline::{kernel_cmdline, DISK_DEFAULTS, VIRTIOFS_DEFAULTS};
 use super::error::{invalid, Invalid};
 use super::host::Host;
-use crate::api::{Ip, Vm};
+use crate::api::Vm;
+use checks::{ip, mac, plain_path, target};
+use host_files::{disks_free, existing_file, host_cpus, pci, tap, writable_disk};
+pub use host_files::{file_id, needs_in_use, FileId, InUse};
 
 /// Zero-OS's minimum.
 pub const MIN_MEMORY: u64 = 250 << 20;
@@ -57,168 +62,6 @@ pub struct Plan {
     pub service: zinit::Service,
 }
 
-/// What VMs hold that one VM at a time may use: PCI devices (by address)
-/// and writable disk images (by file, whatever path names it — two VMMs
-/// writing one image corrupt it, and only v46+ locks images).
-#[derive(Debug, Default)]
-pub struct InUse {
-    pub devices: BTreeMap<String, VmName>,
-    pub disks: BTreeMap<FileId, VmName>,
-}
-
-/// A file by identity: (device, inode).
-pub type FileId = (u64, u64);
-
-pub fn file_id(path: &Path) -> Option<FileId> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
-impl InUse {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Records what the VM of `spec` holds.
-    pub fn add(&mut self, owner: &VmName, spec: &VmSpec) {
-        for d in &spec.devices {
-            self.devices.insert(d.clone(), owner.clone());
-        }
-        for d in spec.disks.iter().filter(|d| !d.readonly) {
-            if let Some(id) = file_id(&d.path) {
-                self.disks.insert(id, owner.clone());
-            }
-        }
-    }
-}
-
-/// Whether Run must know what other VMs hold to check `vm`.
-pub fn needs_in_use(vm: &Vm) -> bool {
-    !vm.devices.is_empty()
-        || !vm.disks.is_empty()
-        || (vm.boot.kind == 0 && !vm.boot.path.is_empty())
-}
-
-fn host_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-fn plain_path(what: &str, p: &str) -> Result<PathBuf, Invalid> {
-    if p.is_empty() {
-        return invalid(format!("{what} is required"));
-    }
-    if !p.starts_with('/') {
-        return invalid(format!("{what} {p:?} must be an absolute path"));
-    }
-    if let Some(c) = p.chars().find(|c| c.is_control() || *c == ',') {
-        return invalid(format!("{what} {p:?} contains {c:?}"));
-    }
-    Ok(PathBuf::from(p))
-}
-
-fn existing_file(what: &str, p: &str) -> Result<PathBuf, Invalid> {
-    let path = plain_path(what, p)?;
-    match std::fs::metadata(&path) {
-        Ok(m) if m.is_dir() => invalid(format!("{what} {p:?} is a directory")),
-        Ok(_) => Ok(path),
-        Err(e) => invalid(format!("{what} {p:?}: {e}")),
-    }
-}
-
-/// A disk of the guest, with its format detected now — before the guest
-/// ever ran, so nothing it writes can change how the VMM opens the image.
-fn writable_disk(what: &str, p: &str) -> Result<Disk, Invalid> {
-    let path = existing_file(what, p)?;
-    let format = ImageFormat::detect(&path)
-        .or_else(|e| invalid(format!("{what} {p:?} cannot be read: {e}")))?;
-    Ok(Disk {
-        path,
-        readonly: false,
-        format: Some(format),
-    })
-}
-
-fn target(what: &str, t: &str) -> Result<(), Invalid> {
-    if t.is_empty() {
-        return Ok(());
-    }
-    if t == "/" {
-        return invalid(format!("{what} target cannot be '/'"));
-    }
-    if !t.starts_with('/') || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return invalid(format!(
-            "{what} target {t:?} must be an absolute path without spaces"
-        ));
-    }
-    Ok(())
-}
-
-fn mac(m: &str) -> Result<(), Invalid> {
-    let parts: Vec<&str> = m.split(':').collect();
-    let ok = parts.len() == 6
-        && parts
-            .iter()
-            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
-    if !ok {
-        return invalid(format!("invalid MAC address {m:?}"));
-    }
-    Ok(())
-}
-
-fn tap(t: &str, sys_net: &Path) -> Result<(), Invalid> {
-    if t.is_empty()
-        || t.len() > 15
-        || !t
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
-    {
-        return invalid(format!("invalid tap name {t:?}"));
-    }
-    let dev = sys_net.join(t);
-    if !dev.exists() {
-        return invalid(format!("tap device {t:?} does not exist"));
-    }
-    if !dev.join("tun_flags").exists() {
-        return invalid(format!("network device {t:?} is not a tap"));
-    }
-    Ok(())
-}
-
-fn ip(what: &str, i: &Ip, required: bool) -> Result<(), Invalid> {
-    if i.is_nil() {
-        return if required {
-            invalid(format!("{what} is missing"))
-        } else {
-            Ok(())
-        };
-    }
-    i.addr()
-        .map(drop)
-        .ok_or_else(|| Invalid(format!("{what} has {} bytes: not an IP address", i.0.len())))
-}
-
-fn pci(id: &str, sys_pci: &Path) -> Result<(), Invalid> {
-    let b = id.as_bytes();
-    let hex = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_hexdigit);
-    let shape = b.len() == 12
-        && hex(0..4)
-        && b[4] == b':'
-        && hex(5..7)
-        && b[7] == b':'
-        && hex(8..10)
-        && b[10] == b'.'
-        && (b'0'..=b'7').contains(&b[11]);
-    if !shape {
-        return invalid(format!(
-            "invalid PCI address {id:?} (expected 0000:01:00.0)"
-        ));
-    }
-    if !sys_pci.join(id).exists() {
-        return invalid(format!("PCI device {id} does not exist"));
-    }
-    Ok(())
-}
-
 /// Validates `vm` against Zero-OS's rules and stricter ones of vmd, and
 /// plans what runs it. A PCI device or a writable disk `in_use` by another
 /// VM is refused: they belong to one VM at a time.
@@ -240,20 +83,7 @@ pub fn plan(vm: &Vm, host: &Host, settings: &Settings, in_use: &InUse) -> Result
     if !shares.is_empty() && host.virtiofsd.is_none() {
         return invalid("virtio-fs needs virtiofsd, which is not installed (--virtiofsd)".into());
     }
-    let mut own = BTreeMap::new();
-    for d in &disks {
-        let Some(id) = file_id(&d.path) else { continue };
-        let shown = d.path.display();
-        if let Some(other) = own.insert(id, &d.path) {
-            return invalid(format!(
-                "disk {shown} is the same file as {}",
-                other.display()
-            ));
-        }
-        if let Some(owner) = in_use.disks.get(&id).filter(|o| **o != name) {
-            return invalid(format!("disk {shown} is already used by vm {owner}"));
-        }
-    }
+    disks_free(&disks, &name, in_use)?;
     let nets = network(vm, &settings.sys_net)?;
     for d in &vm.devices {
         pci(d, &settings.sys_pci)?;
