@@ -57,7 +57,10 @@ fn by_hand(kernel: &str, initrd: &str, cmdline: &str) -> Duration {
 }
 
 async fn bench() {
-    let env = Stack::start(&["--log", "warn"]).await;
+    // The runtime directory on a tmpfs, as on a node (see benches/vmd.rs).
+    let run = vmd_tests::tmpfs_dir("vmd-bench-run-");
+    let run_path = run.path().to_string_lossy().into_owned();
+    let env = Stack::start(&["--log", "warn", "--runtime-dir", &run_path]).await;
     let runs = if real_ch() { 3 } else { 30 };
     let knobs: &[(&str, &str)] = &[("gaction", "wait")];
     let sample = env.vm("probe", knobs);

@@ -1,7 +1,9 @@
 //! vmd benchmark: `cargo build --release --workspace --bins && cargo bench -p vmd-tests --bench vmd`.
 //!
 //! Real Redis, the zinit double, the release `vmd` (16 workers), vmd-shim and
-//! the cloud-hypervisor double. Measured in one run:
+//! the cloud-hypervisor double; vmd's runtime directory on a tmpfs, as on a
+//! Zero-OS node (`/var/run` is in RAM there; `--root` is on disk, here too).
+//! Measured in one run:
 //!
 //! * Run → VMM exec'd: from the moment the client sends `Run` to the moment
 //!   the VMM process starts (it writes its own clock first thing), p50/p99
@@ -69,7 +71,15 @@ fn main() {
 async fn bench(n_vms: usize) {
     let redis = RedisServer::start();
     let zinit = Supervisor::start();
-    let vmd = VmdProcess::start_with(&redis, Some(&zinit), &["--log", "warn"]);
+    // The runtime directory on a tmpfs, as on a node (Zero-OS runs from
+    // RAM; only `--root`, /var/cache, is on disk).
+    let run = vmd_tests::tmpfs_dir("vmd-bench-run-");
+    let run_path = run.path().to_string_lossy().into_owned();
+    let vmd = VmdProcess::start_with(
+        &redis,
+        Some(&zinit),
+        &["--log", "warn", "--runtime-dir", &run_path],
+    );
     let stub = Arc::new(VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(120)));
     let t0 = Instant::now();
     while stub.status().await.is_err() {

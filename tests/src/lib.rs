@@ -96,6 +96,21 @@ pub fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// A directory on a tmpfs (`/dev/shm`), where a Zero-OS node keeps vmd's
+/// runtime directory (its root file system is in RAM); the temp dir if
+/// there is none.
+pub fn tmpfs_dir(prefix: &str) -> tempfile::TempDir {
+    let b = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/dev/shm");
+    b.unwrap_or_else(|_| {
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .expect("temp dir")
+    })
+}
+
 /// Runs a benchmark on the runtime they all use: two workers, like the
 /// machines the figures of BENCHMARKS.md come from.
 pub fn bench_main<F: std::future::Future>(bench: F) -> F::Output {

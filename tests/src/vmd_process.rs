@@ -13,6 +13,8 @@ pub struct VmdProcess {
     broker: String,
     /// Flags of every start (the paths and `extra`).
     args: Vec<String>,
+    /// Its `--runtime-dir`.
+    runtime: PathBuf,
 }
 
 impl VmdProcess {
@@ -40,13 +42,23 @@ impl VmdProcess {
         let mut args: Vec<String> = vec![
             "--root".into(),
             d.join("root").to_string_lossy().into_owned(),
-            "--runtime-dir".into(),
-            d.join("run").to_string_lossy().into_owned(),
+        ];
+        // The caller's runtime directory (a tmpfs, as on a node), else one
+        // of the test's.
+        let runtime = match extra.iter().position(|a| *a == "--runtime-dir") {
+            Some(i) => PathBuf::from(extra[i + 1]),
+            None => {
+                args.push("--runtime-dir".into());
+                args.push(d.join("run").to_string_lossy().into_owned());
+                d.join("run")
+            }
+        };
+        args.extend([
             "--zinit-socket".into(),
             zsock.to_string_lossy().into_owned(),
             "--zinit-dir".into(),
             zdir.to_string_lossy().into_owned(),
-        ];
+        ]);
         // The test's hypervisor unless the caller names one.
         if !extra.contains(&"--cloud-hypervisor") {
             args.push("--cloud-hypervisor".into());
@@ -60,6 +72,7 @@ impl VmdProcess {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut p = VmdProcess {
+            runtime,
             dir,
             child: None,
             broker: redis.url(),
@@ -110,7 +123,7 @@ impl VmdProcess {
     }
 
     pub fn runtime(&self) -> std::path::PathBuf {
-        self.dir.path().join("run")
+        self.runtime.clone()
     }
 
     pub fn stderr_path(&self) -> PathBuf {

@@ -214,6 +214,8 @@ async fn a_crash_loop_ends_in_failed_with_its_reason_and_streams_are_events_too(
     .await
     .unwrap();
     heard.until("loop", "failed", 1).await;
+    // Its receiver is unreachable: the worker says so, and so do the events.
+    heard.until("loop", "stream-failing", 1).await;
     s.stream_delete("loop-s").await.unwrap();
     heard.until("loop", "stream-stopped", 1).await;
     let kinds = heard.kinds("loop");
@@ -247,8 +249,51 @@ async fn a_crash_loop_ends_in_failed_with_its_reason_and_streams_are_events_too(
     assert!(failed.reason.contains("3 times"), "{failed:?}");
     let started = evs.iter().find(|e| e.event == "stream-started").unwrap();
     assert_eq!(started.reason, "loop-s");
+    let failing = evs.iter().find(|e| e.event == "stream-failing").unwrap();
+    assert!(failing.reason.starts_with("loop-s: "), "{failing:?}");
+    assert_eq!(
+        evs.iter().filter(|e| e.event == "stream-failing").count(),
+        1,
+        "a failing stream is said once, not at every retry"
+    );
     s.delete("loop").await.unwrap();
     heard.until("loop", "deleted", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_receiver_goes_away_is_failing_then_delivering_again() {
+    let env = Stack::start(&[]).await;
+    let mut heard = Heard::start(&env).await;
+    let s = env.caller(Duration::from_secs(90));
+    let mut receiver = vmd_tests::RedisServer::start_tcp();
+    let port = receiver.tcp_port();
+    s.run(&env.vm("talker", &[("gaction", "wait"), ("gtick", "1")]))
+        .await
+        .unwrap();
+    s.stream_create(
+        "talker",
+        &vmd::api::Stream {
+            id: "talk".into(),
+            output: format!("redis://127.0.0.1:{port}/ch"),
+            namespace: String::new(),
+        },
+    )
+    .await
+    .unwrap();
+    heard.until("talker", "stream-started", 1).await;
+    receiver.kill();
+    heard.until("talker", "stream-failing", 1).await;
+    receiver.restart();
+    heard.until("talker", "stream-started", 2).await;
+    let evs = &heard.by_vm["talker"];
+    let again = evs.iter().rfind(|e| e.event == "stream-started").unwrap();
+    assert_eq!(again.reason, "talk: delivering again");
+    assert_eq!(
+        evs.iter().filter(|e| e.event == "stream-failing").count(),
+        1,
+        "{evs:?}"
+    );
+    assert_numbered("talker", evs);
 }
 
 #[test]

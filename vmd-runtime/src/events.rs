@@ -47,9 +47,11 @@ pub enum EventKind {
     Stopped,
     /// vmd: the VM and its files are gone.
     Deleted,
-    /// vmd: a log stream of the VM was created (reason: its id).
+    /// vmd: a log stream of the VM was created, or delivers again after it
+    /// failed (reason: its id).
     StreamStarted,
-    /// vmd: a log stream cannot deliver (reason: its id and why).
+    /// vmd: a log stream cannot deliver: its worker lost or cannot reach its
+    /// receiver (reason: its id and why).
     StreamFailing,
     /// vmd: a log stream was deleted (reason: its id).
     StreamStopped,

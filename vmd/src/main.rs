@@ -278,6 +278,8 @@ async fn daemon(
         ));
     }
     let manager = Arc::new(manager);
+    // Whether log streams deliver, as their workers save their progress.
+    vmd::events::streams::spawn(manager.events().clone(), manager.paths().clone(), &pool);
 
     let mut config = ServerConfig::new(api::MODULE);
     config.max_changes = args.max_changes as usize;

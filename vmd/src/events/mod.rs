@@ -2,13 +2,15 @@
 //! pushes (its control socket's `watch`), vmd listens — one [`watcher`] per
 //! VM it manages — and publishes on the broker ([`publisher`]) as a zbus v1
 //! stream, with a bounded history that `vmd ctl events` replays. What only
-//! vmd sees (created, deleted, streams) goes into the same per-VM sequence.
+//! vmd sees (created, deleted, streams: [`streams`] follows whether they
+//! deliver) goes into the same per-VM sequence.
 //! Inside vmd, a `Run` waits for its guest by listening here: nothing polls.
 //!
 //! See `docs/events.md` for the events, their fields and the guarantees.
 
 pub mod dirwatch;
 pub mod publisher;
+pub mod streams;
 pub mod subscribe;
 pub mod watcher;
 
