@@ -32,10 +32,21 @@ pub fn real_zinit() -> bool {
 
 impl Supervisor {
     pub fn start() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("vmd-zinit-")
-            .tempdir()
-            .expect("temp dir");
+        Self::start_in(
+            tempfile::Builder::new()
+                .prefix("vmd-zinit-")
+                .tempdir()
+                .expect("temp dir"),
+        )
+    }
+
+    /// zinit with its config directory on a tmpfs, as on a Zero-OS node
+    /// (its root file system, `/etc/zinit` included, is in RAM).
+    pub fn start_on_tmpfs() -> Self {
+        Self::start_in(crate::tmpfs_dir("vmd-zinit-"))
+    }
+
+    fn start_in(dir: tempfile::TempDir) -> Self {
         std::fs::create_dir(dir.path().join("etc")).expect("config dir");
         let mut s = Supervisor {
             dir,

@@ -229,11 +229,15 @@ impl Shim {
                         });
                     return self.idle().await;
                 }
-                Err(e) => Exit {
-                    at: now_secs(),
-                    status: format!("could not start the VMM: {e}"),
-                    clean: false,
-                },
+                Err(e) => {
+                    let exit = Exit {
+                        at: now_secs(),
+                        status: format!("could not start the VMM: {e}"),
+                        clean: false,
+                    };
+                    self.announce(&exit);
+                    exit
+                }
                 Ok(mut vmm) => {
                     let locker = tokio::spawn(Arc::clone(&self.locker).keep_locked());
                     let status = tokio::select! {
@@ -244,18 +248,28 @@ impl Shim {
                         }
                     };
                     locker.abort();
-                    // Let the console and events drain before judging the exit.
+                    let status = status.map_err(|e| e.to_string());
+                    // A signal or a failure code says all there is to say:
+                    // watchers hear it at once. An exit 0 is judged once the
+                    // VMM's last events and lines are in (a guest power-off,
+                    // or a vCPU error).
+                    let told = match status {
+                        Ok(st) if st.code() == Some(0) => None,
+                        _ => {
+                            let exit = vmm.classify(status.clone());
+                            self.announce(&exit);
+                            Some(exit)
+                        }
+                    };
+                    // The console and events drain before anything restarts.
                     vmm.drain_pumps().await;
-                    vmm.classify(status)
+                    told.unwrap_or_else(|| {
+                        let exit = vmm.classify(status);
+                        self.announce(&exit);
+                        exit
+                    })
                 }
             };
-            say(format!("vmm exited: {}", exit.status));
-            let (kind, reason) = if exit.clean {
-                (EventKind::PoweredOff, None)
-            } else {
-                (EventKind::Crashed, Some(exit.status.clone()))
-            };
-            self.shared.emit(kind, reason, |s| s.vm = None);
             let decision = {
                 let mut st = self.shared.lock();
                 let d = decide(
@@ -322,6 +336,17 @@ impl Shim {
         });
         say(format!("vmm running pid={}", vmm.pid));
         Ok(vmm)
+    }
+
+    /// Says how the VMM exited, in zinit's log and to watchers.
+    fn announce(&self, exit: &Exit) {
+        say(format!("vmm exited: {}", exit.status));
+        let (kind, reason) = if exit.clean {
+            (EventKind::PoweredOff, None)
+        } else {
+            (EventKind::Crashed, Some(exit.status.clone()))
+        };
+        self.shared.emit(kind, reason, |s| s.vm = None);
     }
 
     /// Waits, starting nothing, until asked to stop.
