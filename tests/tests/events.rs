@@ -10,7 +10,7 @@ use vmd::api::{events_channel, VmEvent};
 use vmd::events::subscribe::{Filter, Subscription};
 use vmd_runtime::state::ShimState;
 use vmd_tests::stack::Stack;
-use vmd_tests::vm::alive;
+use vmd_tests::vm::{alive, boot_timeout};
 
 /// A subscriber that keeps every event it got, per VM.
 struct Heard {
@@ -38,7 +38,8 @@ impl Heard {
 
     /// Waits until `vm` has had `event` `times` times in all.
     async fn until(&mut self, vm: &str, event: &str, times: usize) {
-        let limit = Duration::from_secs(30);
+        // A real guest boots in minutes on an emulated KVM.
+        let limit = Duration::from_secs(30).max(boot_timeout());
         let t0 = Instant::now();
         while self.kinds(vm).iter().filter(|k| *k == event).count() < times {
             let left = limit.saturating_sub(t0.elapsed());
@@ -294,6 +295,57 @@ async fn a_stream_whose_receiver_goes_away_is_failing_then_delivering_again() {
         "{evs:?}"
     );
     assert_numbered("talker", evs);
+}
+
+/// With the double or a real cloud-hypervisor and guest (`VMD_TEST_CH`…):
+/// a boot, a VMM killed, a graceful delete, and a guest that powers itself
+/// off, each as its events, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_life_boot_kill_delete_and_power_off() {
+    let env = Stack::start(&["--grace-secs", "20"]).await;
+    let mut heard = Heard::start(&env).await;
+    let s = env.caller(Duration::from_secs(30) + boot_timeout());
+    s.run(&env.vm("life", &[("gaction", "wait")])).await.unwrap();
+    heard.until("life", "booted", 1).await;
+    let vmm = vmm_of(&env, "life").expect("a VMM");
+    // The next VMM starts a second after the kill: its output follows this.
+    let before = s.logs_full("life").await.unwrap().len();
+    kill(vmm);
+    heard.until("life", "booted", 2).await;
+    // Only once the guest can take the power button (its acpid is armed).
+    env.wait_logs_since("life", "GUEST-READY", before).await;
+    s.delete("life").await.unwrap();
+    heard.until("life", "deleted", 1).await;
+    assert_eq!(
+        heard.kinds("life"),
+        [
+            "created",
+            "starting",
+            "booted",
+            "crashed",
+            "restarting",
+            "booted",
+            "stopping",
+            "stopped",
+            "deleted"
+        ]
+    );
+    assert_numbered("life", &heard.by_vm["life"]);
+    let stopped = &heard.by_vm["life"][7];
+    eprintln!("life: stopped: {}", stopped.reason);
+
+    // A guest that powers itself off, not kept alive.
+    let mut bye = env.vm("bye", &[("gaction", "poweroff")]);
+    bye.no_keep_alive = true;
+    // Run answers on the boot; the power-off follows.
+    let _ = s.run(&bye).await;
+    heard.until("bye", "powered-off", 1).await;
+    assert_eq!(
+        heard.kinds("bye"),
+        ["created", "starting", "booted", "powered-off"]
+    );
+    s.delete("bye").await.unwrap();
+    heard.until("bye", "deleted", 1).await;
 }
 
 #[test]
