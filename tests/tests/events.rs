@@ -305,7 +305,9 @@ async fn a_real_life_boot_kill_delete_and_power_off() {
     let env = Stack::start(&["--grace-secs", "20"]).await;
     let mut heard = Heard::start(&env).await;
     let s = env.caller(Duration::from_secs(30) + boot_timeout());
-    s.run(&env.vm("life", &[("gaction", "wait")])).await.unwrap();
+    s.run(&env.vm("life", &[("gaction", "wait")]))
+        .await
+        .unwrap();
     heard.until("life", "booted", 1).await;
     let vmm = vmm_of(&env, "life").expect("a VMM");
     // The next VMM starts a second after the kill: its output follows this.
