@@ -91,7 +91,10 @@ set -- 'init' '--name' 'my web' '$(id)'
 fn the_full_example_vm_reads_back_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("seed.img");
-    write_image(&img, &seed_files(&full_vm()).unwrap()).unwrap();
+    write_image(&img, &seed_files(&full_vm()).unwrap())
+        .unwrap()
+        .sync()
+        .unwrap();
     let i = img.to_str().unwrap();
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 2 << 20);
     assert!(mtools(&["mlabel", "-i", i, "-s", "::"]).contains("Volume label is cidata"));

@@ -268,7 +268,7 @@ pub fn seed_files(vm: &Vm) -> Result<SeedFiles, Invalid> {
 /// Writes the FAT image holding `files` at `path` (sparse, 2 MiB), durably.
 /// Not `files::write_atomic`: the image is formatted in place in its temp
 /// file, so that it stays sparse instead of 2 MiB in memory and on disk.
-pub fn write_image(path: &Path, files: &SeedFiles) -> std::io::Result<()> {
+pub fn write_image(path: &Path, files: &SeedFiles) -> std::io::Result<Unsynced> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = vmd_runtime::files::temp_path(path);
     let mut f = std::fs::OpenOptions::new()
@@ -298,8 +298,27 @@ pub fn write_image(path: &Path, files: &SeedFiles) -> std::io::Result<()> {
         }
         fs.unmount()?;
     }
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    Ok(Unsynced(f))
+}
+
+/// A seed image in place but maybe not on disk yet: the VMM reads it
+/// through the page cache at once, so Run syncs it beside the VM's start
+/// rather than before it (a few ms of every Run on a busy disk), and waits
+/// for it only before the VM exists (its commit).
+#[must_use = "sync it before the VM is committed"]
+pub struct Unsynced(std::fs::File);
+
+impl Unsynced {
+    /// Syncs on a blocking thread.
+    pub fn sync_later(self) -> tokio::task::JoinHandle<std::io::Result<()>> {
+        tokio::task::spawn_blocking(move || self.0.sync_all())
+    }
+
+    /// Syncs now.
+    pub fn sync(self) -> std::io::Result<()> {
+        self.0.sync_all()
+    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,12 @@ use vmd_runtime::spec::WebConsole;
 
 /// How long Run waits for the VM to boot.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// A VM handed to zinit: what its shim says, and its seed's sync.
+struct Started {
+    seen: Receiver<Seen>,
+    seed_synced: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
 /// How long a silent shim is given before zinit is asked about it.
 const SHIM_SILENT: Duration = Duration::from_secs(1);
 /// What a failed Run shows of the console.
@@ -55,14 +61,24 @@ impl Manager {
             .await?;
         plan.spec.hypervisor_release = Some(release);
         let t0 = Instant::now();
-        let seen = match self.start(&vm, &plan).await {
-            Ok(seen) => seen,
+        let Started { seen, seed_synced } = match self.start(&vm, &plan).await {
+            Ok(s) => s,
             Err(e) => {
                 self.roll_back(&name).await;
                 return Err(e);
             }
         };
-        match self.wait_up(&name, seen).await {
+        let up = self.wait_up(&name, seen).await;
+        // What exists must survive a power loss: its seed too.
+        let synced = match seed_synced.await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+        if let (Ok(()), Err(e)) = (&up, synced) {
+            self.roll_back(&name).await;
+            return Err::<MachineInfo, _>(e).what(|| "cannot sync the cloud-init image".into());
+        }
+        match up {
             Ok(()) => {
                 // The commit point: the VM exists.
                 self.mark(&self.paths().present_mark(&name))?;
@@ -162,7 +178,7 @@ impl Manager {
 
     /// Writes the VM's files and hands its service to zinit; returns what
     /// its shim will say.
-    async fn start(&self, vm: &Vm, plan: &Plan) -> Result<Receiver<Seen>, VmError> {
+    async fn start(&self, vm: &Vm, plan: &Plan) -> Result<Started, VmError> {
         let name = &plan.name;
         let run = self.run_dir(name);
         // Leftovers of an earlier life of this name (a crash mid-way).
@@ -176,8 +192,9 @@ impl Manager {
         self.mark(&run.creating_mark())?;
         files::write_json(&run.request(), vm, 0o600)
             .what(|| format!("cannot write the request of vm {name}"))?;
-        super::cloudinit::write_image(&self.paths().seed(name), &plan.seed)
-            .what(|| "cannot write the cloud-init image".into())?;
+        let seed_synced = super::cloudinit::write_image(&self.paths().seed(name), &plan.seed)
+            .what(|| "cannot write the cloud-init image".into())?
+            .sync_later();
         plan.spec
             .save(&run.spec())
             .what(|| format!("cannot write the description of vm {name}"))?;
@@ -204,7 +221,7 @@ impl Manager {
             service: service.to_string(),
             source,
         })?;
-        Ok(seen)
+        Ok(Started { seen, seed_synced })
     }
 
     /// Waits until the VM of `name` has booted, or its start failed (the
