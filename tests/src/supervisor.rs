@@ -73,6 +73,14 @@ impl Supervisor {
         zinit::Client::new(self.socket()).with_timeout(Duration::from_secs(5))
     }
 
+    /// What zinit and its services (the shims) printed so far: for a
+    /// failing test to show.
+    pub fn output(&self) -> String {
+        let own = std::fs::read(self.dir.path().join("zinit.out")).unwrap_or_default();
+        let services = self.cli(&["log", "-s"]).stdout;
+        String::from_utf8_lossy(&[own, services].concat()).into_owned()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }

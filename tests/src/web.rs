@@ -135,14 +135,18 @@ impl Web {
     }
 
     pub async fn ws(&self, port: u16) -> Ws {
+        let fail =
+            |what: String| -> ! { panic!("{what}; zinit's output:\n{}", self.env.zinit.output()) };
         let s = self
             .ns
             .connect(SocketAddr::from((Ipv4Addr::new(10, 20, 2, 1), port)))
-            .unwrap();
+            .unwrap_or_else(|e| fail(format!("cannot connect to the console: {e}")));
         s.set_nonblocking(true).unwrap();
         let s = tokio::net::TcpStream::from_std(s).unwrap();
         let url = format!("ws://10.20.2.1:{port}/ws");
-        let (ws, _) = tokio_tungstenite::client_async(url, s).await.unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(url, s)
+            .await
+            .unwrap_or_else(|e| fail(format!("no WebSocket: {e}")));
         Ws {
             ws,
             seen: String::new(),

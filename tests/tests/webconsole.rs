@@ -190,6 +190,7 @@ async fn the_web_console_serves_the_page_and_the_session_in_the_namespace_only()
         .unwrap()
         .unwrap_or_default()
         .shim_pid as i32;
+    let old_server = console_server("12-3-a").expect("the console server");
     unsafe {
         libc::kill(shim, libc::SIGKILL);
     }
@@ -197,6 +198,13 @@ async fn the_web_console_serves_the_page_and_the_session_in_the_namespace_only()
         !a.wait_for("never printed", 1, SHORT).await,
         "still open after the shim died"
     );
+    // The server does not outlive its shim (it closes its clients a moment
+    // before its death signal ends it: until then it still accepts, and
+    // would reset a client that came in between).
+    vmd_tests::until(SHORT, "the old console server gone", || async {
+        !vmd_tests::vm::alive(old_server)
+    })
+    .await;
     let t0 = Instant::now();
     let mut c = loop {
         if let Ok(s) = web
