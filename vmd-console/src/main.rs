@@ -91,12 +91,23 @@ impl Drop for Slot {
     }
 }
 
+/// Why the server could not serve (the text follows `web console: `).
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error("no {what} on fd {fd} (vmd-console is started by vmd-shim)")]
+    NotInherited { what: &'static str, fd: RawFd },
+    #[error("listening socket: {0}")]
+    Listener(#[source] std::io::Error),
+    #[error("console connector: {0}")]
+    Connector(#[source] std::io::Error),
+    #[error("serving: {0}")]
+    Serving(#[source] std::io::Error),
+}
+
 /// Takes over descriptor `fd`, which the shim left open for us.
-fn inherited(fd: RawFd, what: &str) -> Result<OwnedFd, String> {
+fn inherited(fd: RawFd, what: &'static str) -> Result<OwnedFd, ServeError> {
     if !is_open(fd) {
-        return Err(format!(
-            "no {what} on fd {fd} (vmd-console is started by vmd-shim)"
-        ));
+        return Err(ServeError::NotInherited { what, fd });
     }
     // SAFETY: the descriptor is open (checked) and nothing else in this
     // process owns it: it was inherited for this purpose.
@@ -114,7 +125,7 @@ fn main() -> ExitCode {
     let rt = match current_thread_runtime() {
         Ok(rt) => rt,
         Err(e) => {
-            say(e);
+            say(e.to_string());
             return ExitCode::FAILURE;
         }
     };
@@ -127,18 +138,15 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(cli: Cli) -> Result<(), String> {
+async fn serve(cli: Cli) -> Result<(), ServeError> {
     let listener = std::net::TcpListener::from(inherited(cli.listen_fd, "listening socket")?);
     listener
         .set_nonblocking(true)
-        .map_err(|e| format!("listening socket: {e}"))?;
-    let listener = tokio::net::TcpListener::from_std(listener)
-        .map_err(|e| format!("listening socket: {e}"))?;
+        .map_err(ServeError::Listener)?;
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(ServeError::Listener)?;
     let connector = Connector::from_fd(inherited(cli.connector_fd, "console connector")?)
-        .map_err(|e| format!("console connector: {e}"))?;
-    let at = listener
-        .local_addr()
-        .map_err(|e| format!("listening socket: {e}"))?;
+        .map_err(ServeError::Connector)?;
+    let at = listener.local_addr().map_err(ServeError::Listener)?;
     let app = Arc::new(App {
         name: cli.name,
         assets: cli.assets,
@@ -159,7 +167,7 @@ async fn serve(cli: Cli) -> Result<(), String> {
         router.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .await
-    .map_err(|e| format!("serving: {e}"))
+    .map_err(ServeError::Serving)
 }
 
 async fn file(app: &App, rel: &str, kind: &'static str) -> Response {

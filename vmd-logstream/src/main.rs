@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use vmd_logstream::follow::{Follower, Start};
-use vmd_logstream::sink::{tls_config, Sink};
+use vmd_logstream::sink::{tls_config, Sink, SinkError};
 use vmd_runtime::output::Output;
 use vmd_runtime::process::{current_thread_runtime, say};
 use vmd_runtime::progress::Progress;
@@ -56,29 +56,44 @@ struct Cli {
 
 /// Enters the named network namespace. Before any thread exists: setns
 /// applies to the calling thread, and threads created later inherit it.
-fn enter_netns(dir: &std::path::Path, name: &str) -> Result<(), String> {
+fn enter_netns(dir: &std::path::Path, name: &str) -> Result<(), NetnsError> {
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
-        return Err(format!("invalid network namespace name {name:?}"));
+        return Err(NetnsError::InvalidName(name.to_owned()));
     }
     let path = dir.join(name);
-    let f = std::fs::File::open(&path)
-        .map_err(|e| format!("network namespace {}: {e}", path.display()))?;
-    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-        .map_err(|e| format!("cannot enter network namespace {name}: {e}"))
+    let f = std::fs::File::open(&path).map_err(|source| NetnsError::Open { path, source })?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
+        name: name.to_owned(),
+        source,
+    })
+}
+
+/// Why the worker could not enter its VM's network namespace.
+#[derive(Debug, thiserror::Error)]
+enum NetnsError {
+    #[error("invalid network namespace name {0:?}")]
+    InvalidName(String),
+    #[error("network namespace {}: {source}", .path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot enter network namespace {name}: {source}")]
+    Enter { name: String, source: nix::Error },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(ns) = cli.namespace.as_deref().filter(|n| !n.is_empty()) {
         if let Err(e) = enter_netns(&cli.netns_dir, ns) {
-            say(e);
+            say(e.to_string());
             return ExitCode::FAILURE;
         }
     }
     match current_thread_runtime() {
         Ok(rt) => rt.block_on(run(cli)),
         Err(e) => {
-            say(e);
+            say(e.to_string());
             ExitCode::FAILURE
         }
     }
@@ -245,7 +260,7 @@ impl Worker {
                     "cannot reach {}: {e}; retrying in {:?}",
                     self.cli.output, self.backoff
                 ));
-                self.lost(e);
+                self.lost(&e);
                 self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
                 false
             }
@@ -253,10 +268,10 @@ impl Worker {
     }
 
     /// The receiver is unreachable: say why and retry after the back-off.
-    fn lost(&mut self, e: String) {
+    fn lost(&mut self, e: &SinkError) {
         self.sink = None;
         self.progress.connected = false;
-        self.progress.last_error = Some(e);
+        self.progress.last_error = Some(e.to_string());
         self.save();
         self.retry_at = Instant::now() + self.backoff;
     }
@@ -287,7 +302,7 @@ impl Worker {
             }
             Err(e) => {
                 say(format!("lost {}: {e}; reconnecting", self.cli.output));
-                self.lost(e);
+                self.lost(&e);
             }
         }
     }

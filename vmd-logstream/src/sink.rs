@@ -1,6 +1,8 @@
 //! Where chunks go: one Redis PUBLISH, one binary WebSocket message, or
 //! stdout, per chunk.
 
+use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures_util::SinkExt;
@@ -18,26 +20,58 @@ pub enum Sink {
     Console(tokio::io::Stdout),
 }
 
+/// Why TLS for wss could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {}: {source}", .path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{}: {source}", .path.display())]
+    Pem { path: PathBuf, source: io::Error },
+    #[error("{}: {source}", .path.display())]
+    Cert {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("{0}")]
+    Protocols(#[source] rustls::Error),
+}
+
+/// Why a receiver could not be reached or lost a batch (the text goes to
+/// the worker's log and the stream's `last_error`).
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("{0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("{0}")]
+    WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("connection timed out")]
+    ConnectTimeout,
+    #[error("send timed out")]
+    SendTimeout,
+}
+
 /// TLS for wss: the system's roots, plus an extra CA if given.
-pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);
     }
     if let Some(path) = ca_file {
-        let pem =
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let at = || path.to_owned();
+        let pem = std::fs::read(path).map_err(|source| TlsError::Read { path: at(), source })?;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+            let cert = cert.map_err(|source| TlsError::Pem { path: at(), source })?;
             roots
                 .add(cert)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+                .map_err(|source| TlsError::Cert { path: at(), source })?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Protocols)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
@@ -47,7 +81,7 @@ impl Sink {
     pub async fn connect(
         output: &Output,
         tls: Option<&Arc<rustls::ClientConfig>>,
-    ) -> Result<Sink, String> {
+    ) -> Result<Sink, SinkError> {
         match output {
             Output::Console => Ok(Sink::Console(tokio::io::stdout())),
             Output::Redis {
@@ -65,14 +99,13 @@ impl Sink {
                         ..Default::default()
                     },
                 };
-                let client = redis::Client::open(info).map_err(|e| e.to_string())?;
+                let client = redis::Client::open(info)?;
                 let config = redis::AsyncConnectionConfig::new()
                     .set_connection_timeout(std::time::Duration::from_secs(5))
                     .set_response_timeout(std::time::Duration::from_secs(10));
                 let conn = client
                     .get_multiplexed_async_connection_with_config(&config)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .await?;
                 Ok(Sink::Redis(conn, channel.clone()))
             }
             Output::WebSocket { url, .. } => {
@@ -86,8 +119,7 @@ impl Sink {
                 );
                 let (ws, _) = tokio::time::timeout(std::time::Duration::from_secs(10), connect)
                     .await
-                    .map_err(|_| "connection timed out".to_owned())?
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|_| SinkError::ConnectTimeout)??;
                 Ok(Sink::WebSocket(Box::new(ws)))
             }
         }
@@ -96,15 +128,15 @@ impl Sink {
     /// Sends chunks, one message each, in one round trip where the
     /// protocol allows (pipelined PUBLISHes; WebSocket frames flushed once).
     /// For Redis, returns how many subscribers got each chunk.
-    pub async fn send(&mut self, chunks: &[&[u8]]) -> Result<Vec<Option<u64>>, String> {
+    pub async fn send(&mut self, chunks: &[&[u8]]) -> Result<Vec<Option<u64>>, SinkError> {
         let limit = std::time::Duration::from_secs(30);
-        let timed_out = |_| "send timed out".to_owned();
+        let timed_out = |_| SinkError::SendTimeout;
         match self {
             Sink::Console(out) => {
                 for c in chunks {
-                    out.write_all(c).await.map_err(|e| e.to_string())?;
+                    out.write_all(c).await?;
                 }
-                out.flush().await.map_err(|e| e.to_string())?;
+                out.flush().await?;
                 Ok(vec![None; chunks.len()])
             }
             Sink::Redis(conn, channel) => {
@@ -114,8 +146,7 @@ impl Sink {
                 }
                 let heard: Vec<u64> = tokio::time::timeout(limit, pipe.query_async(conn))
                     .await
-                    .map_err(timed_out)?
-                    .map_err(|e| e.to_string())?;
+                    .map_err(timed_out)??;
                 Ok(heard.into_iter().map(Some).collect())
             }
             Sink::WebSocket(ws) => {
@@ -127,8 +158,7 @@ impl Sink {
                 };
                 tokio::time::timeout(limit, send)
                     .await
-                    .map_err(timed_out)?
-                    .map_err(|e| e.to_string())?;
+                    .map_err(timed_out)??;
                 Ok(vec![None; chunks.len()])
             }
         }

@@ -58,21 +58,21 @@ impl Request {
         }
     }
 
-    pub fn parse(line: &str) -> Result<Request, String> {
+    pub fn parse(line: &str) -> Result<Request, RequestError> {
         let mut words = line.split(' ');
         if words.next() != Some("attach") {
-            return Err(format!("not an attach request: {line:?}"));
+            return Err(RequestError::NotAttach(line.to_owned()));
         }
         let mut req = Request::new(DEFAULT_HISTORY);
         for w in words {
             let number = |v: &str| {
                 v.parse::<u64>()
-                    .map_err(|_| format!("{w:?} is not a number"))
+                    .map_err(|_| RequestError::NotANumber(w.to_owned()))
             };
             match w.split_once('=') {
                 Some(("history", v)) => req.history = number(v)?.min(MAX_HISTORY),
                 Some(("since", v)) => req.since = Some(number(v)?),
-                _ => return Err(format!("unknown attach option {w:?}")),
+                _ => return Err(RequestError::UnknownOption(w.to_owned())),
             }
         }
         Ok(req)
@@ -85,6 +85,17 @@ impl Request {
             None => end.saturating_sub(self.history),
         }
     }
+}
+
+/// Why the shim refuses an attach line (the text follows `error: `).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("not an attach request: {0:?}")]
+    NotAttach(String),
+    #[error("{0:?} is not a number")]
+    NotANumber(String),
+    #[error("unknown attach option {0:?}")]
+    UnknownOption(String),
 }
 
 #[derive(Debug, thiserror::Error)]

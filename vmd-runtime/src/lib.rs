@@ -33,4 +33,4 @@ mod unix;
 pub mod vmm;
 
 pub use layout::{HostPaths, RunDir};
-pub use name::{StreamId, VmName};
+pub use name::{NameError, StreamId, StreamIdError, VmName};

@@ -21,26 +21,46 @@ pub fn is_plain_word(s: &str, max: usize) -> bool {
         && s.chars().all(is_word_char)
 }
 
+/// Why a VM name was refused (the text is what a caller sees).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("name is required")]
+    Empty,
+    #[error("name is longer than {MAX_LEN} characters")]
+    TooLong,
+    #[error("name {0:?} contains {1:?}: only letters, digits, '-', '_' and '.' are allowed")]
+    BadChar(String, char),
+    #[error("name {0:?} must start with a letter or a digit")]
+    BadStart(String),
+}
+
+/// Why a stream id was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamIdError {
+    #[error("missing stream id")]
+    Empty,
+    #[error("invalid stream id {0:?}: 1-64 letters, digits, '-', '_' or '.'")]
+    Invalid(String),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VmName(String);
 
 impl VmName {
     /// Letters, digits, `-`, `_` and `.`; starting with a letter or digit;
     /// at most 64 bytes.
-    pub fn new(name: &str) -> Result<Self, String> {
+    pub fn new(name: &str) -> Result<Self, NameError> {
         if name.is_empty() {
-            return Err("name is required".into());
+            return Err(NameError::Empty);
         }
         if name.len() > MAX_LEN {
-            return Err(format!("name is longer than {MAX_LEN} characters"));
+            return Err(NameError::TooLong);
         }
         if let Some(c) = name.chars().find(|c| !is_word_char(*c)) {
-            return Err(format!(
-                "name {name:?} contains {c:?}: only letters, digits, '-', '_' and '.' are allowed"
-            ));
+            return Err(NameError::BadChar(name.to_owned(), c));
         }
         if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-            return Err(format!("name {name:?} must start with a letter or a digit"));
+            return Err(NameError::BadStart(name.to_owned()));
         }
         Ok(VmName(name.to_owned()))
     }
@@ -68,14 +88,12 @@ pub struct StreamId(String);
 
 impl StreamId {
     /// 1-64 letters, digits, `-`, `_` or `.`, starting with a letter or digit.
-    pub fn new(id: &str) -> Result<Self, String> {
+    pub fn new(id: &str) -> Result<Self, StreamIdError> {
         if id.is_empty() {
-            return Err("missing stream id".into());
+            return Err(StreamIdError::Empty);
         }
         if !is_plain_word(id, MAX_LEN) {
-            return Err(format!(
-                "invalid stream id {id:?}: 1-64 letters, digits, '-', '_' or '.'"
-            ));
+            return Err(StreamIdError::Invalid(id.to_owned()));
         }
         Ok(StreamId(id.to_owned()))
     }

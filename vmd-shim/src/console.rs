@@ -96,15 +96,15 @@ impl Console {
         self.viewers.len()
     }
 
-    fn attach(&mut self, req: Request) -> Result<Attachment, String> {
+    fn attach(&mut self, req: Request) -> Result<Attachment, Refusal> {
         self.viewers.retain(|v| !v.tx.is_closed());
         if self.viewers.len() >= MAX_VIEWERS {
-            return Err(format!("{MAX_VIEWERS} terminals are attached already"));
+            return Err(Refusal::Full);
         }
         let (from, history) = self
             .log
             .read_from(req.start(self.log.end()))
-            .map_err(|e| format!("cannot read the console log: {e}"))?;
+            .map_err(Refusal::Log)?;
         let (tx, live) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         self.viewers.push(Viewer {
@@ -118,6 +118,17 @@ impl Console {
             queued,
         })
     }
+}
+
+/// Why a terminal is not attached (the text is sent to it after `error: `).
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error(transparent)]
+    Request(attach::RequestError),
+    #[error("{MAX_VIEWERS} terminals are attached already")]
+    Full,
+    #[error("cannot read the console log: {0}")]
+    Log(#[source] std::io::Error),
 }
 
 pub fn lock(c: &Mutex<Console>) -> std::sync::MutexGuard<'_, Console> {
@@ -245,7 +256,9 @@ pub async fn serve(mut s: UnixStream, console: SharedConsole, keyboard: Keyboard
         Ok(Ok(line)) => Request::parse(&line),
         _ => return,
     };
-    let attached = req.and_then(|r| lock(&console).attach(r));
+    let attached = req
+        .map_err(Refusal::Request)
+        .and_then(|r| lock(&console).attach(r));
     let mut a = match attached {
         Ok(a) => a,
         Err(e) => {

@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     match current_thread_runtime() {
         Ok(rt) => rt.block_on(supervisor::run(RunDir::new(cli.dir))),
         Err(e) => {
-            say(e);
+            say(e.to_string());
             ExitCode::FAILURE
         }
     }

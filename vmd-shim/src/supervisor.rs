@@ -248,7 +248,6 @@ impl Shim {
                         }
                     };
                     locker.abort();
-                    let status = status.map_err(|e| e.to_string());
                     // A signal or a failure code says all there is to say:
                     // watchers hear it at once. An exit 0 is judged once the
                     // VMM's last events and lines are in (a guest power-off,
@@ -256,7 +255,7 @@ impl Shim {
                     let told = match status {
                         Ok(st) if st.code() == Some(0) => None,
                         _ => {
-                            let exit = vmm.classify(status.clone());
+                            let exit = vmm.classify(&status);
                             self.announce(&exit);
                             Some(exit)
                         }
@@ -264,7 +263,7 @@ impl Shim {
                     // The console and events drain before anything restarts.
                     vmm.drain_pumps().await;
                     told.unwrap_or_else(|| {
-                        let exit = vmm.classify(status);
+                        let exit = vmm.classify(&status);
                         self.announce(&exit);
                         exit
                     })

@@ -161,10 +161,10 @@ impl Vmm {
     /// What an exit of the VMM was. Exit code 0 alone proves nothing: the
     /// VMM also exits 0 when a vCPU died; only the VM's own shutdown event
     /// makes it a guest power-off.
-    pub fn classify(&self, status: Result<ExitStatus, String>) -> Exit {
+    pub fn classify(&self, status: &std::io::Result<ExitStatus>) -> Exit {
         let at = now_secs();
         let st = match status {
-            Ok(st) => st,
+            Ok(st) => *st,
             Err(e) => {
                 return Exit {
                     at,

@@ -80,12 +80,12 @@ pub async fn run(
     let mut retry = FIRST_RETRY;
     loop {
         let why = match serve_once(&name, &w, &record, &console, &keyboard).await {
-            Ok(why) => {
+            Ok(stopped) => {
                 // It served: start the back-off over.
                 retry = FIRST_RETRY;
-                why
+                stopped.to_string()
             }
-            Err(why) => why,
+            Err(why) => why.to_string(),
         };
         say(format!(
             "web console: {why}; trying again in {} s",
@@ -97,7 +97,32 @@ pub async fn run(
     }
 }
 
-/// Binds, starts the server, and waits for it to exit: `Ok(why it
+/// Why the web console server could not be started.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("cannot listen on {at}: {source}")]
+    Listen { at: String, source: std::io::Error },
+    #[error("console connector: {0}")]
+    Connector(#[source] std::io::Error),
+    #[error("descriptors: {0}")]
+    Descriptors(#[source] std::io::Error),
+    #[error("cannot start {server}: {source}", server = .server.display())]
+    Spawn {
+        server: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// How a server that did start came to stop.
+#[derive(Debug, thiserror::Error)]
+enum Stopped {
+    #[error("the web console server exited ({})", describe(.0))]
+    Exited(std::process::ExitStatus),
+    #[error("lost track of the web console server: {0}")]
+    Lost(#[source] std::io::Error),
+}
+
+/// Binds, starts the server, and waits for it to exit: `Ok(how it
 /// stopped)` once it served, `Err(why it could not)`.
 async fn serve_once(
     name: &str,
@@ -105,17 +130,19 @@ async fn serve_once(
     record: &impl Fn(bool, Option<String>),
     console: &SharedConsole,
     keyboard: &Keyboard,
-) -> Result<String, String> {
+) -> Result<Stopped, StartError> {
     let in_ns = format!(
         "{} in {}",
         w.url(),
         w.netns.file_name().unwrap_or_default().to_string_lossy()
     );
-    let listener = bind(w).map_err(|e| format!("cannot listen on {in_ns}: {e}"))?;
-    let (ours, theirs) =
-        std::os::unix::net::UnixStream::pair().map_err(|e| format!("console connector: {e}"))?;
+    let listener = bind(w).map_err(|source| StartError::Listen {
+        at: in_ns.clone(),
+        source,
+    })?;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartError::Connector)?;
     let fds = high_fd(listener.as_fd()).and_then(|l| Ok((l, high_fd(theirs.as_fd())?)));
-    let (listen_fd, connector_fd) = fds.map_err(|e| format!("descriptors: {e}"))?;
+    let (listen_fd, connector_fd) = fds.map_err(StartError::Descriptors)?;
     drop((listener, theirs));
     let mut cmd =
         Hardening::console_server(listen_fd.as_raw_fd(), connector_fd.as_raw_fd(), nobody())
@@ -127,9 +154,10 @@ async fn serve_once(
         // Its lines (who connected) go where the shim's go: zinit's log.
         .stdout(std::process::Stdio::inherit())
         .stderr(std::process::Stdio::inherit());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", w.server.display()))?;
+    let mut child = cmd.spawn().map_err(|source| StartError::Spawn {
+        server: w.server.clone(),
+        source,
+    })?;
     drop(cmd);
     drop((listen_fd, connector_fd));
     record(true, None);
@@ -151,7 +179,7 @@ async fn serve_once(
     let status = child.wait().await;
     connector.abort();
     Ok(match status {
-        Ok(st) => format!("the web console server exited ({})", describe(&st)),
-        Err(e) => format!("lost track of the web console server: {e}"),
+        Ok(st) => Stopped::Exited(st),
+        Err(e) => Stopped::Lost(e),
     })
 }

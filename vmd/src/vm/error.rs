@@ -18,6 +18,18 @@ impl From<String> for Invalid {
     }
 }
 
+impl From<vmd_runtime::NameError> for Invalid {
+    fn from(e: vmd_runtime::NameError) -> Self {
+        Invalid(e.to_string())
+    }
+}
+
+impl From<vmd_runtime::StreamIdError> for Invalid {
+    fn from(e: vmd_runtime::StreamIdError) -> Self {
+        Invalid(e.to_string())
+    }
+}
+
 impl From<&str> for Invalid {
     fn from(s: &str) -> Self {
         Invalid(s.to_owned())
@@ -58,7 +70,7 @@ pub enum VmError {
     #[error("a vm with same name already exists")]
     AlreadyExists,
     #[error("invalid vm name: {0}")]
-    InvalidName(String),
+    InvalidName(vmd_runtime::NameError),
     #[error("failed to start vm {name}: {reason}{}", console_suffix(.console))]
     StartFailed {
         name: String,

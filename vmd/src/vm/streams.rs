@@ -69,7 +69,7 @@ impl Manager {
 
     pub async fn stream_create(&self, vm: &str, stream: &Stream) -> Result<(), VmError> {
         let name = self.existing(vm)?;
-        let id = StreamId::new(&stream.id).map_err(refused)?;
+        let id = StreamId::new(&stream.id).map_err(|e| VmError::InvalidStream(e.into()))?;
         stream
             .output
             .parse::<Output>()
