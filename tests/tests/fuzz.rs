@@ -165,3 +165,58 @@ mod rmpv_like {
         Value(serde::de::IgnoredAny),
     }
 }
+
+/// Junk that decode errors quote (a 10 MiB string where a request should
+/// be, a request whose `Method` is a 10 MiB string of the wrong type):
+/// vmd's log and the protocol error hold a prefix and the length only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_is_logged_and_answered_by_a_prefix_and_its_length() {
+    let redis = RedisServer::start();
+    let vmd = VmdProcess::start(&redis, &["--log", "warn"]);
+    vmd.wait_ready().await;
+    let stub = VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(30));
+    let mut conn = redis.broker().connect().await.unwrap();
+    let huge = "J".repeat(10 << 20);
+    // Not a request at all, and no reply address.
+    let bare = codec::encode(&huge).unwrap();
+    // A request with a reply address, its inputs a huge string.
+    #[derive(serde::Serialize)]
+    struct Bad<'a> {
+        #[serde(rename = "ID")]
+        id: &'a str,
+        #[serde(rename = "ReplyTo")]
+        reply_to: &'a str,
+        #[serde(rename = "Method")]
+        method: &'a str,
+        #[serde(rename = "Inputs")]
+        inputs: &'a str,
+    }
+    let addressed = codec::encode(&Bad {
+        id: "junk-1",
+        reply_to: "junk-reply",
+        method: "Exists",
+        inputs: &huge,
+    })
+    .unwrap();
+    for _ in 0..3 {
+        let _: () = conn.rpush("vmd.manager@0.0.1", &bare).await.unwrap();
+    }
+    let _: () = conn.rpush("vmd.manager@0.0.1", &addressed).await.unwrap();
+    let got: Option<(String, Vec<u8>)> = conn.blpop("junk-reply", 30.0).await.unwrap();
+    let (_, bytes) = got.expect("a reply to the addressed junk");
+    let resp: Response = codec::decode(&bytes).unwrap();
+    let error = resp.error.expect("a protocol error");
+    assert!(error.len() < 1024, "a {}-byte error reply", error.len());
+    assert!(error.contains("JJJJ"), "the error quotes the junk: {error}");
+    // Served in order: the bare junk was handled before this.
+    assert!(!stub.exists("nope").await.unwrap());
+    let log = std::fs::metadata(vmd.stderr_path()).unwrap().len();
+    assert!(
+        log < 64 << 10,
+        "vmd's log grew to {log} bytes from 4 junk payloads"
+    );
+    assert!(
+        vmd.stderr().contains("malformed request"),
+        "the junk is logged"
+    );
+}

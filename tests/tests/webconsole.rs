@@ -546,3 +546,100 @@ async fn bad_and_slow_clients_are_bounded_and_harm_no_one() {
     }
     assert!(got < 8 << 20, "the stuck client got {got} bytes");
 }
+
+/// A raw HTTP request for the WebSocket, with `origin` if any: the status
+/// line's code.
+fn upgrade_status(web: &Web, addr: SocketAddr, origin: Option<&str>) -> String {
+    use std::io::{Read, Write};
+    let mut s = web.ns.connect(addr).unwrap();
+    s.set_read_timeout(Some(SHORT)).unwrap();
+    let origin = origin
+        .map(|o| format!("Origin: {o}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\n{origin}Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    String::from_utf8_lossy(&head[9..]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_sites_pages_and_silent_connections_get_nothing() {
+    let web = match Web::start(Some("10.20.2.1/24")).await {
+        Ok(w) => w,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let info = web.env.stub.run(&web.vm("12-7-a", 8)).await.unwrap();
+    assert_eq!(info.console_url, "10.20.2.1:20008");
+    let server = console_server("12-7-a").expect("a vmd-console for the VM");
+    let addr = SocketAddr::from((Ipv4Addr::new(10, 20, 2, 1), 20008));
+
+    // Cross-site WebSocket hijacking: a page of another site is refused,
+    // the console's own page and a client that is no browser are served.
+    assert_eq!(
+        upgrade_status(&web, addr, Some("https://evil.example")),
+        "403"
+    );
+    assert_eq!(upgrade_status(&web, addr, Some("null")), "403");
+    assert_eq!(
+        upgrade_status(&web, addr, Some("http://10.20.2.1:20008")),
+        "101"
+    );
+    assert_eq!(upgrade_status(&web, addr, None), "101");
+
+    // 150 connections that never send a byte (within the listening
+    // socket's backlog, so that each connect completes): the server's fds
+    // stay bounded (64 waiting heads, the rest in the backlog), and it closes
+    // the silent ones after its header timeout (10 s).
+    let fds = |pid: i32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let before = fds(server);
+    let silent: Vec<std::net::TcpStream> =
+        (0..150).map(|_| web.ns.connect(addr).unwrap()).collect();
+    let t0 = Instant::now();
+    let mut most = 0;
+    let first = &silent[0];
+    first
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let closed = loop {
+        most = most.max(fds(server));
+        let mut b = [0u8; 1];
+        match std::io::Read::read(&mut &*first, &mut b) {
+            Ok(0) => break t0.elapsed(),
+            Ok(_) => panic!("the server sent something to a silent connection"),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            // A reset is a close too.
+            Err(_) => break t0.elapsed(),
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "a silent connection is still open after 30 s"
+        );
+    };
+    assert!(
+        closed >= Duration::from_secs(5),
+        "closed after {closed:?}: before its header timeout"
+    );
+    assert!(
+        most <= before + 64 + 8,
+        "vmd-console held {most} fds with 150 silent connections (from {before})"
+    );
+    drop(silent);
+    // Served again as soon as the silent ones are gone.
+    assert_eq!(web.get(20008, "/").0, 200);
+    let mut ws = web.ws(20008).await;
+    ws.type_line("echo hello-after-flood").await;
+    assert!(ws.wait_for("hello-after-flood", 2, SHORT).await);
+}

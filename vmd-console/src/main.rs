@@ -15,6 +15,14 @@
 //!   behind is dropped by the shim, nobody waits for it).
 //!
 //! Lines on stdout (the shim's zinit log): who connected, who left and why.
+//!
+//! Bounded against clients that are not browsers: a connection must send
+//! its request head within `--header-timeout`, at most `--max-pending`
+//! connections wait for theirs (more wait in the kernel's backlog: the fds
+//! of this process stay bounded), and a WebSocket is refused when its
+//! `Origin` is another site's: a page anywhere, opened by someone who can
+//! reach the VM, must not get its root console (cross-site WebSocket
+//! hijacking). A client without `Origin` is not a browser and is served.
 
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -27,12 +35,14 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use vmd_runtime::attach::{self, Connector, Request, DEFAULT_HISTORY};
@@ -71,6 +81,14 @@ struct Cli {
     /// Bytes of the past console a client gets first.
     #[arg(long, default_value_t = DEFAULT_HISTORY)]
     history: u64,
+    /// Connections not yet upgraded to a WebSocket, at once; more wait in
+    /// the listening socket's backlog.
+    #[arg(long, default_value_t = 64)]
+    max_pending: usize,
+    /// Seconds a connection has to send its request head (and an idle
+    /// keep-alive connection its next one) before it is closed.
+    #[arg(long, default_value_t = 10)]
+    header_timeout: u64,
 }
 
 struct App {
@@ -100,8 +118,8 @@ enum ServeError {
     Listener(#[source] std::io::Error),
     #[error("console connector: {0}")]
     Connector(#[source] std::io::Error),
-    #[error("serving: {0}")]
-    Serving(#[source] std::io::Error),
+    #[error("accepting: {0}")]
+    Accept(#[source] std::io::Error),
 }
 
 /// Takes over descriptor `fd`, which the shim left open for us.
@@ -162,12 +180,72 @@ async fn serve(cli: Cli) -> Result<(), ServeError> {
         .route("/xterm.css", get(xterm_css))
         .route("/ws", get(ws))
         .with_state(app);
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
+    let pending = Arc::new(tokio::sync::Semaphore::new(cli.max_pending.max(1)));
+    let header_timeout = Duration::from_secs(cli.header_timeout.max(1));
+    loop {
+        // A place first: while every place is taken, connections wait in
+        // the backlog, not as open fds here.
+        let Ok(place) = Arc::clone(&pending).acquire_owned().await else {
+            return Ok(());
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            // Out of fds or memory for a moment: the next accept may do.
+            Err(e) if is_transient(&e) => {
+                say(format!("web console: accepting: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => return Err(ServeError::Accept(e)),
+        };
+        let router = router.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                tower::ServiceExt::oneshot(router.clone(), req)
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            // Errors are the client's (a bad request, a timeout, gone):
+            // hyper has answered what could be answered.
+            let _ = conn.await;
+            // An upgraded connection ends here too: its WebSocket counts
+            // against `max_clients` from now on.
+            drop(place);
+        });
+    }
+}
+
+/// Whether an accept error passes (the listener itself is fine).
+fn is_transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EMFILE)
+            | Some(nix::libc::ENFILE)
+            | Some(nix::libc::ENOBUFS)
+            | Some(nix::libc::ENOMEM)
+            | Some(nix::libc::ECONNABORTED)
+            | Some(nix::libc::EINTR)
     )
-    .await
-    .map_err(ServeError::Serving)
+}
+
+/// Whether a WebSocket's `Origin` is this server's own (the authority the
+/// browser asked for, `Host`), or absent: no browser.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let origin = origin.to_str().ok().and_then(|o| o.parse::<Uri>().ok());
+    let origin = origin.as_ref().and_then(|o| o.authority());
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    match (origin, host) {
+        (Some(origin), Some(host)) => origin.as_str().eq_ignore_ascii_case(host),
+        // `Origin: null` (a sandboxed or file page), unparsable, no Host.
+        _ => false,
+    }
 }
 
 async fn file(app: &App, rel: &str, kind: &'static str) -> Response {
@@ -211,8 +289,23 @@ async fn xterm_css(State(app): State<Arc<App>>) -> Response {
 async fn ws(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    if !same_origin(&headers) {
+        let origin = headers
+            .get(header::ORIGIN)
+            .map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned())
+            .unwrap_or_default();
+        say(format!(
+            "web console: {peer} refused: a page of another site ({origin:.100})"
+        ));
+        return (
+            StatusCode::FORBIDDEN,
+            "the console answers only its own page\n",
+        )
+            .into_response();
+    }
     if app.clients.fetch_add(1, Ordering::SeqCst) >= app.max_clients {
         app.clients.fetch_sub(1, Ordering::SeqCst);
         say(format!(
@@ -314,4 +407,37 @@ async fn session(slot: Slot, peer: SocketAddr, mut socket: WebSocket) {
     };
     say(format!("web console: {peer} disconnected: {why}"));
     drop(slot);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(host: Option<&str>, origin: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(v) = host {
+            h.insert(header::HOST, v.parse().unwrap());
+        }
+        if let Some(v) = origin {
+            h.insert(header::ORIGIN, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn only_the_consoles_own_page_or_no_browser_gets_a_websocket() {
+        let ok = |host, origin| same_origin(&headers(host, origin));
+        assert!(ok(Some("10.20.2.1:20006"), None), "no browser");
+        assert!(ok(Some("10.20.2.1:20006"), Some("http://10.20.2.1:20006")));
+        assert!(ok(Some("[fd00::1]:20006"), Some("http://[FD00::1]:20006")));
+        assert!(!ok(Some("10.20.2.1:20006"), Some("https://evil.example")));
+        assert!(!ok(Some("10.20.2.1:20006"), Some("http://10.20.2.1:20007")));
+        assert!(!ok(Some("10.20.2.1:20006"), Some("http://10.20.2.1")));
+        assert!(!ok(Some("10.20.2.1:20006"), Some("null")));
+        assert!(!ok(None, Some("http://10.20.2.1:20006")));
+        assert!(!ok(
+            Some("10.20.2.1:20006"),
+            Some("http://10.20.2.1:20006.evil.example")
+        ));
+    }
 }

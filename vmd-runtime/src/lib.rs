@@ -15,9 +15,11 @@
 //! * [`attach`] — the shim's console socket: history, live output, input;
 //! * [`vmm`] — cloud-hypervisor: its command line and its REST API;
 //! * [`files`] — the durable atomic write every state file goes through;
+//! * [`clip`] — outsiders' texts shown bounded in logs and replies;
 //! * [`process`] — what every vmd binary does at start (runtime, stdout lines).
 
 pub mod attach;
+pub mod clip;
 pub mod console;
 pub mod control;
 pub mod events;

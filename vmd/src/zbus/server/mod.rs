@@ -48,6 +48,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+use vmd_runtime::clip::Clipped;
 
 use serde_bytes::ByteBuf;
 use tokio::sync::{watch, Semaphore};
@@ -303,12 +304,13 @@ async fn serve(
         return status_response(shared, id);
     }
     let Some(service) = shared.services.get(&object) else {
-        debug!(object = %object, "request for an unknown object");
+        debug!(object = %Clipped(&object.to_string()), "request for an unknown object");
         return Response::protocol_error(id, "unknown object");
     };
     let dispatch = match service.dispatch(&method, inputs) {
         Ok(d) => d,
-        Err(e) => return Response::protocol_error(id, e),
+        // It may quote the caller's arguments: a prefix of them only.
+        Err(e) => return Response::protocol_error(id, Clipped(&e).to_string()),
     };
     let result = match dispatch.access {
         Access::Quick => {
@@ -318,7 +320,7 @@ async fn serve(
         Access::Read => on_pool(shared, service.as_ref(), object, method, dispatch.call).await,
         Access::Change(keys) => {
             let Ok(_slot) = Arc::clone(&shared.changes).try_acquire_owned() else {
-                warn!(id, method = %method, max = shared.max_changes, "too many changes in flight; refused");
+                warn!(id = %Clipped(id), method = %method, max = shared.max_changes, "too many changes in flight; refused");
                 let msg = format!(
                     "vmd is busy: {} changes are in flight already; try again later",
                     shared.max_changes

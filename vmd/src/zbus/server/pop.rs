@@ -4,6 +4,7 @@
 //! where to.
 
 use std::sync::Arc;
+use vmd_runtime::clip::Clipped;
 
 use futures_util::FutureExt;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -188,19 +189,22 @@ async fn handle(shared: Arc<Shared>, payload: Vec<u8>, room: Option<OwnedSemapho
         Err(e) => {
             match salvage_reply_address(&payload) {
                 Some((id, reply_to)) => {
-                    warn!(bytes = payload.len(), error = %e, reply_to = %reply_to,
+                    // The error may quote the payload: a prefix of it only.
+                    let e = e.to_string();
+                    warn!(bytes = payload.len(), error = %Clipped(&e), reply_to = %Clipped(&reply_to),
                           "malformed request; answering with a protocol error");
-                    let resp = Response::protocol_error(&id, format!("invalid request: {e}"));
+                    let resp =
+                        Response::protocol_error(&id, format!("invalid request: {}", Clipped(&e)));
                     shared.replier.send(reply_to, &resp, room);
                 }
-                None => warn!(bytes = payload.len(), error = %e,
+                None => warn!(bytes = payload.len(), error = %Clipped(&e.to_string()),
                               "dropping a payload that is not a zbus request (no reply address)"),
             }
             return;
         }
     };
     if req.reply_to.is_empty() {
-        warn!(id = %req.id, method = %req.method, "dropping a request without ReplyTo");
+        warn!(id = %Clipped(&req.id), method = %Clipped(&req.method), "dropping a request without ReplyTo");
         return;
     }
     let response = serve(&shared, req.object, req.method, req.inputs, &req.id).await;
