@@ -642,3 +642,38 @@ async fn a_stream_sends_from_its_network_namespace() {
     let printed = env.wait_flood_done("nsvm").await;
     assert_received(&received, &printed).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_limited_per_vm_and_per_host_with_a_clear_error() {
+    let env = Env::start(&["--max-streams-per-vm", "2", "--max-streams", "3"]).await;
+    env.stub.run(&env.vm("lim-a", &[])).await.unwrap();
+    env.stub.run(&env.vm("lim-b", &[])).await.unwrap();
+    let s = |id: &str| Stream {
+        id: id.into(),
+        namespace: String::new(),
+        output: "ws://127.0.0.1:9/x".into(),
+    };
+    let refusal = |r: Result<(), ClientError>| match r {
+        Err(ClientError::Method(m)) => m,
+        other => panic!("not refused: {other:?}"),
+    };
+    env.stub.stream_create("lim-a", &s("a1")).await.unwrap();
+    env.stub.stream_create("lim-a", &s("a2")).await.unwrap();
+    let m = refusal(env.stub.stream_create("lim-a", &s("a3")).await);
+    assert!(
+        m.contains("vm lim-a has 2 log streams already") && m.contains("(2)"),
+        "{m}"
+    );
+    // A retry of a stream that exists is no new stream: the same success.
+    env.stub.stream_create("lim-a", &s("a2")).await.unwrap();
+    env.stub.stream_create("lim-b", &s("b1")).await.unwrap();
+    let m = refusal(env.stub.stream_create("lim-b", &s("b2")).await);
+    assert!(m.contains("the host has 3 log streams already"), "{m}");
+    // Nothing of the refused ones is left; room again after a delete.
+    let services = env.zinit.client().list().await.unwrap();
+    for refused in ["stream:a3", "stream:b2"] {
+        assert!(!services.contains_key(refused), "{services:?}");
+    }
+    env.stub.stream_delete("a1").await.unwrap();
+    env.stub.stream_create("lim-b", &s("b2")).await.unwrap();
+}

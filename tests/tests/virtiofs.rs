@@ -99,7 +99,7 @@ fn golden_command_line_disk_boot() {
         argv(&vm, dir.path(), &settings, Version::new(39, 0)),
         "--api-socket path={T}/run/vms/web/api.sock \
          --kernel {T}/vmlinux --initramfs {T}/initrd \
-         --cmdline boot.shell_on_fail console=ttyS0 panic=1 quiet reboot=k root=/dev/vda rw \
+         --cmdline=boot.shell_on_fail console=ttyS0 panic=1 quiet reboot=k root=/dev/vda rw \
          --cpus boot=1 --memory size=512M \
          --serial tty --console off --event-monitor fd=3 \
          --disk path={T}/root.img path={T}/data.img path={T}/root/cloud-init/web.img,readonly=on \
@@ -110,7 +110,7 @@ fn golden_command_line_disk_boot() {
         argv(&vm, dir.path(), &settings, Version::new(53, 0)),
         "--api-socket path={T}/run/vms/web/api.sock \
          --kernel {T}/vmlinux --initramfs {T}/initrd \
-         --cmdline boot.shell_on_fail console=ttyS0 panic=1 quiet reboot=k root=/dev/vda rw \
+         --cmdline=boot.shell_on_fail console=ttyS0 panic=1 quiet reboot=k root=/dev/vda rw \
          --cpus boot=1 --memory size=512M \
          --serial tty --console off --event-monitor fd=3 \
          --disk path={T}/root.img,image_type=raw path={T}/data.img,image_type=raw \
@@ -142,7 +142,7 @@ fn golden_command_line_virtiofs_boot_with_shares() {
         argv(&vm, dir.path(), &settings, Version::new(53, 0)),
         "--api-socket path={T}/run/vms/web/api.sock \
          --kernel {T}/vmlinux --initramfs {T}/initrd \
-         --cmdline boot.shell_on_fail console=ttyS0 panic=1 quiet reboot=k root=vroot rootdelay=30 rootfstype=virtiofs rw \
+         --cmdline=boot.shell_on_fail console=ttyS0 panic=1 quiet reboot=k root=vroot rootdelay=30 rootfstype=virtiofs rw \
          --cpus boot=1 --memory size=512M,shared=on \
          --serial tty --console off --event-monitor fd=3 \
          --disk path={T}/root/cloud-init/web.img,readonly=on,image_type=raw \

@@ -116,6 +116,13 @@ struct DaemonArgs {
     /// never wait for changes, and changes of one VM run one after the other.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65536))]
     max_changes: u32,
+    /// Log streams of one VM at most (each is a process and a zinit
+    /// service); one more is refused with a method error.
+    #[arg(long, default_value_t = 16)]
+    max_streams_per_vm: usize,
+    /// Log streams of the host at most.
+    #[arg(long, default_value_t = 1024)]
+    max_streams: usize,
     /// Lifecycle events the broker keeps for `vmd ctl events` to replay
     /// (a Redis stream, trimmed to about this many); 0 keeps none.
     #[arg(long, default_value_t = 10_000)]
@@ -261,6 +268,8 @@ async fn daemon(
         log_keep_bytes: args.log_keep_bytes,
         sys_net: args.sys_net.clone(),
         sys_pci: args.sys_pci.clone(),
+        max_streams_per_vm: args.max_streams_per_vm,
+        max_streams: args.max_streams,
     };
     let events = vmd::events::Events::start(
         broker.clone(),

@@ -117,7 +117,12 @@ fn parse_cli(args: &[String]) -> Result<Cli, String> {
         ..Default::default()
     };
     let mut i = 0;
-    let one = |i: &mut usize, flag: &str| -> Result<String, String> {
+    // clap's two forms: `--flag value` (a value may not look like a flag)
+    // and `--flag=value` (anything after the `=`, dashes included).
+    let one = |i: &mut usize, flag: &str, inline: Option<&str>| -> Result<String, String> {
+        if let Some(v) = inline {
+            return Ok(v.to_owned());
+        }
         *i += 1;
         args.get(*i)
             .filter(|v| !v.starts_with("--"))
@@ -130,23 +135,26 @@ fn parse_cli(args: &[String]) -> Result<Cli, String> {
             })
     };
     while i < args.len() {
-        let flag = args[i].as_str();
+        let (flag, inline) = match args[i].split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v)),
+            _ => (args[i].as_str(), None),
+        };
         match flag {
-            "--api-socket" => cli.api_socket = Some(one(&mut i, flag)?),
-            "--kernel" => cli.kernel = Some(one(&mut i, flag)?.into()),
-            "--initramfs" => cli.initramfs = Some(one(&mut i, flag)?.into()),
-            "--cmdline" => cli.cmdline = one(&mut i, flag)?,
-            "--cpus" => cli.cpus = one(&mut i, flag)?,
-            "--memory" => cli.memory = one(&mut i, flag)?,
-            "--serial" => cli.serial = one(&mut i, flag)?,
-            "--console" => cli.console = one(&mut i, flag)?,
-            "--event-monitor" => cli.event_monitor = Some(one(&mut i, flag)?),
+            "--api-socket" => cli.api_socket = Some(one(&mut i, flag, inline)?),
+            "--kernel" => cli.kernel = Some(one(&mut i, flag, inline)?.into()),
+            "--initramfs" => cli.initramfs = Some(one(&mut i, flag, inline)?.into()),
+            "--cmdline" => cli.cmdline = one(&mut i, flag, inline)?,
+            "--cpus" => cli.cpus = one(&mut i, flag, inline)?,
+            "--memory" => cli.memory = one(&mut i, flag, inline)?,
+            "--serial" => cli.serial = one(&mut i, flag, inline)?,
+            "--console" => cli.console = one(&mut i, flag, inline)?,
+            "--event-monitor" => cli.event_monitor = Some(one(&mut i, flag, inline)?),
             "--seccomp" | "--log-file" => {
-                one(&mut i, flag)?;
+                one(&mut i, flag, inline)?;
             }
             "-v" | "-vv" | "-vvv" => {}
             "--disk" | "--net" | "--fs" | "--device" => {
-                let mut values = Vec::new();
+                let mut values: Vec<String> = inline.map(str::to_owned).into_iter().collect();
                 while args.get(i + 1).is_some_and(|v| !v.starts_with("--")) {
                     i += 1;
                     values.push(args[i].clone());
@@ -1138,8 +1146,12 @@ fn main() -> ExitCode {
     // Before anything else: when this process came to life.
     if let Some(path) = args
         .iter()
-        .position(|a| a == "--cmdline")
-        .and_then(|i| args.get(i + 1))
+        .enumerate()
+        .find_map(|(i, a)| match a.strip_prefix("--cmdline") {
+            Some("") => args.get(i + 1).map(String::as_str),
+            Some(v) => v.strip_prefix('='),
+            None => None,
+        })
         .and_then(|c| Knobs::parse(c).str("double.exec_log").map(str::to_owned))
     {
         let ns = std::time::SystemTime::now()

@@ -16,16 +16,23 @@ pub const EVENT_FD: i32 = 3;
 pub fn hypervisor_args(spec: &VmSpec, run: &RunDir, version: Version) -> Vec<String> {
     let p = |p: &Path| p.display().to_string();
     let mut a: Vec<String> = Vec::new();
+    // `--flag=` glues its value into one word.
     let mut push = |flag: &str, value: String| {
-        a.push(flag.to_owned());
-        a.push(value);
+        if flag.ends_with('=') {
+            a.push(format!("{flag}{value}"));
+        } else {
+            a.push(flag.to_owned());
+            a.push(value);
+        }
     };
     push("--api-socket", format!("path={}", p(&run.api_socket())));
     push("--kernel", p(&spec.kernel));
     if let Some(i) = &spec.initramfs {
         push("--initramfs", p(i));
     }
-    push("--cmdline", spec.cmdline.clone());
+    // One word: a command line starting with `-` stays the value, never
+    // becomes a flag of the VMM's.
+    push("--cmdline=", spec.cmdline.clone());
     push("--cpus", format!("boot={}", spec.vcpus));
     // virtio-fs needs guest memory the vhost-user daemon can map.
     let shared = if spec.shares.is_empty() {
@@ -155,8 +162,7 @@ mod tests {
                     "path=/run/vmd/web/api.sock",
                     "--kernel",
                     "/k/vmlinux",
-                    "--cmdline",
-                    "console=ttyS0 root=/dev/vda rw",
+                    "--cmdline=console=ttyS0 root=/dev/vda rw",
                     "--cpus",
                     "boot=2",
                     "--memory",
@@ -207,8 +213,7 @@ mod tests {
                 "/k/vmlinux",
                 "--initramfs",
                 "/k/initrd",
-                "--cmdline",
-                "console=ttyS0 root=/dev/vda rw",
+                "--cmdline=console=ttyS0 root=/dev/vda rw",
                 "--cpus",
                 "boot=2",
                 "--memory",
@@ -278,11 +283,10 @@ mod tests {
     #[test]
     fn cmdline_is_one_argument() {
         let mut s = base();
-        s.cmdline = "a=1 b=\"two words\" c".into();
-        assert_eq!(
-            value_of(&hypervisor_args(&s, &run(), V53), "--cmdline"),
-            [s.cmdline.as_str()]
-        );
+        s.cmdline = "--disk=path=/etc/shadow a=1 b=\"two words\" c".into();
+        let argv = hypervisor_args(&s, &run(), V53);
+        let words: Vec<&String> = argv.iter().filter(|a| a.contains("cmdline")).collect();
+        assert_eq!(words, [&format!("--cmdline={}", s.cmdline)]);
     }
 
     #[test]

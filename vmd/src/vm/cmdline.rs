@@ -58,6 +58,11 @@ pub fn kernel_cmdline(
         if k.contains('=') {
             return invalid(format!("kernel argument name {k:?} contains '='"));
         }
+        // `--` ends the kernel's parameters (the rest go to init), and a
+        // word starting with `-` is no kernel parameter.
+        if k.starts_with('-') {
+            return invalid(format!("kernel argument name {k:?} starts with '-'"));
+        }
         check("value", v)?;
         merged.insert(k.clone(), v.clone());
     }
@@ -123,6 +128,9 @@ mod tests {
             ("", "x"),
             ("a=b", "c"),
             ("init", "$(rm -rf /) x"),
+            ("--", ""),
+            ("--disk", "path=/etc/shadow"),
+            ("-x", ""),
         ] {
             assert!(
                 kernel_cmdline(DISK_DEFAULTS, &args(&[(k, v)])).is_err(),
@@ -131,5 +139,7 @@ mod tests {
         }
         // `$(...)` without spaces is just bytes to the kernel: harmless, kept.
         assert!(kernel_cmdline(DISK_DEFAULTS, &args(&[("x", "$(id)")])).is_ok());
+        // A dash inside a name is the kernel's own style.
+        assert!(kernel_cmdline(DISK_DEFAULTS, &args(&[("no-kvmclock", "")])).is_ok());
     }
 }

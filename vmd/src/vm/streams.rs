@@ -67,6 +67,30 @@ impl Manager {
         Ok(())
     }
 
+    /// Whether one more stream of `vm` stays within the limits. Changes of
+    /// one VM run one after the other, so its own count is exact; the
+    /// host's may be passed by the changes in flight on other VMs at once.
+    fn check_stream_room(&self, vm: &VmName) -> Result<(), VmError> {
+        let specs = self.stream_specs();
+        let (per_vm, total) = (
+            self.settings().max_streams_per_vm,
+            self.settings().max_streams,
+        );
+        let of_vm = specs.iter().filter(|s| s.vm == vm.as_str()).count();
+        if of_vm >= per_vm {
+            return Err(refused(format!(
+                "vm {vm} has {of_vm} log streams already, the most one VM may have ({per_vm})"
+            )));
+        }
+        if specs.len() >= total {
+            return Err(refused(format!(
+                "the host has {} log streams already, the most it may have ({total})",
+                specs.len()
+            )));
+        }
+        Ok(())
+    }
+
     pub async fn stream_create(&self, vm: &str, stream: &Stream) -> Result<(), VmError> {
         let name = self.existing(vm)?;
         let id = StreamId::new(&stream.id).map_err(|e| VmError::InvalidStream(e.into()))?;
@@ -99,6 +123,7 @@ impl Manager {
             }
             return Err(VmError::StreamExists(stream.id.clone()));
         }
+        self.check_stream_room(&name)?;
         let result = self.install_stream(&name, &id, &spec).await;
         if result.is_ok() {
             self.events()

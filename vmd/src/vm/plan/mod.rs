@@ -36,6 +36,10 @@ pub struct Settings {
     pub sys_net: PathBuf,
     /// Where PCI devices are looked up (`/sys/bus/pci/devices`).
     pub sys_pci: PathBuf,
+    /// Log streams of one VM, and of the host, at most: each is a process
+    /// and a zinit service, and a spec's caller chooses how many.
+    pub max_streams_per_vm: usize,
+    pub max_streams: usize,
 }
 
 impl Default for Settings {
@@ -47,6 +51,8 @@ impl Default for Settings {
             log_keep_bytes: ConsoleSpec::ZOS_KEEP,
             sys_net: "/sys/class/net".into(),
             sys_pci: "/sys/bus/pci/devices".into(),
+            max_streams_per_vm: 16,
+            max_streams: 1024,
         }
     }
 }
