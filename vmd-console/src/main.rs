@@ -46,6 +46,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use vmd_runtime::attach::{self, Connector, Request, DEFAULT_HISTORY};
+use vmd_runtime::clip::Clipped;
 use vmd_runtime::process::{current_thread_runtime, say};
 
 /// A frame from a browser: a keystroke, a paste, at most this much.
@@ -298,7 +299,8 @@ async fn ws(
             .map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned())
             .unwrap_or_default();
         say(format!(
-            "web console: {peer} refused: a page of another site ({origin:.100})"
+            "web console: {peer} refused: a page of another site ({})",
+            Clipped(&origin)
         ));
         return (
             StatusCode::FORBIDDEN,

@@ -265,9 +265,9 @@ pub fn seed_files(vm: &Vm) -> Result<SeedFiles, Invalid> {
     Ok(files)
 }
 
-/// Writes the FAT image holding `files` at `path` (sparse, 2 MiB), durably.
-/// Not `files::write_atomic`: the image is formatted in place in its temp
-/// file, so that it stays sparse instead of 2 MiB in memory and on disk.
+/// Writes the FAT image holding `files` at `path` (sparse, 2 MiB), to be
+/// synced by the caller. Not `files::write_atomic`: only the image's used
+/// part is written, the rest of its 2 MiB left a hole, and the sync waits.
 pub fn write_image(path: &Path, files: &SeedFiles) -> std::io::Result<Unsynced> {
     use std::os::unix::fs::OpenOptionsExt;
     let image = image(files)?;

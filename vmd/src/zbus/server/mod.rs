@@ -48,11 +48,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use vmd_runtime::clip::Clipped;
 
 use serde_bytes::ByteBuf;
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, error, info, warn};
+use vmd_runtime::clip::Clipped;
 
 use super::broker::Broker;
 use super::keyed::KeyedLocks;

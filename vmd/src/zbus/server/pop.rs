@@ -4,11 +4,11 @@
 //! where to.
 
 use std::sync::Arc;
-use vmd_runtime::clip::Clipped;
 
 use futures_util::FutureExt;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
+use vmd_runtime::clip::Clipped;
 
 use super::super::broker::Broker;
 use super::super::codec;
