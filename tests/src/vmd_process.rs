@@ -161,6 +161,32 @@ impl VmdProcess {
         self.child.as_ref().expect("running").id()
     }
 
+    /// The command line of every start, program first.
+    pub fn argv(&self) -> Vec<String> {
+        let mut argv = vec![
+            bin("vmd").to_string_lossy().into_owned(),
+            "--broker".into(),
+            self.broker.clone(),
+        ];
+        argv.extend(self.args.iter().cloned());
+        argv
+    }
+
+    /// From now on vmd runs as the zinit service `service`, as on a node:
+    /// the test's own child is killed and zinit starts and supervises vmd
+    /// with the same command line. Returns once the service is monitored.
+    pub async fn move_under_zinit(&mut self, zinit: &crate::Supervisor, service: &str) {
+        self.crash();
+        let mut unit = zinit::Service::new(zinit::Command::new(self.argv()).expect("argv"));
+        unit.env.insert("RUST_LOG".into(), "info".into());
+        let name = zinit::ServiceName::new(service).expect("service name");
+        zinit
+            .config_dir()
+            .install(&name, &unit)
+            .expect("vmd's unit");
+        zinit.client().monitor(&name).await.expect("monitor vmd");
+    }
+
     /// `None` while it runs.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.as_mut()?.try_wait().expect("try_wait")

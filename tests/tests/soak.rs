@@ -93,7 +93,15 @@ struct Expected {
 #[derive(Default)]
 struct Counters {
     ops: AtomicU64,
-    retries: AtomicU64,
+    /// Calls retried after no answer while Redis restarted: what Redis
+    /// held is gone, queues and in-flight lists with it.
+    lost_to_redis: AtomicU64,
+    /// Calls retried after no answer with Redis up all along: a reply vmd
+    /// lost (killed with the request in hand). Must stay 0.
+    lost_replies: AtomicU64,
+    /// Odd while Redis is being restarted; a call that sees it change
+    /// overlapped a restart.
+    redis_epoch: AtomicU64,
     run_refused: AtomicU64,
     lock_deferred: AtomicU64,
     /// Streams checked byte for byte before they went, and their bytes.
@@ -174,12 +182,21 @@ impl World {
     {
         let t0 = Instant::now();
         loop {
+            let epoch = get(&self.counters.redis_epoch);
             match f().await {
                 Ok(v) => return Ok(v),
                 Err(ClientError::Method(m)) => return Err(m),
                 Err(e) => {
                     assert!(transport(&e));
-                    add(&self.counters.retries);
+                    let now = get(&self.counters.redis_epoch);
+                    if epoch != now || now % 2 == 1 {
+                        add(&self.counters.lost_to_redis);
+                    } else {
+                        add(&self.counters.lost_replies);
+                        self.wrong(format!(
+                            "{what}: no answer within the deadline while Redis was up: {e}"
+                        ));
+                    }
                     assert!(
                         t0.elapsed() < Duration::from_secs(120),
                         "{what}: no answer for 2 minutes: {e}"
@@ -441,7 +458,9 @@ impl World {
                 std::thread::sleep(pause);
                 self.vmd.lock().unwrap().restart();
             } else if roll < 35 {
+                add(&self.counters.redis_epoch);
                 self.redis.lock().unwrap().restart();
+                add(&self.counters.redis_epoch);
                 add(&self.counters.redis_restarts);
             } else {
                 let vmm = vmd_tests::vm::ch_program_name();
@@ -681,7 +700,9 @@ async fn soak(duration: Duration) {
         ],
     );
     vmd.wait_ready().await;
-    let stub = VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(10));
+    // A deadline that a call survives two vmd kills in (each: a pause, the
+    // reconciliation of its VM, the call served again).
+    let stub = VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(30));
     let world = Arc::new(World {
         runtime: vmd.runtime(),
         root: vmd.root(),
@@ -868,7 +889,8 @@ async fn soak(duration: Duration) {
         "soak passed: {} s of faults (seed {seed}); converged {:.1} s after the faults stopped \
          ({:.1} s to the first check); {} VMs at the end with {} KiB of console checked for holes; \
          {stream_count} live streams, {} KiB checked byte for byte (and {} streams, {} KiB, checked \
-         before they were deleted under faults); {} calls, {} retried after lost replies, \
+         before they were deleted under faults); {} calls, {} lost replies (vmd killed), \
+         {} calls lost with Redis restarts, \
          {} Runs refused (VMM killed while booting), {} locks deferred",
         duration.as_secs(),
         converged_in.as_secs_f64(),
@@ -879,7 +901,8 @@ async fn soak(duration: Duration) {
         get(&c.streams_verified),
         get(&c.bytes_verified) >> 10,
         get(&c.ops),
-        get(&c.retries),
+        get(&c.lost_replies),
+        get(&c.lost_to_redis),
         get(&c.run_refused),
         get(&c.lock_deferred),
     );
@@ -888,10 +911,11 @@ async fn soak(duration: Duration) {
 fn report(world: &World, elapsed: Duration) {
     let c = &world.counters;
     eprintln!(
-        "soak {:>5} s: {} calls ({} retries); killed vmd {}, shims {}, VMMs {}, stream workers {}; Redis restarted {}",
+        "soak {:>5} s: {} calls ({} lost replies, {} lost with Redis); killed vmd {}, shims {}, VMMs {}, stream workers {}; Redis restarted {}",
         elapsed.as_secs(),
         get(&c.ops),
-        get(&c.retries),
+        get(&c.lost_replies),
+        get(&c.lost_to_redis),
         get(&c.kill_vmd),
         get(&c.kill_shim),
         get(&c.kill_vmm),

@@ -677,3 +677,39 @@ async fn streams_are_limited_per_vm_and_per_host_with_a_clear_error() {
     env.stub.stream_delete("a1").await.unwrap();
     env.stub.stream_create("lim-b", &s("b2")).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_create_died_half_way_is_finished_by_the_same_create() {
+    // vmd killed inside StreamCreate, after the stream's record and before
+    // its service: the request, served again by the next vmd, finds the
+    // record of this very stream and must finish it — not call its own
+    // stream a duplicate. Another stream under that id is still refused.
+    let env = Env::start(&["--max-streams-per-vm", "1"]).await;
+    env.stub.run(&env.vm("half", &[])).await.unwrap();
+    let stream = Stream {
+        id: "half-made".into(),
+        namespace: String::new(),
+        output: "ws://127.0.0.1:9/x".into(),
+    };
+    let record = env.vmd.runtime().join("streams").join("half-made.json");
+    std::fs::create_dir_all(record.parent().unwrap()).unwrap();
+    let spec = serde_json::json!({
+        "id": "half-made", "vm": "half", "namespace": "", "output": "ws://127.0.0.1:9/x",
+    });
+    std::fs::write(&record, spec.to_string()).unwrap();
+    let other = Stream {
+        output: "ws://127.0.0.1:9/elsewhere".into(),
+        ..stream.clone()
+    };
+    match env.stub.stream_create("half", &other).await {
+        Err(ClientError::Method(m)) => assert!(m.contains("already exists"), "{m}"),
+        r => panic!("another stream under the id was not refused: {r:?}"),
+    }
+    // The one at the per-VM limit is this one: no refusal for room either.
+    env.stub.stream_create("half", &stream).await.unwrap();
+    let services = env.zinit.client().list().await.unwrap();
+    assert!(services.contains_key("stream:half-made"), "{services:?}");
+    env.stub.stream_delete("half-made").await.unwrap();
+    env.stub.delete("half").await.unwrap();
+    env.assert_nothing_left().await;
+}

@@ -334,10 +334,11 @@ async fn recovers_by_itself_after_a_redis_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_older_redis_without_blmpop_or_lpop_count_is_served_too() {
-    // Redis 6.2 has no BLMPOP; before 6.2 LPOP takes no count. vmd notices
-    // and pops the older way; without that it would never take a request.
-    for without in [&["BLMPOP"][..], &["BLMPOP", "LPOP"][..]] {
+async fn an_older_redis_without_blmove_is_served_too() {
+    // Redis before 6.2 has no BLMOVE (nor LMOVE, BLMPOP, LPOP with a count).
+    // vmd notices and waits the older way; without that it would never take
+    // a request.
+    for without in [&["BLMOVE", "LMOVE", "BLMPOP"][..]] {
         let redis = RedisServer::start_without(without);
         let fixture = Arc::new(Fixture::default());
         let server = Serving::start(redis.broker(), fixture.clone(), 64);
@@ -388,4 +389,216 @@ async fn no_server_is_a_timeout_not_a_hang() {
     let err = c.exists("a").await.unwrap_err();
     assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
     assert!(t0.elapsed() < Duration::from_secs(2));
+}
+
+/// A request as a Go stub encodes it, for `method(name)`.
+fn raw_request(id: &str, reply_to: &str, method: &str, name: &str) -> Vec<u8> {
+    use vmd::zbus::wire::RequestRef;
+    let arg = serde_bytes::ByteBuf::from(vmd::zbus::codec::encode(&name).unwrap());
+    let object = ObjectId::new("manager", "0.0.1");
+    let req = RequestRef {
+        id,
+        inputs: &[arg],
+        object: &object,
+        reply_to,
+        method,
+    };
+    vmd::zbus::codec::encode(&req).unwrap()
+}
+
+/// Sends a raw request for `Exists(name)` with the given reply address.
+async fn raw_exists(redis: &RedisServer, id: &str, reply_to: &str, name: &str) {
+    let payload = raw_request(id, reply_to, "Exists", name);
+    let mut c = redis.broker().connect().await.unwrap();
+    let _: () = redis::cmd("RPUSH")
+        .arg("vmd.manager@0.0.1")
+        .arg(payload)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+}
+
+const IN_FLIGHT: &str = "vmd.manager@0.0.1:inflight";
+
+/// Puts `payload` in the in-flight list as a take `age` ago would have.
+async fn left_in_flight(c: &mut redis::aio::MultiplexedConnection, age: Duration, payload: &[u8]) {
+    let taken = std::time::SystemTime::now() - age;
+    let ms = taken
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let mut entry = format!("{ms} dead.1:").into_bytes();
+    entry.extend_from_slice(payload);
+    let _: () = redis::cmd("RPUSH")
+        .arg(IN_FLIGHT)
+        .arg(entry)
+        .query_async(c)
+        .await
+        .unwrap();
+}
+
+async fn reply_of(
+    c: &mut redis::aio::MultiplexedConnection,
+    list: &str,
+    wait_secs: f64,
+) -> Option<vmd::zbus::wire::Response> {
+    let got: Option<(String, Vec<u8>)> = redis::cmd("BLPOP")
+        .arg(list)
+        .arg(wait_secs)
+        .query_async(c)
+        .await
+        .unwrap();
+    got.map(|(_, b)| vmd::zbus::codec::decode(&b).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_an_earlier_run_left_are_answered_unless_too_old() {
+    // What a killed server held: a Delete taken 2 s ago, one taken 10 min
+    // ago (its caller gave up: the change must not happen now), and an
+    // Exists.
+    let redis = RedisServer::start();
+    let mut c = redis.broker().connect().await.unwrap();
+    let fresh = raw_request("fresh", "fresh-reply", "Delete", "young");
+    left_in_flight(&mut c, Duration::from_secs(2), &fresh).await;
+    let stale = raw_request("stale", "stale-reply", "Delete", "old");
+    left_in_flight(&mut c, Duration::from_secs(600), &stale).await;
+    let read = raw_request("read", "read-reply", "Exists", "young");
+    left_in_flight(&mut c, Duration::from_millis(10), &read).await;
+    let fixture = Arc::new(Fixture::default());
+    let server = Serving::start(redis.broker(), fixture.clone(), 64);
+    let r = reply_of(&mut c, "fresh-reply", 5.0)
+        .await
+        .expect("fresh Delete answered");
+    assert_eq!(
+        (r.id.as_str(), r.error, r.output.error),
+        ("fresh", None, None)
+    );
+    let r = reply_of(&mut c, "read-reply", 5.0)
+        .await
+        .expect("Exists answered");
+    assert_eq!(r.id, "read");
+    until(Duration::from_secs(5), "the in-flight list emptied", || {
+        let mut c = c.clone();
+        async move {
+            let n: usize = redis::cmd("LLEN")
+                .arg(IN_FLIGHT)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            n == 0
+        }
+    })
+    .await;
+    assert_eq!(
+        reply_of(&mut c, "stale-reply", 0.2).await,
+        None,
+        "a stale request was answered"
+    );
+    let calls = fixture.calls.lock().unwrap().clone();
+    assert!(calls.contains(&"Delete(young)".to_owned()), "{calls:?}");
+    assert!(
+        !calls.iter().any(|c| c.contains("old")),
+        "a stale change ran: {calls:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_change_that_was_applied_gets_its_reply_without_running_again() {
+    // A Delete applied and recorded, then the process died before its reply
+    // went out: the next one answers with the recorded reply.
+    let redis = RedisServer::start();
+    let mut c = redis.broker().connect().await.unwrap();
+    let fixture = Arc::new(Fixture::default());
+    let server = Serving::start(redis.broker(), fixture.clone(), 64);
+    // A first server applies it, and records its reply.
+    let payload = raw_request("d-1", "d-1-reply", "Delete", "x");
+    let _: () = redis::cmd("RPUSH")
+        .arg("vmd.manager@0.0.1")
+        .arg(&payload)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let first = reply_of(&mut c, "d-1-reply", 5.0).await.expect("answered");
+    // The fixture says "x" is missing: the recorded reply is that error.
+    assert!(first.output.error.is_some(), "{first:?}");
+    server.stop().await;
+    assert_eq!(fixture.calls.lock().unwrap().len(), 1);
+    // As if the reply had been lost with the process: the request is in
+    // flight again. The next server answers it as the first did, without
+    // running it.
+    left_in_flight(&mut c, Duration::from_secs(1), &payload).await;
+    let server = Serving::start(redis.broker(), fixture.clone(), 64);
+    let again = reply_of(&mut c, "d-1-reply", 5.0)
+        .await
+        .expect("replay answered");
+    assert_eq!(again, first);
+    assert_eq!(
+        fixture.calls.lock().unwrap().len(),
+        1,
+        "the change ran twice: {:?}",
+        fixture.calls.lock().unwrap()
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_address_naming_a_key_of_another_type_delays_no_one() {
+    // ReplyTo is the caller's word: it may name a string, a stream, vmd's
+    // own keys. The reply to it fails; every other reply goes out at once,
+    // and nothing stays in flight.
+    let redis = RedisServer::start();
+    let fixture = Arc::new(Fixture::default());
+    let server = Serving::start(redis.broker(), fixture.clone(), 64);
+    let c = stub(&redis).with_timeout(Duration::from_secs(2));
+    let mut conn = redis.broker().connect().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("a-string")
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for round in 0..3 {
+        raw_exists(&redis, &format!("hostile-{round}"), "a-string", "a").await;
+        let t0 = Instant::now();
+        c.exists("a").await.unwrap();
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "round {round}: an honest caller waited {:?}",
+            t0.elapsed()
+        );
+    }
+    // No honest reply went out twice (a failed batch sent again would leave
+    // the second copy behind), the string is untouched and nothing is left
+    // in flight.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let strays: Vec<&String> = keys
+        .iter()
+        .filter(|k| *k != "a-string" && !k.starts_with("vmd.") && !k.starts_with("vmd:"))
+        .collect();
+    assert!(strays.is_empty(), "replies nobody took: {strays:?}");
+    let v: String = redis::cmd("GET")
+        .arg("a-string")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(v, "x");
+    until(Duration::from_secs(5), "nothing in flight", || {
+        let mut conn = conn.clone();
+        async move {
+            let n: usize = redis::cmd("LLEN")
+                .arg("vmd.manager@0.0.1:inflight")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            n == 0
+        }
+    })
+    .await;
+    server.stop().await;
 }

@@ -116,6 +116,17 @@ struct DaemonArgs {
     /// never wait for changes, and changes of one VM run one after the other.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65536))]
     max_changes: u32,
+    /// After SIGTERM, how long calls in flight may still take before vmd
+    /// exits; what is unfinished stays in flight in Redis and the next vmd
+    /// serves it. Below `zinit restart`'s 20 s, so a restart is never a kill.
+    #[arg(long, default_value_t = 5)]
+    drain_secs: u64,
+    /// Requests an earlier vmd took and did not answer are served by the
+    /// next one if taken less than this long ago; older ones are dropped.
+    /// The reply list of a Go caller lives 300 s, and no Zero-OS caller
+    /// waits longer than that for the VM module.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    replay_max_age_secs: u64,
     /// Log streams of one VM at most (each is a process and a zinit
     /// service); one more is refused with a method error.
     #[arg(long, default_value_t = 16)]
@@ -292,7 +303,8 @@ async fn daemon(
 
     let mut config = ServerConfig::new(api::MODULE);
     config.max_changes = args.max_changes as usize;
-    config.drain_timeout = Duration::from_secs(args.grace_secs + 10);
+    config.drain_timeout = Duration::from_secs(args.drain_secs);
+    config.replay_max_age = Duration::from_secs(args.replay_max_age_secs);
     config.pool = Some(pool.clone());
     let service = Arc::new(ModuleService(Arc::clone(&manager)));
     let mut server = Server::new(broker, config);

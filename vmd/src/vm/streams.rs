@@ -108,11 +108,14 @@ impl Manager {
             // Validated above; passed on as given, credentials and all.
             output: stream.output.clone(),
         };
-        if spec_path.exists() || self.services().exists(&svc) {
+        let half_made = if spec_path.exists() || self.services().exists(&svc) {
             // A caller retrying after a lost reply gets the same success
             // (as with Run); the same id for anything else is refused.
             let existing: Option<StreamSpec> = files::read_json(&spec_path);
-            if existing.as_ref() == Some(&spec) && self.services().exists(&svc) {
+            if existing.as_ref() != Some(&spec) {
+                return Err(VmError::StreamExists(stream.id.clone()));
+            }
+            if self.services().exists(&svc) {
                 return match self.zinit().monitor(&svc).await {
                     Ok(()) | Err(zinit::ZinitError::AlreadyMonitored(_)) => Ok(()),
                     Err(source) => Err(VmError::StreamStart {
@@ -121,9 +124,17 @@ impl Manager {
                     }),
                 };
             }
-            return Err(VmError::StreamExists(stream.id.clone()));
+            // This very stream, recorded by a StreamCreate that died before
+            // its service was written (the request, served again after a
+            // crash, lands here before the reconciliation does): finish it.
+            true
+        } else {
+            false
+        };
+        // A half-made stream counts already.
+        if !half_made {
+            self.check_stream_room(&name)?;
         }
-        self.check_stream_room(&name)?;
         let result = self.install_stream(&name, &id, &spec).await;
         if result.is_ok() {
             self.events()

@@ -58,6 +58,11 @@ enum Cmd {
     Start {
         service: String,
     },
+    /// As zinit 0.2.14's CLI: stop, then poll the status once a second, up
+    /// to 20 times, until the process is gone; SIGKILL if it is not; start.
+    Restart {
+        service: String,
+    },
     Forget {
         service: String,
     },
@@ -115,6 +120,7 @@ fn main() -> ExitCode {
             Cmd::Start { service } => command(&cli.socket, &format!("start {service}"))
                 .await
                 .map(drop),
+            Cmd::Restart { service } => restart(&cli.socket, &service).await,
             Cmd::Forget { service } => command(&cli.socket, &format!("forget {service}"))
                 .await
                 .map(drop),
@@ -201,6 +207,19 @@ async fn connect(socket: &Path) -> Result<UnixStream, String> {
 }
 
 /// The client side of one command, as zinit's CLI does it.
+async fn restart(socket: &Path, service: &str) -> Result<(), String> {
+    command(socket, &format!("stop {service}")).await?;
+    for _ in 0..20 {
+        let st = command(socket, &format!("status {service}")).await?;
+        if st["pid"].as_i64() == Some(0) && st["target"].as_str() == Some("Down") {
+            return command(socket, &format!("start {service}")).await.map(drop);
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    command(socket, &format!("kill {service} SIGKILL")).await?;
+    command(socket, &format!("start {service}")).await.map(drop)
+}
+
 async fn command(socket: &Path, line: &str) -> Result<serde_json::Value, String> {
     let mut s = connect(socket).await?;
     s.write_all(format!("{line}\n").as_bytes())

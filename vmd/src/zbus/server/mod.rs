@@ -5,19 +5,24 @@
 //! ```text
 //!  front: one thread, current-thread runtime — nothing on it ever blocks
 //!  ───────────────────────────────────────────────────────────────────
-//!  popper (own connection) ── BLMPOP object queues COUNT free room
-//!     │ one task per request; at most `max_changes + READ_ROOM` popped and
+//!  poppers (one per queue, own connection) ── waits, then one script moves
+//!     │ up to `room` requests to the queue's in-flight list (`inflight`)
+//!     │ one task per request; at most `max_changes + READ_ROOM` taken and
 //!     │ not yet answered
 //!     ▼
 //!  Service::dispatch: decoded once into a typed call and what it needs
-//!     │ quick  → answered here (a few small files, async I/O)
+//!     │ quick  → answered here (a few small files, async I/O); the reply
+//!     │          goes out in the same write as the popper's next take
 //!     │ read   → runs on the pool; never waits for a change
 //!     │ change → a slot of `max_changes` (none left: refused at once),
-//!     │          then its keys (same VM: one after the other), then the pool
+//!     │          then its keys (same VM: one after the other), then the pool;
+//!     │          its reply recorded (`applied`) before the keys are let go
 //!     ▼
-//!  replier (own connection, one task) ── queued replies as one pipeline of
-//!     RPUSH + EXPIRE 300 each, retried across reconnects
-//!  status popper (own connection) ── BLMPOP vmd.zbus@1.0, answered here
+//!  replier (own connection, one task) ── other replies, pipelined: per
+//!     reply one script that removes the request's in-flight entry and
+//!     pushes the reply (RPUSH + EXPIRE 300); retried across reconnects,
+//!     then only while the request is still in flight
+//!  status popper (own connection) ── vmd.zbus@1.0 the same way, answered here
 //!
 //!  pool: multi-thread runtime — changes (which may wait on guests, fsync,
 //!  run processes) and reads that take CPU or disk (Metrics, LogsFull)
@@ -31,14 +36,20 @@
 //! whole path of a quick read stays on one thread, as lean as an echo over
 //! Redis: no hop between threads, no task of the pool involved.
 //!
-//! A request is popped only when there is room for it, so a popped request is
-//! always answered unless the process dies. Every Redis failure leads to a
-//! reconnect with capped exponential back-off, never to a spin.
+//! A request is taken only when there is room for it, so a taken request is
+//! always answered — by this process, or, if it dies first, by the next one,
+//! which starts by serving what is left in the in-flight lists (at most
+//! `replay_max_age` old). Every Redis failure leads to a reconnect with
+//! capped exponential back-off, never to a spin.
 //!
 //! Here: the contract with a served object ([`Service`]), the server and
 //! the routing of a call by its [`Access`]; [`pop`] takes requests,
-//! [`reply`] sends answers, [`status`] is the status object.
+//! [`inflight`] is what taken requests look like in Redis, [`reply`] sends
+//! answers, [`applied`] keeps the replies of changes for their replays,
+//! [`status`] is the status object.
 
+mod applied;
+mod inflight;
 mod pop;
 mod reply;
 mod status;
@@ -57,6 +68,8 @@ use vmd_runtime::clip::Clipped;
 use super::broker::Broker;
 use super::keyed::KeyedLocks;
 use super::wire::{ObjectId, Output, Response};
+use applied::Applied;
+use inflight::Takes;
 use pop::pop_loop;
 use reply::Replier;
 pub use status::status_reply;
@@ -107,9 +120,10 @@ pub const READ_ROOM: usize = 256;
 
 /// How long a reply stays in Redis for its caller (the Go value).
 pub const REPLY_TTL_SECS: u64 = 300;
-/// BLPOP timeout. Short, so that shutdown never has to cancel a BLPOP whose
-/// element may already be on its way (which would lose that request).
-const POP_TIMEOUT_SECS: u64 = 1;
+/// How long one wait for a request lasts before it is sent again. Waiting
+/// takes nothing, so it may be cancelled at any time; this only bounds how
+/// long a dead connection goes unnoticed.
+const POP_TIMEOUT_SECS: u64 = 5;
 /// Requests taken in one round trip, at most.
 const POP_BATCH: usize = 64;
 /// How long a reply is retried while Redis is away before it is given up.
@@ -126,6 +140,9 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Where changes and heavy reads run; `None`: on the server's runtime.
     pub pool: Option<tokio::runtime::Handle>,
+    /// Requests an earlier run left in flight are served if younger than
+    /// this; older ones are dropped (their callers gave up).
+    pub replay_max_age: Duration,
 }
 
 impl ServerConfig {
@@ -135,6 +152,7 @@ impl ServerConfig {
             max_changes: 1024,
             drain_timeout: Duration::from_secs(40),
             pool: None,
+            replay_max_age: Duration::from_secs(REPLY_TTL_SECS),
         }
     }
 }
@@ -166,6 +184,18 @@ struct Shared {
     locks: Arc<KeyedLocks>,
     replier: Replier,
     pool: tokio::runtime::Handle,
+    takes: Takes,
+    replay_max_age: Duration,
+    applied: Applied,
+}
+
+impl Shared {
+    /// Whether `key` is in vmd's own part of the broker (its queues,
+    /// in-flight lists, records): never a caller's reply list.
+    fn own_key(&self, key: &str) -> bool {
+        key.strip_prefix(self.module.as_str())
+            .is_some_and(|rest| rest.starts_with('.') || rest.starts_with(':'))
+    }
 }
 
 impl Server {
@@ -229,6 +259,13 @@ impl Server {
             locks: self.locks,
             replier: Replier::start(self.broker.clone()),
             services: self.services,
+            takes: Takes::new(),
+            replay_max_age: self.config.replay_max_age,
+            applied: Applied::new(
+                self.broker.clone(),
+                &self.config.module,
+                self.config.replay_max_age,
+            ),
         });
 
         let mut queues: Vec<String> = shared
@@ -244,23 +281,30 @@ impl Server {
         let max_inflight = self.config.max_changes + READ_ROOM;
         let inflight = Arc::new(Semaphore::new(max_inflight));
         let status_inflight = Arc::new(Semaphore::new(16));
-        let main = tokio::spawn(pop_loop(
-            self.broker.clone(),
-            queues,
-            Arc::clone(&shared),
-            Arc::clone(&inflight),
-            shutdown.clone(),
-        ));
+        let poppers: Vec<_> = queues
+            .into_iter()
+            .map(|queue| {
+                tokio::spawn(pop_loop(
+                    self.broker.clone(),
+                    queue,
+                    Arc::clone(&shared),
+                    Arc::clone(&inflight),
+                    shutdown.clone(),
+                ))
+            })
+            .collect();
         let status = tokio::spawn(pop_loop(
             self.broker.clone(),
-            vec![status_queue],
+            status_queue,
             Arc::clone(&shared),
             Arc::clone(&status_inflight),
             shutdown.clone(),
         ));
         let _ = shutdown.wait_for(|s| *s).await;
         info!("shutting down: no new requests are taken");
-        let _ = main.await;
+        for p in poppers {
+            let _ = p.await;
+        }
         let _ = status.await;
         let drained = tokio::time::timeout(self.config.drain_timeout, async {
             let _a = inflight.acquire_many(max_inflight as u32).await;
@@ -268,7 +312,7 @@ impl Server {
         })
         .await;
         if drained.is_err() {
-            warn!("calls still running after the drain timeout; leaving them");
+            warn!("calls still running after the drain timeout; leaving them in flight for the next run");
         }
         Ok(())
     }
@@ -299,6 +343,7 @@ async fn serve(
     method: String,
     inputs: Vec<ByteBuf>,
     id: &str,
+    replay: bool,
 ) -> Response {
     if object == ObjectId::status() {
         return status_response(shared, id);
@@ -328,7 +373,20 @@ async fn serve(
                 return Response::from_call(id, Ok(service.refuse(&method, msg)));
             };
             let _held = shared.locks.lock_all(keys).await;
-            on_pool(shared, service.as_ref(), object, method, dispatch.call).await
+            // An earlier run may have applied it and died before its reply
+            // went out: that reply, not a second application.
+            if replay {
+                if let Some(recorded) = shared.applied.recorded(id).await {
+                    info!(id = %Clipped(id), method = %method, "answering a replay with the reply it had");
+                    return recorded;
+                }
+            }
+            let result = on_pool(shared, service.as_ref(), object, method, dispatch.call).await;
+            let response = Response::from_call(id, result);
+            // Before the keys are let go: the next change of these VMs
+            // starts after this one is on record.
+            shared.applied.record(&response).await;
+            return response;
         }
     };
     Response::from_call(id, result)

@@ -1,27 +1,126 @@
-//! Sending replies: pipelined, retried across reconnects, bounded in time.
+//! Sending replies: each pushed by the script that takes its request off
+//! the in-flight list; pipelined, retried across reconnects (then only if
+//! the request is still in flight), bounded in time. Quick calls' replies
+//! ride with the popper's next take instead (see `pop`).
 
 use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tracing::{error, warn};
+use vmd_runtime::clip::Clipped;
 
 use super::super::broker::Broker;
 use super::super::codec;
 use super::super::wire::Response;
+use super::inflight::Entry;
 use super::{Backoff, REPLY_RETRY_FOR, REPLY_TTL_SECS};
 
-/// A reply on its way, with the room its request took: the room is given
-/// back only once Redis has the reply, so that a drain waits for it.
-struct Outgoing {
-    reply_to: String,
-    payload: Vec<u8>,
+/// Delivers one reply: removes the request's entry from its in-flight list
+/// and pushes the reply (with its `EXPIRE`), as one script, so the entry
+/// leaves if and only if the reply is in the caller's list. `KEYS[1]`: the
+/// in-flight list; `KEYS[2]`: the reply list, if any. `ARGV`: the entry, the
+/// reply, its TTL, and `"1"` to deliver only if the entry is still in flight
+/// (a retry that must not answer twice). A reply address naming a key of
+/// another type gets nothing (the caller's word: it must not fail the
+/// replies sent with it); `RPUSH` could not store into it anyway.
+pub(super) const DELIVER: &str = r"
+local removed = redis.call('LREM', KEYS[1], 1, ARGV[1])
+if ARGV[4] == '1' and removed == 0 then return 0 end
+if KEYS[2] then
+  local t = redis.call('TYPE', KEYS[2])['ok']
+  if t ~= 'none' and t ~= 'list' then return -1 end
+  redis.call('RPUSH', KEYS[2], ARGV[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// A reply on its way (or only a request to settle), with the room its
+/// request took: the room is given back only once Redis has the reply, so
+/// that a drain waits for it.
+pub(super) struct Outgoing {
+    /// Where to and what; `None`: the request gets no reply (it named no
+    /// address), only its entry is removed.
+    reply: Option<(String, Vec<u8>)>,
+    entry: Entry,
+    /// Deliver only if the entry is still in flight: set once a delivery
+    /// may have happened without its answer coming back.
+    checked: bool,
     deadline: tokio::time::Instant,
     _room: Option<OwnedSemaphorePermit>,
 }
 
+impl Outgoing {
+    /// The reply `response` to `reply_to` for the request of `entry`.
+    pub(super) fn reply(
+        reply_to: String,
+        response: &Response,
+        entry: Entry,
+        room: Option<OwnedSemaphorePermit>,
+    ) -> Option<Outgoing> {
+        match codec::encode(response) {
+            Ok(p) => Some(Self::new(Some((reply_to, p)), entry, room)),
+            // Cannot happen short of a bug: the entry stays, and the next run
+            // tries again.
+            Err(e) => {
+                error!(error = %e, "cannot encode a reply");
+                None
+            }
+        }
+    }
+
+    /// The removal of the entry of a request that gets no reply.
+    pub(super) fn settle(entry: Entry, room: Option<OwnedSemaphorePermit>) -> Outgoing {
+        Self::new(None, entry, room)
+    }
+
+    fn new(
+        reply: Option<(String, Vec<u8>)>,
+        entry: Entry,
+        room: Option<OwnedSemaphorePermit>,
+    ) -> Outgoing {
+        Outgoing {
+            reply,
+            entry,
+            checked: false,
+            deadline: tokio::time::Instant::now() + REPLY_RETRY_FOR,
+            _room: room,
+        }
+    }
+
+    /// Adds its delivery to `pipe` (its answer ignored); `deliver` is the
+    /// SHA1 of [`DELIVER`] as [`load_scripts`] returned it.
+    pub(super) fn add_to(&self, pipe: &mut redis::Pipeline, deliver: &str) {
+        let (keys, reply, to): (usize, &[u8], Option<&str>) = match &self.reply {
+            Some((to, payload)) => (2, payload, Some(to)),
+            None => (1, &[], None),
+        };
+        pipe.cmd("EVALSHA")
+            .arg(deliver)
+            .arg(keys)
+            .arg(&*self.entry.list);
+        if let Some(to) = to {
+            pipe.arg(to);
+        }
+        pipe.arg(self.entry.stored())
+            .arg(reply)
+            .arg(REPLY_TTL_SECS)
+            .arg(if self.checked { "1" } else { "0" })
+            .ignore();
+    }
+
+    /// Marks it as possibly delivered already.
+    pub(super) fn checked(mut self) -> Outgoing {
+        self.checked = true;
+        self
+    }
+}
+
 /// Sends replies: calls queue them without waiting, one task writes
-/// whatever is queued as one pipeline (RPUSH + EXPIRE each) on its own
-/// connection, reconnecting when it breaks. A reply is retried for
-/// [`REPLY_RETRY_FOR`] while Redis is away, then given up.
+/// whatever is queued as one pipeline of [`DELIVER`] scripts on its own
+/// connection, reconnecting when it breaks. A reply is retried (checked) for
+/// [`REPLY_RETRY_FOR`] while Redis is away, then given up (its request stays
+/// in flight for the next run).
 pub(super) struct Replier {
     queue: mpsc::UnboundedSender<Outgoing>,
 }
@@ -37,34 +136,26 @@ impl Replier {
         Replier { queue }
     }
 
-    /// Queues `response` for `reply_to`; `room` is held until it is sent.
-    pub(super) fn send(
-        &self,
-        reply_to: String,
-        response: &Response,
-        room: Option<OwnedSemaphorePermit>,
-    ) {
-        let payload = match codec::encode(response) {
-            Ok(p) => p,
-            Err(e) => {
-                error!(error = %e, "cannot encode a reply");
-                return;
-            }
-        };
-        let out = Outgoing {
-            reply_to,
-            payload,
-            deadline: tokio::time::Instant::now() + REPLY_RETRY_FOR,
-            _room: room,
-        };
+    /// Queues a reply; its room is held until it is delivered.
+    pub(super) fn push(&self, out: Outgoing) {
         if self.queue.send(out).is_err() {
-            error!("the replier is gone; a reply is lost");
+            error!("the replier is gone; a reply waits for the next run");
         }
     }
 }
 
+/// Loads [`DELIVER`] on a connection (a Redis that restarted has forgotten
+/// it); its SHA1, for `EVALSHA`.
+pub(super) async fn load_deliver(conn: &mut MultiplexedConnection) -> redis::RedisResult<String> {
+    redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(DELIVER)
+        .query_async::<String>(conn)
+        .await
+}
+
 async fn reply_loop(broker: Broker, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
-    let mut conn: Option<MultiplexedConnection> = None;
+    let mut conn: Option<(MultiplexedConnection, String)> = None;
     let mut backoff = Backoff::new();
     let mut batch: Vec<Outgoing> = Vec::new();
     loop {
@@ -80,30 +171,30 @@ async fn reply_loop(broker: Broker, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
                 Err(_) => break,
             }
         }
-        let c = match &mut conn {
+        let (c, deliver) = match &mut conn {
             Some(c) => c,
-            None => match broker.connect().await {
-                Ok(c) => conn.insert(c),
-                Err(e) => {
-                    warn!(error = %e, "cannot reach the broker to reply");
-                    give_up_expired(&mut batch);
-                    backoff.wait().await;
-                    continue;
+            None => {
+                let connected = match broker.connect().await {
+                    Ok(mut c) => load_deliver(&mut c)
+                        .await
+                        .map(|sha| (c, sha))
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match connected {
+                    Ok(c) => conn.insert(c),
+                    Err(e) => {
+                        warn!(error = %e, "cannot reach the broker to reply");
+                        give_up_expired(&mut batch);
+                        backoff.wait().await;
+                        continue;
+                    }
                 }
-            },
+            }
         };
-        // One write, no MULTI/EXEC: Redis runs each pair or, if it dies in
-        // between, loses the reply with everything else.
         let mut pipe = redis::pipe();
         for o in &batch {
-            pipe.cmd("RPUSH")
-                .arg(&o.reply_to)
-                .arg(&o.payload)
-                .ignore()
-                .cmd("EXPIRE")
-                .arg(&o.reply_to)
-                .arg(REPLY_TTL_SECS)
-                .ignore();
+            o.add_to(&mut pipe, deliver);
         }
         let sent: redis::RedisResult<()> = pipe.query_async(c).await;
         match sent {
@@ -114,6 +205,9 @@ async fn reply_loop(broker: Broker, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
             Err(e) => {
                 warn!(error = %e, replies = batch.len(), "reply failed, reconnecting");
                 conn = None;
+                // Some may have gone out: from now on each only if its
+                // request is still in flight.
+                batch = batch.drain(..).map(Outgoing::checked).collect();
                 give_up_expired(&mut batch);
                 backoff.wait().await;
             }
@@ -126,9 +220,11 @@ fn give_up_expired(batch: &mut Vec<Outgoing>) {
     batch.retain(|o| {
         let keep = o.deadline > now;
         if !keep {
+            let reply_to = o.reply.as_ref().map_or("", |(r, _)| r.as_str());
             error!(
-                reply_to = %o.reply_to,
-                "giving up a reply: broker unreachable for {REPLY_RETRY_FOR:?}"
+                reply_to = %Clipped(reply_to),
+                "giving up a reply: broker unreachable for {REPLY_RETRY_FOR:?}; \
+                 its request stays in flight for the next run"
             );
         }
         keep
