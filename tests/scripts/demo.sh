@@ -101,8 +101,13 @@ if [ "$(id -u)" = 0 ] && command -v ip >/dev/null && [ "$CH" = "$bin/ch-double" 
     echo "web console: namespace $console_ns (10.20.2.1), network-module double for $netid"
 fi
 
+# The demo's files are in $work (and where KERNEL is), not where a node keeps
+# VM files (/mnt, /var/cache/modules/flistd): allow those.
+allowed=(--allowed-path "$work")
+[ -n "${KERNEL:-}" ] && allowed+=(--allowed-path "$(dirname "$(realpath "$KERNEL")")")
+[ -n "${INITRD:-}" ] && allowed+=(--allowed-path "$(dirname "$(realpath "$INITRD")")")
 "$VMD" --broker "$broker" --root "$work/root" --runtime-dir "$work/run" \
-    --zinit-socket "$work/zinit.sock" --zinit-dir "$work/zinit" \
+    --zinit-socket "$work/zinit.sock" --zinit-dir "$work/zinit" "${allowed[@]}" \
     --cloud-hypervisor "$CH" --grace-secs 10 "${netflags[@]}" \
     --console-assets "$PWD/console/web" 2>"$work/vmd.log" &
 pids=($! "${pids[@]}")

@@ -59,6 +59,23 @@ impl VmdProcess {
             "--zinit-dir".into(),
             zdir.to_string_lossy().into_owned(),
         ]);
+        // VMs' files are in the test's temp dirs (and where the real guest
+        // is), not where a node keeps them; vmd's own dirs stay refused.
+        if !extra.contains(&"--allowed-path") {
+            let mut allowed = vec![std::env::temp_dir()];
+            for var in ["VMD_TEST_KERNEL", "VMD_TEST_INITRD"] {
+                if let Some(dir) = std::env::var_os(var)
+                    .map(PathBuf::from)
+                    .and_then(|p| p.parent().map(|d| d.to_owned()))
+                {
+                    allowed.push(dir);
+                }
+            }
+            for a in allowed {
+                args.push("--allowed-path".into());
+                args.push(a.to_string_lossy().into_owned());
+            }
+        }
         // The test's hypervisor unless the caller names one.
         if !extra.contains(&"--cloud-hypervisor") {
             args.push("--cloud-hypervisor".into());

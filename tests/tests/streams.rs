@@ -713,3 +713,64 @@ async fn a_stream_whose_create_died_half_way_is_finished_by_the_same_create() {
     env.stub.delete("half").await.unwrap();
     env.assert_nothing_left().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receivers_credentials_appear_nowhere_but_in_the_record() {
+    // The output URL is a user's: its password and token go to the worker
+    // through the 0600 record, never a command line, a service file,
+    // zinit's log, vmd's log, Inspect or `vmd ctl`.
+    let env = Env::start(&[]).await;
+    env.stub.run(&env.vm("secretive", &[])).await.unwrap();
+    let stream = Stream {
+        id: "with-secrets".into(),
+        namespace: String::new(),
+        output: "wss://user:hunter2@127.0.0.1:9/in?token=s3cr3t".into(),
+    };
+    env.stub.stream_create("secretive", &stream).await.unwrap();
+    let info = env.stub.inspect("secretive").await.unwrap();
+    let shown = &info.streams.unwrap()[0].output;
+    assert_eq!(shown, "wss://***@127.0.0.1:9/in?***");
+    // The worker runs (and fails to connect, saying so in zinit's log).
+    let progress = format!(
+        "{}/streams/with-secrets.progress",
+        env.vmd.runtime().display()
+    );
+    until(Duration::from_secs(10), "the worker runs", || {
+        std::future::ready(!vmd_tests::supervisor::processes_with(&progress).is_empty())
+    })
+    .await;
+    until(
+        Duration::from_secs(10),
+        "the worker says where it streams",
+        || std::future::ready(env.zinit.output().contains("stream:with-secrets")),
+    )
+    .await;
+    let (code, ctl, _) = env.vmd.ctl(&["inspect", "secretive"]);
+    assert_eq!(code, 0);
+    let unit =
+        std::fs::read_to_string(env.zinit.config_path().join("stream:with-secrets.yaml")).unwrap();
+    let mut seen = vec![
+        ("vmd ctl inspect", ctl),
+        ("the service file", unit),
+        ("zinit's log", env.zinit.output()),
+        ("vmd's log", env.vmd.stderr()),
+    ];
+    for pid in vmd_tests::supervisor::processes_with(&progress) {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        seen.push(("a command line", String::from_utf8_lossy(&cmd).into_owned()));
+    }
+    for (where_, text) in seen {
+        for secret in ["hunter2", "s3cr3t"] {
+            assert!(!text.contains(secret), "{secret} in {where_}:\n{text}");
+        }
+    }
+    // The record has it, for the worker alone.
+    let record = env.vmd.runtime().join("streams").join("with-secrets.json");
+    let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&record).unwrap());
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(std::fs::read_to_string(&record)
+        .unwrap()
+        .contains("hunter2"));
+    env.stub.delete("secretive").await.unwrap();
+    env.assert_nothing_left().await;
+}

@@ -49,6 +49,7 @@ fn fixture(t: &Path) -> (Settings, String) {
     std::fs::write(t.join("net/t-web/tun_flags"), "0x1002").unwrap();
     let settings = Settings {
         sys_net: t.join("net"),
+        allowed_paths: vec![t.to_path_buf()],
         ..Default::default()
     };
     (settings, t.display().to_string())

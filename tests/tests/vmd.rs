@@ -837,3 +837,81 @@ async fn two_hundred_run_delete_cycles_leave_nothing_behind() {
     assert!(env.stub.list().await.unwrap().is_empty());
     env.assert_nothing_left().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_named_like_another_ones_sidecar_is_refused_and_touches_nothing() {
+    // `logs/a.meta` is VM a's console sidecar: a VM named `a.meta` would
+    // write its console over it (and `Delete a` would remove its log).
+    let env = Env::start(&[]).await;
+    env.stub.run(&env.vm("a", &[])).await.unwrap();
+    env.wait_logs("a", "GUEST-HELLO").await;
+    let meta = env.log("a").with_file_name("a.meta");
+    let before = std::fs::read(&meta).unwrap();
+    for taken in ["a.meta", "a.rotating", "a.tmp"] {
+        let m = method_err(env.stub.run(&env.vm(taken, &[])).await.unwrap_err());
+        assert!(m.contains("keeps for the files beside"), "{taken}: {m}");
+        assert!(!env.stub.exists(taken).await.unwrap());
+    }
+    assert_eq!(std::fs::read(&meta).unwrap(), before, "a's sidecar changed");
+    assert!(env.stub.logs("a").await.unwrap().contains("GUEST-HELLO"));
+    env.stub.delete("a").await.unwrap();
+    env.assert_gone("a").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_reaches_no_file_outside_the_allowed_paths_nor_another_vms() {
+    // Paths in a spec come from users' deployments. What was accepted
+    // before: another VM's cloud-init seed (its SSH keys, its secrets) as a
+    // writable disk, another VM's request as an initrd, /etc/shadow as a
+    // disk, / as a share. Each refused now, saying by which rule.
+    let env = Env::start(&[]).await;
+    env.stub.run(&env.vm("victim", &[])).await.unwrap();
+    let seed = env.vmd.root().join("cloud-init").join("victim.img");
+    let request = env.run_dir("victim").join("request.json");
+    assert!(seed.exists() && request.exists());
+    let disk = |p: &std::path::Path| VmDisk {
+        path: p.to_string_lossy().into_owned(),
+        target: String::new(),
+    };
+    let link = env.sys.path().join("innocent.img");
+    std::os::unix::fs::symlink(&seed, &link).unwrap();
+    let mut cases: Vec<(&str, Vm, &str)> = Vec::new();
+    let mut vm = env.vm("thief", &[]);
+    vm.disks = vec![disk(&seed)];
+    cases.push(("another VM's seed as a disk", vm, "inside vmd's own files"));
+    let mut vm = env.vm("thief", &[]);
+    vm.disks = vec![disk(&link)];
+    cases.push(("a link to it", vm, "inside vmd's own files"));
+    let mut vm = env.vm("thief", &[]);
+    vm.initrd_image = request.to_string_lossy().into_owned();
+    cases.push((
+        "another VM's request as an initrd",
+        vm,
+        "inside vmd's own files",
+    ));
+    let mut vm = env.vm("thief", &[]);
+    vm.disks = vec![disk(std::path::Path::new("/etc/shadow"))];
+    cases.push(("/etc/shadow as a disk", vm, "outside the paths VMs may use"));
+    let mut vm = env.vm("thief", &[]);
+    vm.shared = vec![vmd::api::SharedDir {
+        id: "all".into(),
+        path: "/".into(),
+        target: "/mnt/all".into(),
+    }];
+    cases.push(("/ as a share", vm, "outside the paths VMs may use"));
+    for (what, vm, rule) in cases {
+        let m = method_err(env.stub.run(&vm).await.unwrap_err());
+        assert!(m.contains(rule), "{what}: {m}");
+        assert!(!env.stub.exists("thief").await.unwrap(), "{what}");
+    }
+    // What the test's own directory holds is fine.
+    let ok = env.sys.path().join("data.img");
+    std::fs::write(&ok, vec![0u8; 1 << 20]).unwrap();
+    let mut vm = env.vm("honest", &[]);
+    vm.disks = vec![disk(&ok)];
+    env.stub.run(&vm).await.unwrap();
+    for name in ["honest", "victim"] {
+        env.stub.delete(name).await.unwrap();
+    }
+    env.assert_nothing_left().await;
+}

@@ -1,6 +1,7 @@
-//! `vmd-logstream --log <console log> --output <url> [--namespace <netns>]
-//! --state <file>`: ships a VM's console to one receiver, as zinit service
-//! `stream:<id>`. Lifecycle lines on stdout (zinit's ring).
+//! `vmd-logstream --log <console log> (--output <url> | --output-from <record>)
+//! [--namespace <netns>] --state <file>`: ships a VM's console to one
+//! receiver, as zinit service `stream:<id>`. Lifecycle lines on stdout
+//! (zinit's ring), the receiver shown without credentials.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -31,8 +32,17 @@ struct Cli {
     #[arg(long)]
     log: PathBuf,
     /// redis://[user][:pass@]host[:port]/<channel>, ws://…, wss://…, console://
+    /// (visible to anyone who can list processes: see --output-from).
+    #[arg(
+        long,
+        required_unless_present = "output_from",
+        conflicts_with = "output_from"
+    )]
+    output: Option<Output>,
+    /// A JSON file whose `output` field is the receiver: what vmd passes, so
+    /// that credentials in the URL appear on no command line.
     #[arg(long)]
-    output: Output,
+    output_from: Option<PathBuf>,
     /// Network namespace to send from (a name under --netns-dir).
     #[arg(long)]
     namespace: Option<String>,
@@ -82,8 +92,63 @@ enum NetnsError {
     Enter { name: String, source: nix::Error },
 }
 
+/// What `--output-from` reads (vmd's stream record; other fields ignored).
+#[derive(serde::Deserialize)]
+struct Record {
+    output: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum OutputFromError {
+    #[error("cannot read the stream record {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the stream record {path} is not one: {source}")]
+    Decode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("the stream record {path}: {source}")]
+    Output {
+        path: PathBuf,
+        source: vmd_runtime::output::OutputError,
+    },
+}
+
+fn output_from(path: &std::path::Path) -> Result<Output, OutputFromError> {
+    let text = std::fs::read(path).map_err(|source| OutputFromError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let r: Record = serde_json::from_slice(&text).map_err(|source| OutputFromError::Decode {
+        path: path.to_owned(),
+        source,
+    })?;
+    r.output.parse().map_err(|source| OutputFromError::Output {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let output = match (&cli.output, &cli.output_from) {
+        (Some(o), _) => o.clone(),
+        (None, Some(path)) => match output_from(path) {
+            Ok(o) => o,
+            Err(e) => {
+                say(e.to_string());
+                return ExitCode::FAILURE;
+            }
+        },
+        // clap requires one of the two.
+        (None, None) => {
+            say("no --output or --output-from");
+            return ExitCode::FAILURE;
+        }
+    };
     if let Some(ns) = cli.namespace.as_deref().filter(|n| !n.is_empty()) {
         if let Err(e) = enter_netns(&cli.netns_dir, ns) {
             say(e.to_string());
@@ -91,7 +156,7 @@ fn main() -> ExitCode {
         }
     }
     match current_thread_runtime() {
-        Ok(rt) => rt.block_on(run(cli)),
+        Ok(rt) => rt.block_on(run(cli, output)),
         Err(e) => {
             say(e.to_string());
             ExitCode::FAILURE
@@ -99,9 +164,9 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> ExitCode {
+async fn run(cli: Cli, output: Output) -> ExitCode {
     // The system's roots cost memory: only wss needs them.
-    let tls = match &cli.output {
+    let tls = match &output {
         Output::WebSocket { tls: true, .. } => match tls_config(cli.ca_file.as_deref()) {
             Ok(t) => Some(t),
             Err(e) => {
@@ -125,7 +190,7 @@ async fn run(cli: Cli) -> ExitCode {
     say(format!(
         "streaming {} to {} from offset {}",
         cli.log.display(),
-        cli.output,
+        output,
         follower.position()
     ));
     let mut worker = Worker {
@@ -133,6 +198,7 @@ async fn run(cli: Cli) -> ExitCode {
         reported_drop: follower.dropped,
         follower,
         tls,
+        output,
         queue: VecDeque::new(),
         queued: 0,
         gzip: vmd_logstream::Gzip::default(),
@@ -167,6 +233,7 @@ struct Chunk {
 /// to the receiver and the progress it reports.
 struct Worker {
     cli: Cli,
+    output: Output,
     tls: Option<Arc<rustls::ClientConfig>>,
     follower: Follower,
     progress: Progress,
@@ -247,9 +314,9 @@ impl Worker {
             tokio::time::sleep(IDLE_POLL).await;
             return false;
         }
-        match Sink::connect(&self.cli.output, self.tls.as_ref()).await {
+        match Sink::connect(&self.output, self.tls.as_ref()).await {
             Ok(s) => {
-                say(format!("connected to {}", self.cli.output));
+                say(format!("connected to {}", self.output));
                 self.sink = Some(s);
                 self.backoff = FIRST_BACKOFF;
                 self.progress.connected = true;
@@ -258,7 +325,7 @@ impl Worker {
             Err(e) => {
                 say(format!(
                     "cannot reach {}: {e}; retrying in {:?}",
-                    self.cli.output, self.backoff
+                    self.output, self.backoff
                 ));
                 self.lost(&e);
                 self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
@@ -301,7 +368,7 @@ impl Worker {
                 self.save_if_older(Duration::from_millis(200));
             }
             Err(e) => {
-                say(format!("lost {}: {e}; reconnecting", self.cli.output));
+                say(format!("lost {}: {e}; reconnecting", self.output));
                 self.lost(&e);
             }
         }

@@ -32,7 +32,15 @@ pub enum NameError {
     BadChar(String, char),
     #[error("name {0:?} must start with a letter or a digit")]
     BadStart(String),
+    #[error("name {0:?} ends with {1:?}, which vmd keeps for the files beside a VM's own (its console log's sidecars, files being written)")]
+    Reserved(String, &'static str),
 }
+
+/// Endings of the files vmd keeps beside a VM's: `logs/<name>.meta`,
+/// `logs/<name>.rotating`, `<file>.tmp` while a file is replaced. A VM named
+/// with one of them would have its console log where another VM keeps a
+/// sidecar, so a new VM may not end with one.
+pub const RESERVED_ENDINGS: [&str; 3] = [".meta", ".rotating", ".tmp"];
 
 /// Why a stream id was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,6 +71,17 @@ impl VmName {
             return Err(NameError::BadStart(name.to_owned()));
         }
         Ok(VmName(name.to_owned()))
+    }
+
+    /// Whether a *new* VM may have this name: not ending with one of the
+    /// [`RESERVED_ENDINGS`]. Checked at `Run` only: a VM that exists under
+    /// such a name (from an older vmd) is still listed, inspected and
+    /// deleted.
+    pub fn check_new(&self) -> Result<(), NameError> {
+        match RESERVED_ENDINGS.iter().find(|e| self.0.ends_with(*e)) {
+            Some(e) => Err(NameError::Reserved(self.0.clone(), e)),
+            None => Ok(()),
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -142,6 +161,18 @@ mod tests {
             &"x".repeat(300),
         ] {
             assert!(VmName::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_new_vm_cannot_take_the_name_of_another_ones_sidecar() {
+        for taken in ["a.meta", "a.rotating", "a.meta.tmp", "a.tmp"] {
+            let n = VmName::new(taken).expect("still a name: an old VM may have it");
+            let e = n.check_new().unwrap_err();
+            assert!(e.to_string().contains("keeps for the files beside"), "{e}");
+        }
+        for free in ["a", "metadata", "a.meta1", "meta.a", "tmp"] {
+            VmName::new(free).unwrap().check_new().unwrap();
         }
     }
 }

@@ -22,11 +22,35 @@ pub enum Output {
     Console,
 }
 
+/// An invalid output. Its text shows the URL without credentials: it is
+/// logged, and a receiver's password is no one else's business.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid stream output {url:?}: {why}")]
+#[error("invalid stream output {:?}: {why}", redact_url(url))]
 pub struct OutputError {
     pub url: String,
     pub why: String,
+}
+
+/// A URL as it may be shown: user and password (`***@`) and the query
+/// (`?***`, where tokens go) replaced, the fragment dropped. Works on any
+/// text, valid URL or not.
+pub fn redact_url(s: &str) -> String {
+    let (scheme, rest) = match s.find("://") {
+        Some(i) => (&s[..i + 3], &s[i + 3..]),
+        None => ("", s),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rfind('@') {
+        Some(at) => format!("***{}", &authority[at..]),
+        None => authority.to_owned(),
+    };
+    let tail = tail.split('#').next().unwrap_or_default();
+    let tail = match tail.find('?') {
+        Some(q) => format!("{}?***", &tail[..q]),
+        None => tail.to_owned(),
+    };
+    format!("{scheme}{authority}{tail}")
 }
 
 impl FromStr for Output {
@@ -90,6 +114,8 @@ impl FromStr for Output {
     }
 }
 
+/// Shown without credentials (see [`redact_url`]): this is what logs,
+/// `Inspect` and `vmd ctl` show of a stream.
 impl fmt::Display for Output {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -97,17 +123,21 @@ impl fmt::Display for Output {
                 host,
                 port,
                 channel,
-                ..
-            } if host.contains(':') => {
-                write!(f, "redis://[{host}]:{port}/{channel}")
+                username,
+                password,
+            } => {
+                let creds = if username.is_some() || password.is_some() {
+                    "***@"
+                } else {
+                    ""
+                };
+                if host.contains(':') {
+                    write!(f, "redis://{creds}[{host}]:{port}/{channel}")
+                } else {
+                    write!(f, "redis://{creds}{host}:{port}/{channel}")
+                }
             }
-            Output::Redis {
-                host,
-                port,
-                channel,
-                ..
-            } => write!(f, "redis://{host}:{port}/{channel}"),
-            Output::WebSocket { url, .. } => f.write_str(url),
+            Output::WebSocket { url, .. } => f.write_str(&redact_url(url)),
             Output::Console => f.write_str("console://"),
         }
     }
@@ -160,6 +190,29 @@ mod tests {
             Output::WebSocket { tls: true, .. }
         ));
         assert_eq!("console://".parse::<Output>().unwrap(), Output::Console);
+    }
+
+    #[test]
+    fn credentials_and_tokens_are_never_shown() {
+        for (url, shown) in [
+            (
+                "redis://user:p%40ss@[2a02::1]/ch",
+                "redis://***@[2a02::1]:6379/ch",
+            ),
+            ("redis://:secret@h:7000/c", "redis://***@h:7000/c"),
+            ("redis://h/c", "redis://h:6379/c"),
+            (
+                "wss://u:pw@logs.example:9443/in?token=abc#x",
+                "wss://***@logs.example:9443/in?***",
+            ),
+            ("ws://10.0.0.1:8883/logs", "ws://10.0.0.1:8883/logs"),
+        ] {
+            assert_eq!(url.parse::<Output>().unwrap().to_string(), shown, "{url}");
+        }
+        // Invalid ones too: the error says what was wrong, not the secret.
+        let e = "redis://u:hunter2@h:99999/c".parse::<Output>().unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert_eq!(redact_url("no scheme, a@b?c"), "***@b?***");
     }
 
     #[test]

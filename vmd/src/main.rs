@@ -131,6 +131,13 @@ struct DaemonArgs {
     /// service); one more is refused with a method error.
     #[arg(long, default_value_t = 16)]
     max_streams_per_vm: usize,
+    /// Where a VM's kernel, initrd, disks and shares may be on the host
+    /// (repeat for several; replaces the defaults): resolved paths under one
+    /// of these, never inside vmd's own directories. The defaults are where
+    /// a Zero-OS node keeps them: storage pools (/mnt/<pool>: volumes and
+    /// vdisks) and mounted flists (/var/cache/modules/flistd).
+    #[arg(long = "allowed-path", default_values = vmd::vm::plan::allowed::ZOS_ALLOWED)]
+    allowed_path: Vec<PathBuf>,
     /// Log streams of the host at most.
     #[arg(long, default_value_t = 1024)]
     max_streams: usize,
@@ -281,6 +288,7 @@ async fn daemon(
         sys_pci: args.sys_pci.clone(),
         max_streams_per_vm: args.max_streams_per_vm,
         max_streams: args.max_streams,
+        allowed_paths: args.allowed_path.clone(),
     };
     let events = vmd::events::Events::start(
         broker.clone(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use vmd_runtime::events::EventKind;
-use vmd_runtime::output::Output;
+use vmd_runtime::output::{redact_url, Output};
 use vmd_runtime::progress::Progress;
 use vmd_runtime::{console, files, StreamId, VmName};
 
@@ -105,7 +105,8 @@ impl Manager {
             id: id.to_string(),
             vm: name.to_string(),
             namespace: stream.namespace.clone(),
-            // Validated above; passed on as given, credentials and all.
+            // Validated above; kept as given, credentials and all, for the
+            // worker alone (the record is 0600).
             output: stream.output.clone(),
         };
         let half_made = if spec_path.exists() || self.services().exists(&svc) {
@@ -163,8 +164,10 @@ impl Manager {
             host.logstream.to_string_lossy().into_owned(),
             "--log".into(),
             paths.log(name).to_string_lossy().into_owned(),
-            "--output".into(),
-            spec.output.clone(),
+            // From the record (0600): a receiver's credentials appear on
+            // no command line, in no service file, in no `zinit status`.
+            "--output-from".into(),
+            paths.stream_spec(id).to_string_lossy().into_owned(),
             "--state".into(),
             progress.to_string_lossy().into_owned(),
         ];
@@ -268,8 +271,12 @@ impl Manager {
                     .and_then(|id| Progress::load(&self.paths().stream_progress(&id)))
                     .unwrap_or_default();
                 StreamStatus {
+                    // Without credentials: Inspect and `vmd ctl` show it.
+                    output: s
+                        .output
+                        .parse::<Output>()
+                        .map_or_else(|_| redact_url(&s.output), |o| o.to_string()),
                     id: s.id,
-                    output: s.output,
                     connected: p.connected,
                     sent_bytes: p.sent_bytes,
                     dropped_bytes: p.dropped_bytes,

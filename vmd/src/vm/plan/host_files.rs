@@ -3,14 +3,15 @@
 //! PCI devices (in sysfs), and what other VMs already hold.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use vmd_runtime::spec::{Disk, VmSpec};
 use vmd_runtime::vmm::ImageFormat;
 use vmd_runtime::VmName;
 
 use super::super::error::{invalid, Invalid};
-use super::checks::{pci_address, plain_path, tap_name};
+use super::allowed::{AllowedPaths, Kind};
+use super::checks::{pci_address, tap_name};
 use crate::api::Vm;
 
 /// What VMs hold that one VM at a time may use: PCI devices (by address)
@@ -55,19 +56,10 @@ pub fn needs_in_use(vm: &Vm) -> bool {
         || (vm.boot.kind == 0 && !vm.boot.path.is_empty())
 }
 
-pub fn existing_file(what: &str, p: &str) -> Result<PathBuf, Invalid> {
-    let path = plain_path(what, p)?;
-    match std::fs::metadata(&path) {
-        Ok(m) if m.is_dir() => invalid(format!("{what} {p:?} is a directory")),
-        Ok(_) => Ok(path),
-        Err(e) => invalid(format!("{what} {p:?}: {e}")),
-    }
-}
-
 /// A disk of the guest, with its format detected now — before the guest
 /// ever ran, so nothing it writes can change how the VMM opens the image.
-pub fn writable_disk(what: &str, p: &str) -> Result<Disk, Invalid> {
-    let path = existing_file(what, p)?;
+pub fn writable_disk(allowed: &AllowedPaths, what: &str, p: &str) -> Result<Disk, Invalid> {
+    let path = allowed.check(what, p, Kind::File)?;
     let format = ImageFormat::detect(&path)
         .or_else(|e| invalid(format!("{what} {p:?} cannot be read: {e}")))?;
     Ok(Disk {

@@ -4,6 +4,7 @@
 //! then [`host_files`], what it names on the host (kernel, disks, taps, PCI
 //! devices) and what other VMs hold.
 
+pub mod allowed;
 pub mod checks;
 pub mod host_files;
 
@@ -18,8 +19,9 @@ use super::cmdline::{kernel_cmdline, DISK_DEFAULTS, VIRTIOFS_DEFAULTS};
 use super::error::{invalid, Invalid};
 use super::host::Host;
 use crate::api::Vm;
-use checks::{ip, mac, plain_path, target};
-use host_files::{disks_free, existing_file, host_cpus, pci, tap, writable_disk};
+use allowed::{AllowedPaths, Kind};
+use checks::{ip, mac, target};
+use host_files::{disks_free, host_cpus, pci, tap, writable_disk};
 pub use host_files::{file_id, needs_in_use, FileId, InUse};
 
 /// Zero-OS's minimum.
@@ -40,6 +42,9 @@ pub struct Settings {
     /// and a zinit service, and a spec's caller chooses how many.
     pub max_streams_per_vm: usize,
     pub max_streams: usize,
+    /// Where a VM's kernel, initrd, disks and shares may be on the host
+    /// (see [`allowed`]).
+    pub allowed_paths: Vec<PathBuf>,
 }
 
 impl Default for Settings {
@@ -53,6 +58,7 @@ impl Default for Settings {
             sys_pci: "/sys/bus/pci/devices".into(),
             max_streams_per_vm: 16,
             max_streams: 1024,
+            allowed_paths: allowed::ZOS_ALLOWED.iter().map(PathBuf::from).collect(),
         }
     }
 }
@@ -73,19 +79,25 @@ pub struct Plan {
 /// VM is refused: they belong to one VM at a time.
 pub fn plan(vm: &Vm, host: &Host, settings: &Settings, in_use: &InUse) -> Result<Plan, Invalid> {
     let name = VmName::new(&vm.name)?;
+    name.check_new()?;
     let paths = &host.paths;
     let run = paths.run_dir(&name);
     size(vm)?;
-    let kernel = existing_file("kernel image", &vm.kernel_image)?;
+    let zinit_dir = host.zinit_dir.as_path();
+    let allowed = AllowedPaths::new(
+        &settings.allowed_paths,
+        &[paths.root(), paths.runtime(), zinit_dir],
+    );
+    let kernel = allowed.check("kernel image", &vm.kernel_image, Kind::File)?;
     let initramfs = match vm.initrd_image.as_str() {
         "" => None,
-        p => Some(existing_file("initrd image", p)?),
+        p => Some(allowed.check("initrd image", p, Kind::File)?),
     };
     let Storage {
         mut disks,
         shares,
         defaults,
-    } = storage(vm, &run)?;
+    } = storage(vm, &run, &allowed)?;
     if !shares.is_empty() && host.virtiofsd.is_none() {
         return invalid("virtio-fs needs virtiofsd, which is not installed (--virtiofsd)".into());
     }
@@ -169,29 +181,31 @@ struct Storage {
     defaults: &'static [(&'static str, &'static str)],
 }
 
-fn storage(vm: &Vm, run: &vmd_runtime::RunDir) -> Result<Storage, Invalid> {
+fn storage(vm: &Vm, run: &vmd_runtime::RunDir, allowed: &AllowedPaths) -> Result<Storage, Invalid> {
     let mut disks = Vec::new();
     let mut shares = Vec::new();
     let defaults = match vm.boot.kind {
         0 => {
             if !vm.boot.path.is_empty() {
-                disks.push(writable_disk("boot disk", &vm.boot.path)?);
+                disks.push(writable_disk(allowed, "boot disk", &vm.boot.path)?);
             }
             DISK_DEFAULTS
         }
         1 => {
-            add_share(&mut shares, run, "vroot", &vm.boot.path, "virtio-fs root")?;
+            let root = allowed.check("virtio-fs root", &vm.boot.path, Kind::Dir)?;
+            add_share(&mut shares, run, "vroot", root)?;
             VIRTIOFS_DEFAULTS
         }
         k => return invalid(format!("unknown boot type {k} (0: disk, 1: virtio-fs)")),
     };
     for d in &vm.disks {
         target("disk", &d.target)?;
-        disks.push(writable_disk("disk", &d.path)?);
+        disks.push(writable_disk(allowed, "disk", &d.path)?);
     }
     for s in &vm.shared {
         target("share", &s.target)?;
-        add_share(&mut shares, run, &s.id, &s.path, "share path")?;
+        let source = allowed.check("share path", &s.path, Kind::Dir)?;
+        add_share(&mut shares, run, &s.id, source)?;
     }
     Ok(Storage {
         disks,
@@ -200,14 +214,13 @@ fn storage(vm: &Vm, run: &vmd_runtime::RunDir) -> Result<Storage, Invalid> {
     })
 }
 
-/// Adds share `tag` of host directory `dir`, served on the run dir's next
-/// virtio-fs socket.
+/// Adds share `tag` of host directory `source` (checked), served on the run
+/// dir's next virtio-fs socket.
 fn add_share(
     shares: &mut Vec<Share>,
     run: &vmd_runtime::RunDir,
     tag: &str,
-    dir: &str,
-    what: &str,
+    source: PathBuf,
 ) -> Result<(), Invalid> {
     // virtio-fs tags are at most 36 bytes; they end up on command lines.
     let ok = !tag.is_empty() && tag.len() <= 36 && tag.chars().all(is_word_char);
@@ -218,10 +231,6 @@ fn add_share(
     }
     if shares.iter().any(|s| s.tag == tag) {
         return invalid(format!("share id {tag:?} is used twice"));
-    }
-    let source = plain_path(what, dir)?;
-    if !source.is_dir() {
-        return invalid(format!("{what} {dir:?} is not a directory"));
     }
     shares.push(Share {
         tag: tag.to_owned(),
