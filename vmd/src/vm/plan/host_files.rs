@@ -97,16 +97,21 @@ pub fn host_cpus() -> usize {
 }
 
 /// Writable disks that are one file twice, or another VM's.
-pub fn disks_free(disks: &[Disk], name: &VmName, in_use: &InUse) -> Result<(), Invalid> {
+/// `given`: each disk's path as the caller wrote it, for the errors.
+pub fn disks_free(
+    disks: &[Disk],
+    given: &[String],
+    name: &VmName,
+    in_use: &InUse,
+) -> Result<(), Invalid> {
     let mut own = BTreeMap::new();
-    for d in disks {
+    for (i, d) in disks.iter().enumerate() {
         let Some(id) = file_id(&d.path) else { continue };
-        let shown = d.path.display();
-        if let Some(other) = own.insert(id, &d.path) {
-            return invalid(format!(
-                "disk {shown} is the same file as {}",
-                other.display()
-            ));
+        let shown = given
+            .get(i)
+            .map_or_else(|| d.path.display().to_string(), Clone::clone);
+        if let Some(other) = own.insert(id, shown.clone()) {
+            return invalid(format!("disk {shown} is the same file as {other}"));
         }
         if let Some(owner) = in_use.disks.get(&id).filter(|o| **o != *name) {
             return invalid(format!("disk {shown} is already used by vm {owner}"));

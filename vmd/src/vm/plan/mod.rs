@@ -95,13 +95,14 @@ pub fn plan(vm: &Vm, host: &Host, settings: &Settings, in_use: &InUse) -> Result
     };
     let Storage {
         mut disks,
+        given,
         shares,
         defaults,
     } = storage(vm, &run, &allowed)?;
     if !shares.is_empty() && host.virtiofsd.is_none() {
         return invalid("virtio-fs needs virtiofsd, which is not installed (--virtiofsd)".into());
     }
-    disks_free(&disks, &name, in_use)?;
+    disks_free(&disks, &given, &name, in_use)?;
     let nets = network(vm, &settings.sys_net)?;
     for d in &vm.devices {
         pci(d, &settings.sys_pci)?;
@@ -177,17 +178,21 @@ fn size(vm: &Vm) -> Result<(), Invalid> {
 /// with the boot.
 struct Storage {
     disks: Vec<Disk>,
+    /// Each disk's path as the caller gave it (what errors name).
+    given: Vec<String>,
     shares: Vec<Share>,
     defaults: &'static [(&'static str, &'static str)],
 }
 
 fn storage(vm: &Vm, run: &vmd_runtime::RunDir, allowed: &AllowedPaths) -> Result<Storage, Invalid> {
     let mut disks = Vec::new();
+    let mut given = Vec::new();
     let mut shares = Vec::new();
     let defaults = match vm.boot.kind {
         0 => {
             if !vm.boot.path.is_empty() {
                 disks.push(writable_disk(allowed, "boot disk", &vm.boot.path)?);
+                given.push(vm.boot.path.clone());
             }
             DISK_DEFAULTS
         }
@@ -201,6 +206,7 @@ fn storage(vm: &Vm, run: &vmd_runtime::RunDir, allowed: &AllowedPaths) -> Result
     for d in &vm.disks {
         target("disk", &d.target)?;
         disks.push(writable_disk(allowed, "disk", &d.path)?);
+        given.push(d.path.clone());
     }
     for s in &vm.shared {
         target("share", &s.target)?;
@@ -209,6 +215,7 @@ fn storage(vm: &Vm, run: &vmd_runtime::RunDir, allowed: &AllowedPaths) -> Result
     }
     Ok(Storage {
         disks,
+        given,
         shares,
         defaults,
     })
