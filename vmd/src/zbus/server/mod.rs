@@ -19,9 +19,9 @@
 //!     │          its reply recorded (`applied`) before the keys are let go
 //!     ▼
 //!  replier (own connection, one task) ── other replies, pipelined: per
-//!     reply one script that removes the request's in-flight entry and
-//!     pushes the reply (RPUSH + EXPIRE 300); retried across reconnects,
-//!     then only while the request is still in flight
+//!     reply one transaction that removes the request's in-flight entry and
+//!     pushes the reply (RPUSH + EXPIRE 300); retried across reconnects by a
+//!     script, then only while the request is still in flight
 //!  status popper (own connection) ── vmd.zbus@1.0 the same way, answered here
 //!
 //!  pool: multi-thread runtime — changes (which may wait on guests, fsync,

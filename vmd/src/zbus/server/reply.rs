@@ -1,6 +1,6 @@
-//! Sending replies: each pushed by the script that takes its request off
-//! the in-flight list; pipelined, retried across reconnects (then only if
-//! the request is still in flight), bounded in time. Quick calls' replies
+//! Sending replies: each pushed in the transaction that takes its request
+//! off the in-flight list; pipelined, retried across reconnects (then by a
+//! script, only if the request is still in flight), bounded in time. Quick calls' replies
 //! ride with the popper's next take instead (see `pop`).
 
 use redis::aio::MultiplexedConnection;
@@ -14,9 +14,10 @@ use super::super::wire::Response;
 use super::inflight::Entry;
 use super::{Backoff, REPLY_RETRY_FOR, REPLY_TTL_SECS};
 
-/// Delivers one reply: removes the request's entry from its in-flight list
-/// and pushes the reply (with its `EXPIRE`), as one script, so the entry
-/// leaves if and only if the reply is in the caller's list. `KEYS[1]`: the
+/// Delivers one reply again (a first delivery is a transaction, see
+/// [`Outgoing::add_to`]): removes the request's entry from its in-flight
+/// list and pushes the reply (with its `EXPIRE`), as one script, so the
+/// entry leaves if and only if the reply is in the caller's list. `KEYS[1]`: the
 /// in-flight list; `KEYS[2]`: the reply list, if any. `ARGV`: the entry, the
 /// reply, its TTL, and `"1"` to deliver only if the entry is still in flight
 /// (a retry that must not answer twice). A reply address naming a key of
@@ -91,6 +92,31 @@ impl Outgoing {
     /// Adds its delivery to `pipe` (its answer ignored); `deliver` is the
     /// SHA1 of [`DELIVER`] as [`load_scripts`] returned it.
     pub(super) fn add_to(&self, pipe: &mut redis::Pipeline, deliver: &str) {
+        // A first delivery: a transaction of plain commands (a script costs
+        // about 15 µs on the path of every call: BENCHMARKS.md). `EXEC` runs
+        // all of it or, if the connection drops before it, none. A reply
+        // list of another type fails its `RPUSH` alone, inside the `EXEC`.
+        if !self.checked {
+            pipe.cmd("MULTI").ignore();
+            if let Some((to, payload)) = &self.reply {
+                pipe.cmd("RPUSH")
+                    .arg(to)
+                    .arg(payload)
+                    .ignore()
+                    .cmd("EXPIRE")
+                    .arg(to)
+                    .arg(REPLY_TTL_SECS)
+                    .ignore();
+            }
+            pipe.cmd("LREM")
+                .arg(&*self.entry.list)
+                .arg(1)
+                .arg(self.entry.stored())
+                .ignore()
+                .cmd("EXEC")
+                .ignore();
+            return;
+        }
         let (keys, reply, to): (usize, &[u8], Option<&str>) = match &self.reply {
             Some((to, payload)) => (2, payload, Some(to)),
             None => (1, &[], None),
@@ -117,8 +143,8 @@ impl Outgoing {
 }
 
 /// Sends replies: calls queue them without waiting, one task writes
-/// whatever is queued as one pipeline of [`DELIVER`] scripts on its own
-/// connection, reconnecting when it breaks. A reply is retried (checked) for
+/// whatever is queued as one pipeline of deliveries (see
+/// [`Outgoing::add_to`]) on its own connection, reconnecting when it breaks. A reply is retried (checked) for
 /// [`REPLY_RETRY_FOR`] while Redis is away, then given up (its request stays
 /// in flight for the next run).
 pub(super) struct Replier {
