@@ -437,6 +437,22 @@ async fn left_in_flight(c: &mut redis::aio::MultiplexedConnection, age: Duration
         .unwrap();
 }
 
+/// Waits (up to 5 s) until every request taken was answered.
+async fn until_nothing_in_flight(c: &redis::aio::MultiplexedConnection) {
+    until(Duration::from_secs(5), "nothing in flight", || {
+        let mut c = c.clone();
+        async move {
+            let n: usize = redis::cmd("LLEN")
+                .arg(IN_FLIGHT)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            n == 0
+        }
+    })
+    .await;
+}
+
 async fn reply_of(
     c: &mut redis::aio::MultiplexedConnection,
     list: &str,
@@ -477,18 +493,7 @@ async fn requests_an_earlier_run_left_are_answered_unless_too_old() {
         .await
         .expect("Exists answered");
     assert_eq!(r.id, "read");
-    until(Duration::from_secs(5), "the in-flight list emptied", || {
-        let mut c = c.clone();
-        async move {
-            let n: usize = redis::cmd("LLEN")
-                .arg(IN_FLIGHT)
-                .query_async(&mut c)
-                .await
-                .unwrap();
-            n == 0
-        }
-    })
-    .await;
+    until_nothing_in_flight(&c).await;
     assert_eq!(
         reply_of(&mut c, "stale-reply", 0.2).await,
         None,
@@ -588,17 +593,6 @@ async fn a_reply_address_naming_a_key_of_another_type_delays_no_one() {
         .await
         .unwrap();
     assert_eq!(v, "x");
-    until(Duration::from_secs(5), "nothing in flight", || {
-        let mut conn = conn.clone();
-        async move {
-            let n: usize = redis::cmd("LLEN")
-                .arg("vmd.manager@0.0.1:inflight")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            n == 0
-        }
-    })
-    .await;
+    until_nothing_in_flight(&conn).await;
     server.stop().await;
 }

@@ -103,22 +103,19 @@ pub(super) struct Entry {
 }
 
 impl Entry {
-    /// Parses a stored element. `None`: not something a take wrote (only
-    /// vmd writes these lists; such an element is removed, not served).
-    pub(super) fn parse(list: Arc<str>, stored: Vec<u8>) -> Option<Entry> {
-        let colon = stored.iter().position(|&b| b == b':')?;
-        let head = std::str::from_utf8(&stored[..colon]).ok()?;
-        let (ms, token) = head.split_once(' ')?;
-        if token.is_empty() || token.contains(' ') {
-            return None;
+    /// Parses a stored element. `Err` gives it back: not something a take
+    /// wrote (only vmd writes these lists; such an element is removed, not
+    /// served).
+    pub(super) fn parse(list: Arc<str>, stored: Vec<u8>) -> Result<Entry, Vec<u8>> {
+        match stamp_of(&stored) {
+            Some((header, taken_ms)) => Ok(Entry {
+                list,
+                header,
+                taken_ms,
+                stored,
+            }),
+            None => Err(stored),
         }
-        let taken_ms = ms.parse().ok()?;
-        Some(Entry {
-            list,
-            header: colon + 1,
-            taken_ms,
-            stored,
-        })
     }
 
     /// The request as its caller sent it.
@@ -140,6 +137,17 @@ impl Entry {
     pub(super) fn age(&self, now: SystemTime) -> Duration {
         Duration::from_millis(unix_millis(now).saturating_sub(self.taken_ms))
     }
+}
+
+/// The length of a stored element's stamp and the time it holds.
+fn stamp_of(stored: &[u8]) -> Option<(usize, u64)> {
+    let colon = stored.iter().position(|&b| b == b':')?;
+    let head = std::str::from_utf8(&stored[..colon]).ok()?;
+    let (ms, token) = head.split_once(' ')?;
+    if token.is_empty() || token.contains(' ') {
+        return None;
+    }
+    Some((colon + 1, ms.parse().ok()?))
 }
 
 #[cfg(test)]
@@ -174,7 +182,7 @@ mod tests {
             b"12 :x",
             b"",
         ] {
-            assert!(Entry::parse("l".into(), bad.to_vec()).is_none(), "{bad:?}");
+            assert!(Entry::parse("l".into(), bad.to_vec()).is_err(), "{bad:?}");
         }
     }
 }

@@ -160,7 +160,7 @@ pub(super) async fn pop_loop(
             backoff.reset();
             let entries = stored
                 .into_iter()
-                .filter_map(|s| Entry::parse(Arc::clone(&list), s))
+                .filter_map(|s| Entry::parse(Arc::clone(&list), s).ok())
                 .collect();
             serve_taken(
                 &shared,
@@ -250,15 +250,13 @@ async fn recover_left(
     let now = SystemTime::now();
     let mut replays = Vec::new();
     for s in stored {
-        let Some(entry) = Entry::parse(Arc::clone(list), s.clone()) else {
-            warn!(list = %list, bytes = s.len(), "removing an in-flight element no take wrote");
-            let _: () = redis::cmd("LREM")
-                .arg(&**list)
-                .arg(1)
-                .arg(s)
-                .query_async(conn)
-                .await?;
-            continue;
+        let entry = match Entry::parse(Arc::clone(list), s) {
+            Ok(e) => e,
+            Err(s) => {
+                warn!(list = %list, bytes = s.len(), "removing an in-flight element no take wrote");
+                remove(conn, list, &s).await?;
+                continue;
+            }
         };
         match recover {
             Recover::Take(stamp) if !entry.taken_by(stamp) => continue,
@@ -270,12 +268,7 @@ async fn recover_left(
                     // a change nobody waits for.
                     warn!(list = %list, age = ?age, max = ?shared.replay_max_age,
                           "dropping a request left in flight by an earlier run: too old to answer");
-                    let _: () = redis::cmd("LREM")
-                        .arg(&**list)
-                        .arg(1)
-                        .arg(entry.stored())
-                        .query_async(conn)
-                        .await?;
+                    remove(conn, list, entry.stored()).await?;
                     continue;
                 }
                 replays.push(entry);
@@ -288,6 +281,20 @@ async fn recover_left(
         serve_taken(shared, inflight, None, replays, replay, None);
     }
     Ok(())
+}
+
+/// Removes one element of an in-flight list.
+async fn remove(
+    conn: &mut MultiplexedConnection,
+    list: &str,
+    stored: &[u8],
+) -> redis::RedisResult<()> {
+    redis::cmd("LREM")
+        .arg(list)
+        .arg(1)
+        .arg(stored)
+        .query_async(conn)
+        .await
 }
 
 /// Serves what one take moved: the first request with the room the popper

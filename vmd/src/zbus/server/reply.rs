@@ -17,15 +17,14 @@ use super::{Backoff, REPLY_RETRY_FOR, REPLY_TTL_SECS};
 /// Delivers one reply again (a first delivery is a transaction, see
 /// [`Outgoing::add_to`]): removes the request's entry from its in-flight
 /// list and pushes the reply (with its `EXPIRE`), as one script, so the
-/// entry leaves if and only if the reply is in the caller's list. `KEYS[1]`: the
-/// in-flight list; `KEYS[2]`: the reply list, if any. `ARGV`: the entry, the
-/// reply, its TTL, and `"1"` to deliver only if the entry is still in flight
-/// (a retry that must not answer twice). A reply address naming a key of
-/// another type gets nothing (the caller's word: it must not fail the
+/// entry leaves if and only if the reply is in the caller's list, and
+/// nothing is pushed if the entry is gone already (a retry must not answer
+/// twice). `KEYS[1]`: the in-flight list; `KEYS[2]`: the reply list, if
+/// any. `ARGV`: the entry, the reply, its TTL. A reply address naming a key
+/// of another type gets nothing (the caller's word: it must not fail the
 /// replies sent with it); `RPUSH` could not store into it anyway.
 pub(super) const DELIVER: &str = r"
-local removed = redis.call('LREM', KEYS[1], 1, ARGV[1])
-if ARGV[4] == '1' and removed == 0 then return 0 end
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 if KEYS[2] then
   local t = redis.call('TYPE', KEYS[2])['ok']
   if t ~= 'none' and t ~= 'list' then return -1 end
@@ -131,7 +130,6 @@ impl Outgoing {
         pipe.arg(self.entry.stored())
             .arg(reply)
             .arg(REPLY_TTL_SECS)
-            .arg(if self.checked { "1" } else { "0" })
             .ignore();
     }
 
