@@ -162,3 +162,63 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// The in-flight lists of vmd's manager queue: one per take that still holds
+/// a request (`docs/calls.md`).
+pub async fn in_flight_lists(c: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+    let mut cursor = 0u64;
+    let mut lists = Vec::new();
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("vmd.manager@0.0.1:inflight:*")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(c)
+            .await
+            .expect("SCAN");
+        lists.extend(keys);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    lists.sort();
+    lists.dedup();
+    lists
+}
+
+/// How many requests vmd's manager queue has taken and not yet answered.
+pub async fn requests_in_flight(c: &mut redis::aio::MultiplexedConnection) -> usize {
+    let mut n = 0;
+    for list in in_flight_lists(c).await {
+        let len: usize = redis::cmd("LLEN")
+            .arg(&list)
+            .query_async(c)
+            .await
+            .expect("LLEN");
+        n += len;
+    }
+    n
+}
+
+/// Puts `payload` in flight as a take of a dead vmd that began `age` ago
+/// would have left it.
+pub async fn leave_in_flight(
+    c: &mut redis::aio::MultiplexedConnection,
+    age: Duration,
+    payload: &[u8],
+) {
+    let taken = std::time::SystemTime::now() - age;
+    let ms = taken
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis();
+    let _: () = redis::cmd("RPUSH")
+        .arg(format!("vmd.manager@0.0.1:inflight:{ms}:dead.1"))
+        .arg(payload)
+        .query_async(c)
+        .await
+        .expect("RPUSH");
+}

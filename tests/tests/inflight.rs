@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use vmd::api::{Stream, Vm};
 use vmd::zbus::client::ClientError;
+use vmd_tests::redis_server::requests_in_flight;
 use vmd_tests::stack::Stack;
 use vmd_tests::supervisor::processes_with;
 use vmd_tests::until;
@@ -163,12 +164,7 @@ async fn stray_keys(env: &Stack) -> Vec<String> {
 
 async fn in_flight(env: &Stack) -> usize {
     let mut c = env.redis.broker().connect().await.unwrap();
-    let n: usize = redis::cmd("LLEN")
-        .arg("vmd.manager@0.0.1:inflight")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    n
+    requests_in_flight(&mut c).await
 }
 
 /// Checks the round's answers and effects, then removes what it made.

@@ -9,6 +9,7 @@ use vmd::stub::VmdStub;
 use vmd::zbus::client::ClientError;
 use vmd::zbus::wire::{ObjectId, WorkerState};
 use vmd_tests::fixture::{Fixture, Serving};
+use vmd_tests::redis_server::{leave_in_flight, requests_in_flight};
 use vmd_tests::{until, RedisServer};
 
 fn stub(redis: &RedisServer) -> VmdStub {
@@ -418,37 +419,11 @@ async fn raw_exists(redis: &RedisServer, id: &str, reply_to: &str, name: &str) {
         .unwrap();
 }
 
-const IN_FLIGHT: &str = "vmd.manager@0.0.1:inflight";
-
-/// Puts `payload` in the in-flight list as a take `age` ago would have.
-async fn left_in_flight(c: &mut redis::aio::MultiplexedConnection, age: Duration, payload: &[u8]) {
-    let taken = std::time::SystemTime::now() - age;
-    let ms = taken
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    let mut entry = format!("{ms} dead.1:").into_bytes();
-    entry.extend_from_slice(payload);
-    let _: () = redis::cmd("RPUSH")
-        .arg(IN_FLIGHT)
-        .arg(entry)
-        .query_async(c)
-        .await
-        .unwrap();
-}
-
 /// Waits (up to 5 s) until every request taken was answered.
 async fn until_nothing_in_flight(c: &redis::aio::MultiplexedConnection) {
     until(Duration::from_secs(5), "nothing in flight", || {
         let mut c = c.clone();
-        async move {
-            let n: usize = redis::cmd("LLEN")
-                .arg(IN_FLIGHT)
-                .query_async(&mut c)
-                .await
-                .unwrap();
-            n == 0
-        }
+        async move { requests_in_flight(&mut c).await == 0 }
     })
     .await;
 }
@@ -475,11 +450,11 @@ async fn requests_an_earlier_run_left_are_answered_unless_too_old() {
     let redis = RedisServer::start();
     let mut c = redis.broker().connect().await.unwrap();
     let fresh = raw_request("fresh", "fresh-reply", "Delete", "young");
-    left_in_flight(&mut c, Duration::from_secs(2), &fresh).await;
+    leave_in_flight(&mut c, Duration::from_secs(2), &fresh).await;
     let stale = raw_request("stale", "stale-reply", "Delete", "old");
-    left_in_flight(&mut c, Duration::from_secs(600), &stale).await;
+    leave_in_flight(&mut c, Duration::from_secs(600), &stale).await;
     let read = raw_request("read", "read-reply", "Exists", "young");
-    left_in_flight(&mut c, Duration::from_millis(10), &read).await;
+    leave_in_flight(&mut c, Duration::from_millis(10), &read).await;
     let fixture = Arc::new(Fixture::default());
     let server = Serving::start(redis.broker(), fixture.clone(), 64);
     let r = reply_of(&mut c, "fresh-reply", 5.0)
@@ -532,7 +507,7 @@ async fn a_replayed_change_that_was_applied_gets_its_reply_without_running_again
     // As if the reply had been lost with the process: the request is in
     // flight again. The next server answers it as the first did, without
     // running it.
-    left_in_flight(&mut c, Duration::from_secs(1), &payload).await;
+    leave_in_flight(&mut c, Duration::from_secs(1), &payload).await;
     let server = Serving::start(redis.broker(), fixture.clone(), 64);
     let again = reply_of(&mut c, "d-1-reply", 5.0)
         .await
@@ -594,5 +569,112 @@ async fn a_reply_address_naming_a_key_of_another_type_delays_no_one() {
         .unwrap();
     assert_eq!(v, "x");
     until_nothing_in_flight(&conn).await;
+    server.stop().await;
+}
+
+/// A proxy between vmd and Redis that breaks the connection carrying the
+/// first answer holding `marker`, instead of forwarding it: what Redis did
+/// for that command is done, and vmd never hears of it.
+struct CuttingProxy {
+    path: std::path::PathBuf,
+    cuts: Arc<std::sync::atomic::AtomicUsize>,
+    _dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CuttingProxy {
+    fn start(redis: &RedisServer, marker: &'static [u8]) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let upstream = redis.socket();
+        let cuts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let task = tokio::spawn({
+            let cuts = cuts.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let server = tokio::net::UnixStream::connect(&upstream).await.unwrap();
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                    });
+                    let (cuts, armed) = (cuts.clone(), armed.clone());
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match sr.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            let hit = buf[..n].windows(marker.len()).any(|w| w == marker);
+                            if hit && armed.swap(false, Ordering::SeqCst) {
+                                cuts.fetch_add(1, Ordering::SeqCst);
+                                return; // both halves dropped: the connection breaks
+                            }
+                            if cw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        CuttingProxy {
+            path,
+            cuts,
+            _dir: dir,
+            task,
+        }
+    }
+
+    fn broker(&self) -> vmd::zbus::broker::Broker {
+        vmd::zbus::broker::Broker::unix(&self.path)
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_whose_answer_was_lost_with_its_connection_is_served_after_reconnecting() {
+    // Redis moved the request to the take's in-flight list; the answer that
+    // carried it to vmd never arrived. Nothing else will ever serve it: vmd
+    // must find it again by its take after reconnecting.
+    let redis = RedisServer::start();
+    let proxy = CuttingProxy::start(&redis, b"lost-take-id");
+    let fixture = Arc::new(Fixture::default());
+    let server = Serving::start(proxy.broker(), fixture.clone(), 64);
+    let mut c = redis.broker().connect().await.unwrap();
+    // Served at all (its popper is connected and waiting) before the cut.
+    stub(&redis).exists("before").await.unwrap();
+    let payload = raw_request("lost-take-id", "lost-take-reply", "Exists", "a");
+    let _: () = redis::cmd("RPUSH")
+        .arg("vmd.manager@0.0.1")
+        .arg(payload)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let r = reply_of(&mut c, "lost-take-reply", 10.0)
+        .await
+        .expect("the request of the lost take was answered");
+    assert_eq!(r.id, "lost-take-id");
+    assert_eq!(
+        proxy.cuts.load(Ordering::SeqCst),
+        1,
+        "the take's answer was cut"
+    );
+    until_nothing_in_flight(&c).await;
+    assert_eq!(
+        reply_of(&mut c, "lost-take-reply", 0.3).await,
+        None,
+        "answered twice"
+    );
+    stub(&redis).exists("after").await.unwrap();
     server.stop().await;
 }

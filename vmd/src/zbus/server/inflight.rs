@@ -1,51 +1,69 @@
 //! Requests taken but not yet answered, kept in Redis.
 //!
-//! A request is never popped: one atomic script moves it from its queue to
-//! the queue's in-flight list, stamped with when it was taken and by which
-//! take, and the transaction that pushes its reply removes it. Whatever a
-//! process held when it died is still in the list, and the next one serves
-//! it (see [`Entry::age`] for how long that is worth doing).
+//! A request is never popped: it is moved, atomically, from its queue to an
+//! in-flight list, and the transaction that pushes its reply removes it.
+//! Whatever a process held when it died is still in Redis, and the next one
+//! serves it (see [`Entry::age`] for how long that is worth doing).
+//!
+//! Each take has a list of its own, named after the queue, the time the take
+//! began and a token unique to the take:
 //!
 //! ```text
-//!  <module>.<object>@<version>            the queue callers RPUSH to
-//!  <module>.<object>@<version>:inflight   "<taken ms> <take>:<payload>" …
+//!  <module>.<object>@<version>                         the queue callers RPUSH to
+//!  <module>.<object>@<version>:inflight:<ms>:<token>   the requests one take moved, as sent
 //! ```
 //!
-//! Waiting for a request takes nothing: `BLMOVE q q LEFT LEFT` hands back
-//! the head of the queue and leaves it there (a rotation of one element onto
-//! itself), so a wait may be cancelled at any instant — at shutdown, on a
-//! lost connection — without losing what arrived meanwhile. The take script
-//! that follows in the same pipeline runs as soon as the wait returns.
+//! The name carries what an entry would otherwise have to: when it was taken
+//! (for the age bound of a replay) and by which take (so a take whose answer
+//! was lost with its connection is found again by its name alone). So the
+//! take needs no script: `BLMOVE queue <list> LEFT RIGHT` waits and moves in
+//! one command, and `LMOVE`s behind it in the same pipeline move the rest of
+//! a batch. Redis drops a list when its last element goes, so nothing is
+//! left to clean up once every reply is pushed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// The in-flight list of a queue. Queues always contain `@`; nothing a
-/// caller could name ends with this suffix by accident.
-pub(super) fn list_of(queue: &str) -> String {
-    format!("{queue}:inflight")
+/// What every in-flight list of `queue` starts with. Queues always contain
+/// `@`; nothing a caller could name ends with this by accident.
+fn prefix_of(queue: &str) -> String {
+    format!("{queue}:inflight:")
+}
+
+/// The `SCAN MATCH` pattern of the in-flight lists of `queue`: its name with
+/// the glob's special characters escaped, then anything.
+pub(super) fn pattern_of(queue: &str) -> String {
+    let mut p = String::with_capacity(queue.len() + 16);
+    for c in prefix_of(queue).chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('*');
+    p
 }
 
 /// Moves up to `ARGV[1]` requests from the queue `KEYS[1]` to the end of the
-/// in-flight list `KEYS[2]`, each prefixed with `ARGV[2]` (its stamp), and
-/// returns them as stored. One script: Redis runs it whole or not at all.
-/// `LPOP` and `RPUSH` without counts exist in every Redis with scripting.
+/// in-flight list `KEYS[2]` and returns them. Only for brokers without
+/// `LMOVE` (Redis < 6.2), whose `RPOPLPUSH` takes from the wrong end: one
+/// script, run whole or not at all. `LPOP` and `RPUSH` without counts exist
+/// in every Redis with scripting.
 pub(super) const TAKE: &str = r"
 local out = {}
 for i = 1, tonumber(ARGV[1]) do
   local p = redis.call('LPOP', KEYS[1])
   if not p then break end
-  local e = ARGV[2] .. p
-  redis.call('RPUSH', KEYS[2], e)
-  out[i] = e
+  redis.call('RPUSH', KEYS[2], p)
+  out[i] = p
 end
 return out
 ";
 
-/// Names each take of this process uniquely, so that a take whose answer was
-/// lost with its connection can be found in the list again (nothing else
-/// carries its token, and nothing else serves it).
+/// Names each take of this process uniquely: a take whose answer was lost
+/// with its connection is found again by its list's name, which nothing
+/// else uses.
 pub(super) struct Takes {
     process: String,
     seq: AtomicU64,
@@ -64,25 +82,60 @@ impl Takes {
         }
     }
 
-    /// The stamp of the next take: `"<now ms> <token>:"`.
-    pub(super) fn next(&self) -> Stamp {
+    /// The in-flight list of the next take from `queue`.
+    pub(super) fn next(&self, queue: &str) -> TakeList {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        Stamp(format!(
-            "{} {}.{seq:x}:",
-            unix_millis(SystemTime::now()),
-            self.process
-        ))
+        TakeList {
+            name: format!(
+                "{}{}:{}.{seq:x}",
+                prefix_of(queue),
+                unix_millis(SystemTime::now()),
+                self.process
+            )
+            .into(),
+        }
     }
 }
 
-/// What a take puts in front of each request it moves.
+/// The in-flight list of one take.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Stamp(String);
+pub(super) struct TakeList {
+    name: Arc<str>,
+}
 
-impl Stamp {
-    pub(super) fn as_str(&self) -> &str {
-        &self.0
+impl TakeList {
+    /// The list of `queue` called `name`, if it is one (found by a scan).
+    pub(super) fn parse(queue: &str, name: &str) -> Option<TakeList> {
+        taken_ms(queue, name)?;
+        Some(TakeList { name: name.into() })
     }
+
+    pub(super) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its elements as entries: every one is a request as its caller sent it.
+    pub(super) fn entries(&self, queue: &str, stored: Vec<Vec<u8>>) -> Vec<Entry> {
+        let taken_ms = taken_ms(queue, &self.name).unwrap_or(0);
+        stored
+            .into_iter()
+            .map(|stored| Entry {
+                list: Arc::clone(&self.name),
+                stored,
+                taken_ms,
+            })
+            .collect()
+    }
+}
+
+/// When the take of the list `name` of `queue` began, from its name.
+fn taken_ms(queue: &str, name: &str) -> Option<u64> {
+    let rest = name.strip_prefix(&prefix_of(queue))?;
+    let (ms, token) = rest.split_once(':')?;
+    if token.is_empty() {
+        return None;
+    }
+    ms.parse().ok()
 }
 
 fn unix_millis(t: SystemTime) -> u64 {
@@ -90,37 +143,20 @@ fn unix_millis(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// One element of an in-flight list: the stored bytes (what removes it) and
-/// where the request starts in them.
+/// One request in flight: the list it is in and its bytes, which are both
+/// what its caller sent and what removes it (`LREM`).
 #[derive(Debug, Clone)]
 pub(super) struct Entry {
     /// The in-flight list it is in.
     pub(super) list: Arc<str>,
     stored: Vec<u8>,
-    /// Length of the stamp; the request follows.
-    header: usize,
     taken_ms: u64,
 }
 
 impl Entry {
-    /// Parses a stored element. `Err` gives it back: not something a take
-    /// wrote (only vmd writes these lists; such an element is removed, not
-    /// served).
-    pub(super) fn parse(list: Arc<str>, stored: Vec<u8>) -> Result<Entry, Vec<u8>> {
-        match stamp_of(&stored) {
-            Some((header, taken_ms)) => Ok(Entry {
-                list,
-                header,
-                taken_ms,
-                stored,
-            }),
-            None => Err(stored),
-        }
-    }
-
     /// The request as its caller sent it.
     pub(super) fn payload(&self) -> &[u8] {
-        &self.stored[self.header..]
+        &self.stored
     }
 
     /// The element as stored: `LREM` takes exactly these bytes.
@@ -128,61 +164,58 @@ impl Entry {
         &self.stored
     }
 
-    /// Whether a take with this stamp wrote it.
-    pub(super) fn taken_by(&self, stamp: &Stamp) -> bool {
-        self.stored.starts_with(stamp.0.as_bytes())
-    }
-
-    /// How long ago it was taken (zero if the clock went back).
+    /// How long ago it was taken (zero if the clock went back). Counted from
+    /// when its take began to wait, so it may be older than the request by
+    /// the wait (at most the pop timeout, when the queue was empty): a bound
+    /// on the safe side of a replay.
     pub(super) fn age(&self, now: SystemTime) -> Duration {
         Duration::from_millis(unix_millis(now).saturating_sub(self.taken_ms))
     }
-}
-
-/// The length of a stored element's stamp and the time it holds.
-fn stamp_of(stored: &[u8]) -> Option<(usize, u64)> {
-    let colon = stored.iter().position(|&b| b == b':')?;
-    let head = std::str::from_utf8(&stored[..colon]).ok()?;
-    let (ms, token) = head.split_once(' ')?;
-    if token.is_empty() || token.contains(' ') {
-        return None;
-    }
-    Some((colon + 1, ms.parse().ok()?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const Q: &str = "vmd.manager@0.0.1";
+
     #[test]
-    fn an_entry_is_its_stamp_and_the_request_untouched() {
+    fn a_take_list_is_named_by_its_queue_time_and_token() {
         let takes = Takes::new();
-        let stamp = takes.next();
+        let a = takes.next(Q);
+        let b = takes.next(Q);
+        assert_ne!(a, b, "each take has its own list");
+        assert!(a.name().starts_with("vmd.manager@0.0.1:inflight:"));
+        assert_eq!(TakeList::parse(Q, a.name()), Some(a.clone()));
         // A payload may hold any byte, ':' and ' ' included.
         let payload = b"\x85\xa2ID: x y\x00:".to_vec();
-        let mut stored = stamp.as_str().as_bytes().to_vec();
-        stored.extend_from_slice(&payload);
-        let e = Entry::parse("q:inflight".into(), stored.clone()).expect("parses");
+        let e = a.entries(Q, vec![payload.clone()]).remove(0);
         assert_eq!(e.payload(), &payload[..]);
-        assert_eq!(e.stored(), &stored[..]);
-        assert!(e.taken_by(&stamp));
-        assert!(!e.taken_by(&takes.next()), "each take has its own token");
+        assert_eq!(e.stored(), &payload[..]);
+        assert_eq!(&*e.list, a.name());
         assert!(e.age(SystemTime::now()) < Duration::from_secs(5));
         let later = SystemTime::now() + Duration::from_secs(600);
         assert!(e.age(later) >= Duration::from_secs(599));
     }
 
     #[test]
-    fn what_no_take_wrote_is_not_an_entry() {
+    fn what_no_take_named_is_not_a_take_list() {
         for bad in [
-            &b"no stamp"[..],
-            b"12:x",
-            b"abc tok:x",
-            b" tok:x",
-            b"12 :x",
-            b"",
+            "vmd.manager@0.0.1:inflight",
+            "vmd.manager@0.0.1:inflight:",
+            "vmd.manager@0.0.1:inflight:12",
+            "vmd.manager@0.0.1:inflight:12:",
+            "vmd.manager@0.0.1:inflight:abc:tok",
+            "vmd.vmd@0.0.1:inflight:12:tok",
         ] {
-            assert!(Entry::parse("l".into(), bad.to_vec()).is_err(), "{bad:?}");
+            assert!(TakeList::parse(Q, bad).is_none(), "{bad:?}");
         }
+        assert!(TakeList::parse(Q, "vmd.manager@0.0.1:inflight:12:tok").is_some());
+    }
+
+    #[test]
+    fn the_scan_pattern_matches_only_the_queue_s_lists() {
+        assert_eq!(pattern_of(Q), "vmd.manager@0.0.1:inflight:*");
+        assert_eq!(pattern_of("a*b[1]?\\"), "a\\*b\\[1\\]\\?\\\\:inflight:*");
     }
 }

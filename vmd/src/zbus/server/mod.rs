@@ -5,8 +5,8 @@
 //! ```text
 //!  front: one thread, current-thread runtime — nothing on it ever blocks
 //!  ───────────────────────────────────────────────────────────────────
-//!  poppers (one per queue, own connection) ── waits, then one script moves
-//!     │ up to `room` requests to the queue's in-flight list (`inflight`)
+//!  poppers (one per queue, own connection) ── BLMOVE + LMOVEs: up to
+//!     │ `room` requests moved to an in-flight list of the take's own (`inflight`)
 //!     │ one task per request; at most `max_changes + READ_ROOM` taken and
 //!     │ not yet answered
 //!     ▼

@@ -1,8 +1,8 @@
 //! Taking requests: one connection per queue; each take atomically moves a
-//! batch of requests to the queue's in-flight list (see [`super::inflight`]),
-//! only with room to serve what is taken; each request decoded and served,
-//! malformed ones answered when they say where to. A popper's first act is
-//! to serve what a previous run left in flight.
+//! batch of requests to an in-flight list of its own (see
+//! [`super::inflight`]), only with room to serve what is taken; each request
+//! decoded and served, malformed ones answered when they say where to. A
+//! popper's first act is to serve what a previous run left in flight.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -16,20 +16,21 @@ use vmd_runtime::clip::Clipped;
 use super::super::broker::Broker;
 use super::super::codec;
 use super::super::wire::{Request, Response};
-use super::inflight::{list_of, Entry, Stamp, TAKE};
+use super::inflight::{pattern_of, Entry, TakeList, TAKE};
 use super::reply::{load_deliver, Outgoing};
 use super::{serve, Backoff, Shared, POP_BATCH, POP_TIMEOUT_SECS};
 
-/// How the popper waits for a request without taking it: the newest way
-/// the broker supports.
+/// How the popper takes: the newest way the broker supports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wait {
-    /// Redis ≥ 6.2: `BLMOVE q q LEFT LEFT` hands back the head and leaves
-    /// the queue as it was.
+    /// Redis ≥ 6.2: `BLMOVE q <list> LEFT RIGHT` waits for the oldest
+    /// request and moves it in one command; `LMOVE`s behind it move the
+    /// rest of the batch. Plain commands: no script on the path of a call.
     Blmove,
-    /// Older: `BRPOPLPUSH q q` moves the newest request to the head. The
-    /// take that follows then serves it first: order within a batch is not
-    /// kept, nothing is lost.
+    /// Older: `BRPOPLPUSH q q` waits without taking (it moves the newest
+    /// request to the head), then the take script moves the batch. The
+    /// newest is served first: order within a batch is not kept, nothing is
+    /// lost.
     Brpoplpush,
 }
 
@@ -46,7 +47,7 @@ enum Recover {
     All,
     /// What one take of this process moved but never got back (its
     /// connection broke, or the broker did not know the wait command).
-    Take(Stamp),
+    Take(TakeList),
 }
 
 pub(super) async fn pop_loop(
@@ -56,10 +57,13 @@ pub(super) async fn pop_loop(
     inflight: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let list: Arc<str> = list_of(&queue).into();
     let mut backoff = Backoff::new();
     let mut wait = Wait::Blmove;
     let mut recover = Recover::All;
+    // How many requests the next take tries to move: one more than the last
+    // one got, doubled while takes come back full. Each try that finds the
+    // queue empty costs a command, so it follows the load.
+    let mut batch = 1usize;
     // Replies of quick calls answered inline: they go out in the pipeline of
     // the next take, one write for both, as an echo server would send them.
     let mut ready: Vec<Outgoing> = Vec::new();
@@ -84,7 +88,7 @@ pub(super) async fn pop_loop(
             }
         };
         // Done once per connection: the way back here sets it anew.
-        match recover_left(&mut conn, &list, &recover, &shared, &inflight).await {
+        match recover_left(&mut conn, &queue, &recover, &shared, &inflight).await {
             Ok(()) => {}
             Err(e) => {
                 warn!(error = %e, "lost the broker while reading requests in flight");
@@ -112,7 +116,7 @@ pub(super) async fn pop_loop(
             // Under load more requests wait behind the first: take as many
             // as there is room for, a bounded batch at a time.
             let room = (inflight.available_permits() + 1).min(POP_BATCH);
-            let stamp = shared.takes.next();
+            let list = shared.takes.next(&queue);
             let sending = std::mem::take(&mut ready);
             let take = Take {
                 wait,
@@ -120,8 +124,9 @@ pub(super) async fn pop_loop(
                 queue: &queue,
                 list: &list,
                 room,
-                stamp: &stamp,
+                tries: batch.min(room),
             };
+            let tries = take.tries;
             // Cancelling a take is safe at any instant: the wait takes
             // nothing, what the script took is in the in-flight list for the
             // next run, and the replies sent with it go again, checked.
@@ -142,8 +147,8 @@ pub(super) async fn pop_loop(
                     sending
                         .into_iter()
                         .for_each(|o| shared.replier.push(o.checked()));
-                    // The script may have run: find what it took.
-                    recover = Recover::Take(stamp);
+                    // The moves may have run: find what they took.
+                    recover = Recover::Take(list);
                     if wait == Wait::Blmove && unknown_command(&e) {
                         info!(error = %e, "broker has no BLMOVE (Redis < 6.2); waiting with BRPOPLPUSH");
                         wait = Wait::Brpoplpush;
@@ -154,14 +159,17 @@ pub(super) async fn pop_loop(
                     continue 'connect;
                 }
             };
+            batch = if stored.len() >= tries {
+                batch * 2
+            } else {
+                stored.len() + 1
+            }
+            .clamp(1, POP_BATCH);
             if stored.is_empty() {
                 continue;
             }
             backoff.reset();
-            let entries = stored
-                .into_iter()
-                .filter_map(|s| Entry::parse(Arc::clone(&list), s).ok())
-                .collect();
+            let entries = list.entries(&queue, stored);
             serve_taken(
                 &shared,
                 &inflight,
@@ -191,16 +199,18 @@ async fn load_scripts(conn: &mut MultiplexedConnection) -> redis::RedisResult<Sc
 }
 
 /// One take: the replies that are ready, then a wait until the queue has a
-/// request, then the script that moves up to `room` of them to `list`,
-/// stamped. One write and one round trip: Redis runs the script as soon as
+/// request and the moves of up to a batch of them to the take's own list.
+/// One write and one round trip: Redis runs what follows the wait as soon as
 /// the wait returns.
 struct Take<'a> {
     wait: Wait,
     scripts: &'a Scripts,
     queue: &'a str,
-    list: &'a str,
+    list: &'a TakeList,
+    /// Free room: the most a take may move.
     room: usize,
-    stamp: &'a Stamp,
+    /// How many moves to send (`Wait::Blmove`; at most `room`).
+    tries: usize,
 }
 
 impl Take<'_> {
@@ -213,74 +223,123 @@ impl Take<'_> {
         for r in replies {
             r.add_to(&mut pipe, &self.scripts.deliver);
         }
-        let q = self.queue;
+        let (q, list) = (self.queue, self.list.name());
         match self.wait {
-            Wait::Blmove => pipe.cmd("BLMOVE").arg(q).arg(q).arg("LEFT").arg("LEFT"),
-            Wait::Brpoplpush => pipe.cmd("BRPOPLPUSH").arg(q).arg(q),
+            Wait::Blmove => {
+                pipe.cmd("BLMOVE")
+                    .arg(q)
+                    .arg(list)
+                    .arg("LEFT")
+                    .arg("RIGHT")
+                    .arg(POP_TIMEOUT_SECS);
+                for _ in 1..self.tries {
+                    pipe.cmd("LMOVE").arg(q).arg(list).arg("LEFT").arg("RIGHT");
+                }
+                let moved: Vec<Option<Vec<u8>>> = pipe.query_async(conn).await?;
+                // A move that finds the queue empty does not end the batch:
+                // a caller's push may come between two moves, and what a
+                // later one moved is in flight and must be served.
+                Ok(moved.into_iter().flatten().collect())
+            }
+            Wait::Brpoplpush => {
+                pipe.cmd("BRPOPLPUSH")
+                    .arg(q)
+                    .arg(q)
+                    .arg(POP_TIMEOUT_SECS)
+                    .ignore();
+                pipe.cmd("EVALSHA")
+                    .arg(&self.scripts.take)
+                    .arg(2)
+                    .arg(q)
+                    .arg(list)
+                    .arg(self.room);
+                let (stored,): (Vec<Vec<u8>>,) = pipe.query_async(conn).await?;
+                Ok(stored)
+            }
         }
-        .arg(POP_TIMEOUT_SECS)
-        .ignore();
-        pipe.cmd("EVALSHA")
-            .arg(&self.scripts.take)
-            .arg(2)
-            .arg(q)
-            .arg(self.list)
-            .arg(self.room)
-            .arg(self.stamp.as_str());
-        let (stored,): (Vec<Vec<u8>>,) = pipe.query_async(conn).await?;
-        Ok(stored)
     }
 }
 
-/// Serves what an earlier run left in `list` (at the first connection), or
+/// Serves what an earlier run left in flight (at the first connection), or
 /// what a take of this run lost on its way back.
 async fn recover_left(
     conn: &mut MultiplexedConnection,
-    list: &Arc<str>,
+    queue: &str,
     recover: &Recover,
     shared: &Arc<Shared>,
     inflight: &Arc<Semaphore>,
 ) -> redis::RedisResult<()> {
-    let stored: Vec<Vec<u8>> = redis::cmd("LRANGE")
-        .arg(&**list)
-        .arg(0)
-        .arg(-1)
-        .query_async(conn)
-        .await?;
+    let lists = match recover {
+        Recover::Take(list) => vec![list.clone()],
+        Recover::All => scan_lists(conn, queue).await?,
+    };
     let now = SystemTime::now();
     let mut replays = Vec::new();
-    for s in stored {
-        let entry = match Entry::parse(Arc::clone(list), s) {
-            Ok(e) => e,
-            Err(s) => {
-                warn!(list = %list, bytes = s.len(), "removing an in-flight element no take wrote");
-                remove(conn, list, &s).await?;
+    for list in lists {
+        let stored: Vec<Vec<u8>> = match redis::cmd("LRANGE")
+            .arg(list.name())
+            .arg(0)
+            .arg(-1)
+            .query_async(conn)
+            .await
+        {
+            Ok(s) => s,
+            // Named like one, but not a list: not vmd's.
+            Err(e) if e.kind() == redis::ErrorKind::TypeError || e.code() == Some("WRONGTYPE") => {
+                warn!(key = %Clipped(list.name()), "skipping a key named like an in-flight list that is none");
                 continue;
             }
+            Err(e) => return Err(e),
         };
-        match recover {
-            Recover::Take(stamp) if !entry.taken_by(stamp) => continue,
-            Recover::Take(_) => replays.push(entry),
-            Recover::All => {
-                let age = entry.age(now);
-                if age > shared.replay_max_age {
-                    // Its caller gave up long ago: serving it now would apply
-                    // a change nobody waits for.
-                    warn!(list = %list, age = ?age, max = ?shared.replay_max_age,
-                          "dropping a request left in flight by an earlier run: too old to answer");
-                    remove(conn, list, entry.stored()).await?;
-                    continue;
-                }
-                replays.push(entry);
+        for entry in list.entries(queue, stored) {
+            let age = entry.age(now);
+            if matches!(recover, Recover::All) && age > shared.replay_max_age {
+                // Its caller gave up long ago: serving it now would apply a
+                // change nobody waits for.
+                warn!(list = %entry.list, age = ?age, max = ?shared.replay_max_age,
+                      "dropping a request left in flight by an earlier run: too old to answer");
+                remove(conn, &entry.list, entry.stored()).await?;
+                continue;
             }
+            replays.push(entry);
         }
     }
     if !replays.is_empty() {
-        info!(list = %list, requests = replays.len(), "serving requests left in flight");
+        info!(queue = %queue, requests = replays.len(), "serving requests left in flight");
         let replay = matches!(recover, Recover::All);
         serve_taken(shared, inflight, None, replays, replay, None);
     }
     Ok(())
+}
+
+/// Every in-flight list of `queue` in the broker. `SCAN` walks the whole
+/// keyspace, which is fine once per start.
+async fn scan_lists(
+    conn: &mut MultiplexedConnection,
+    queue: &str,
+) -> redis::RedisResult<Vec<TakeList>> {
+    let pattern = pattern_of(queue);
+    let mut cursor = 0u64;
+    let mut lists = Vec::new();
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        lists.extend(keys.iter().filter_map(|k| TakeList::parse(queue, k)));
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    // SCAN may return a key twice.
+    lists.sort_by(|a, b| a.name().cmp(b.name()));
+    lists.dedup();
+    Ok(lists)
 }
 
 /// Removes one element of an in-flight list.
