@@ -384,10 +384,35 @@ impl World {
                     .filter(|l| l.contains(&svc))
                     .collect();
                 let sizes: Vec<usize> = msgs.iter().map(Vec::len).collect();
+                // What was there and what came, around the first hole: the
+                // evidence for whoever reads the failure.
+                let (lo, hi) = holes[0];
+                let around = |from: u64, to: u64| {
+                    let (a, b) = (
+                        from.saturating_sub(base) as usize,
+                        to.saturating_sub(base) as usize,
+                    );
+                    String::from_utf8_lossy(&log[a.min(log.len())..b.min(log.len())])
+                        .escape_debug()
+                        .to_string()
+                };
+                let sent: Vec<String> = msgs
+                    .iter()
+                    .take(6)
+                    .map(|m| {
+                        String::from_utf8_lossy(&m[..m.len().min(120)])
+                            .escape_debug()
+                            .to_string()
+                    })
+                    .collect();
                 self.wrong(format!(
                     "stream {id} of {name} (created at {created}, log {base}..{end}) misses {holes:?}; \
-                     {} messages {sizes:?}; progress {progress}; worker said {ring:#?}",
-                    msgs.len()
+                     {} messages {sizes:?}; progress {progress}; worker said {ring:#?}; \
+                     the log around the first hole: {:?} [{:?}] {:?}; the first messages began {sent:#?}",
+                    msgs.len(),
+                    around(lo.saturating_sub(120), lo),
+                    around(lo, hi),
+                    around(hi, hi + 120),
                 ));
                 return;
             }
