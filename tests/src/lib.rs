@@ -8,6 +8,7 @@ pub mod fixture;
 pub mod guest;
 pub mod netns;
 pub mod network_double;
+pub mod provision_double;
 pub mod redis_server;
 pub mod stack;
 pub mod supervisor;

@@ -383,3 +383,142 @@ fn events_are_byte_equal_to_the_go_publisher() {
     assert_eq!(bytes[0], 0x85, "a map of five keys");
     assert_eq!(codec::decode::<VmEvent>(&bytes).unwrap(), crashed);
 }
+
+/// vmd's provisiond client sends what the Go `ProvisionStub` sends, byte for
+/// byte; the provisiond double answers as the Go server did; and the client
+/// reads the Go server's own replies as the Go stub does — except that
+/// "not a function" is a remembered lack, not a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_provisiond_client_and_double_match_go() {
+    use std::time::Duration;
+    use vmd::provision::{Call, Provision, ProvisionError, WorkloadId, WorkloadStatus};
+    use vmd::zbus::client::encode_request;
+    use vmd_tests::provision_double::{answer, Workloads};
+
+    let object = ObjectId::new("provision", "0.0.1");
+    let request =
+        |call: Call| encode_request(ID, &object, call.method(), call.inputs().unwrap()).unwrap();
+    let wid = |s: &str| WorkloadId::of_vm(s).unwrap();
+    let vm1 = wid("12-345-vm1");
+    assert_bytes("req_prov_status", &request(Call::Status(&vm1)));
+    assert_bytes(
+        "req_prov_decommission",
+        &request(Call::Decommission(
+            &vm1,
+            "deleting vm due to so many crashes",
+        )),
+    );
+    assert_bytes(
+        "req_prov_set_error",
+        &request(Call::SetError(&vm1, "vm detected as down")),
+    );
+    assert_bytes("req_prov_set_ok", &request(Call::SetOk(&vm1)));
+
+    // The double, on requests for the ids the Go server was asked about.
+    let mut w = Workloads::default();
+    w.states.insert("12-345-vm1".into(), "ok".into());
+    w.states.insert("12-345-vm2".into(), "deleted".into());
+    let raw_status = |id: &str| {
+        encode_request(
+            ID,
+            &object,
+            "GetWorkloadStatus",
+            vec![codec::encode(&id).unwrap()],
+        )
+        .unwrap()
+    };
+    let ans = |w: &mut Workloads, req: &[u8]| answer(w, req).unwrap().0;
+    assert_bytes(
+        "resp_prov_status_ok",
+        &ans(&mut w, &vector("req_prov_status")),
+    );
+    assert_bytes(
+        "resp_prov_status_deleted",
+        &ans(&mut w, &raw_status("12-345-vm2")),
+    );
+    assert_bytes(
+        "resp_prov_status_missing",
+        &ans(&mut w, &raw_status("12-345-vm3")),
+    );
+    assert_bytes("resp_prov_status_err", &ans(&mut w, &raw_status("vm1")));
+    assert_bytes(
+        "resp_prov_unknown_method",
+        &ans(&mut w, &vector("req_prov_set_error")),
+    );
+    assert_bytes(
+        "resp_prov_decommission_ok",
+        &ans(&mut w, &vector("req_prov_decommission")),
+    );
+    let gone = request(Call::Decommission(&wid("12-999-vm1"), "x"));
+    assert_bytes("resp_prov_decommission_err", &ans(&mut w, &gone));
+    w.pr96 = true;
+    assert_bytes(
+        "resp_prov_set_ok_ok",
+        &ans(&mut w, &vector("req_prov_set_ok")),
+    );
+
+    // The client, answered with the Go server's bytes through a real Redis.
+    let redis = vmd_tests::RedisServer::start();
+    let replies: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>> = Default::default();
+    let server = {
+        let broker = redis.broker();
+        let replies = replies.clone();
+        tokio::spawn(async move {
+            let mut c = broker.connect().await.unwrap();
+            loop {
+                let (_, bytes): (String, Vec<u8>) = redis::cmd("BLPOP")
+                    .arg("provision.provision@0.0.1")
+                    .arg(0)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                let req: Request = codec::decode(&bytes).unwrap();
+                let name = replies.lock().unwrap().remove(0);
+                let _: () = redis::cmd("RPUSH")
+                    .arg(&req.reply_to)
+                    .arg(vector(name))
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let p = Provision::new(redis.broker(), "provision", Duration::from_secs(5));
+    let next = |name: &'static str| replies.lock().unwrap().push(name);
+    let status = |state: &str, exists| WorkloadStatus {
+        state: state.into(),
+        exists,
+    };
+    next("resp_prov_status_ok");
+    assert_eq!(p.workload_status(&vm1).await.unwrap(), status("ok", true));
+    next("resp_prov_status_deleted");
+    assert!(p.workload_status(&vm1).await.unwrap().gone());
+    next("resp_prov_status_missing");
+    assert_eq!(p.workload_status(&vm1).await.unwrap(), status("", false));
+    next("resp_prov_status_err");
+    match p.workload_status(&vm1).await {
+        Err(ProvisionError::Failed(m)) => assert_eq!(m, "expected integer"),
+        other => panic!("{other:?}"),
+    }
+    next("resp_prov_decommission_ok");
+    p.decommission(&vm1, "r").await.unwrap();
+    next("resp_prov_decommission_err");
+    let e = p.decommission(&vm1, "r").await.unwrap_err();
+    assert!(e.deployment_gone(), "{e}");
+    next("resp_prov_set_ok_ok");
+    p.set_ok(&vm1).await.unwrap();
+    assert!(!p.lacks_set_methods());
+    next("resp_prov_unknown_method");
+    assert!(matches!(
+        p.set_error(&vm1, "m").await,
+        Err(ProvisionError::Lacks("SetWorkloadError"))
+    ));
+    // Remembered: the next optional call is not even sent (no reply queued).
+    assert!(p.lacks_set_methods());
+    assert!(matches!(
+        p.set_ok(&vm1).await,
+        Err(ProvisionError::Lacks("SetWorkloadOk"))
+    ));
+    assert!(replies.lock().unwrap().is_empty());
+    server.abort();
+}

@@ -149,6 +149,12 @@ impl RunDir {
         self.locked_mark().exists()
     }
 
+    /// What vmd told the provisioning engine of the VM's failure (vmd's
+    /// own record; the shim never reads it).
+    pub fn reported(&self) -> PathBuf {
+        self.dir.join("reported.json")
+    }
+
     /// The shim's [`crate::state::ShimState`].
     pub fn state(&self) -> PathBuf {
         self.dir.join("state.json")

@@ -11,6 +11,7 @@ pub mod api;
 pub mod events;
 pub mod module;
 pub mod network;
+pub mod provision;
 pub mod stub;
 pub mod vm;
 pub mod zbus;

@@ -82,6 +82,20 @@ struct DaemonArgs {
     /// Seconds each call to the network module may take.
     #[arg(long, default_value_t = 5)]
     network_timeout_secs: u64,
+    /// The Zero-OS provisioning engine (`<module>.provision@0.0.1` on the
+    /// broker), asked whether each VM's workload still exists: VMs of
+    /// deleted workloads are deleted, as the Go module's monitor does;
+    /// `none`: never asked.
+    #[arg(long, default_value = "provision")]
+    provision_module: String,
+    /// Seconds each call to provisiond may take.
+    #[arg(long, default_value_t = 5)]
+    provision_timeout_secs: u64,
+    /// Seconds between two passes asking provisiond about every VM (the Go
+    /// module asks every 10 s); a pass is spread over this time, at most
+    /// 100 asks a second.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    reap_interval_secs: u64,
     /// The vmd-console binary (default: next to vmd, else on PATH).
     #[arg(long)]
     console_server: Option<PathBuf>,
@@ -315,7 +329,7 @@ async fn daemon(
     config.replay_max_age = Duration::from_secs(args.replay_max_age_secs);
     config.pool = Some(pool.clone());
     let service = Arc::new(ModuleService(Arc::clone(&manager)));
-    let mut server = Server::new(broker, config);
+    let mut server = Server::new(broker.clone(), config);
     server
         .register(ObjectId::new(api::OBJECT, api::VERSION), service.clone())
         .register(ObjectId::new(api::OBJECT_ALIAS, api::VERSION), service);
@@ -330,6 +344,20 @@ async fn daemon(
         drop(manager.events().follow(&name, false));
     }
     let _reconciling = reconcile::spawn(&pool, Arc::clone(&manager), server.locks(), plan);
+    let _reaping = (args.provision_module != "none").then(|| {
+        let provision = vmd::provision::Provision::new(
+            broker.clone(),
+            &args.provision_module,
+            Duration::from_secs(args.provision_timeout_secs.max(1)),
+        );
+        vmd::vm::workloads::spawn(
+            &pool,
+            Arc::clone(&manager),
+            server.locks(),
+            Arc::new(provision),
+            Duration::from_secs(args.reap_interval_secs),
+        )
+    });
     server.run(stop_rx).await.context("zbus server")?;
     info!("vmd stopped");
     Ok(())

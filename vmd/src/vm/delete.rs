@@ -63,6 +63,9 @@ impl Manager {
         self.services()
             .remove(&service)
             .what(|| format!("cannot remove the service file of {service}"))?;
+        if run.exists() {
+            self.keep_log_of_decommissioned(name);
+        }
         console::remove(&paths.log(name))
             .what(|| format!("cannot remove the console log of vm {name}"))?;
         files::remove_state(&paths.seed(name))
@@ -73,5 +76,52 @@ impl Manager {
         self.events().deleted(name, why).await;
         files::remove_dir_all(run.path())
             .what(|| format!("cannot remove the run directory of vm {name}"))
+    }
+}
+
+/// Console logs kept of decommissioned VMs, at most: the oldest go first.
+const FAILED_LOGS_KEPT: usize = 64;
+
+impl Manager {
+    /// A VM that vmd reported as failed with `DecommissionCached` is deleted
+    /// by provisiond soon after: its console log, which says why it failed,
+    /// is kept for operators (`<root>/failed/<name>/console.log`, with the
+    /// reason provisiond was given), where the Go module deletes it.
+    fn keep_log_of_decommissioned(&self, name: &VmName) {
+        use super::workloads::report::{Record, Reported};
+        let Some(record) = files::read_json::<Record>(&self.run_dir(name).reported()) else {
+            return;
+        };
+        if record.how != Reported::Decommissioned {
+            return;
+        }
+        let dir = self.paths().root().join("failed");
+        let kept = dir.join(name.as_str());
+        let keep = || -> std::io::Result<()> {
+            files::create_dir(&kept, 0o750)?;
+            files::replace(&kept.join("reason"), record.message.as_bytes(), 0o640)?;
+            std::fs::rename(self.paths().log(name), kept.join("console.log"))
+        };
+        match keep() {
+            Ok(()) => {
+                tracing::info!(vm = %name, kept = %kept.display(), "kept the console log of the decommissioned VM")
+            }
+            Err(e) => {
+                tracing::warn!(vm = %name, error = %e, "cannot keep the console log of the decommissioned VM")
+            }
+        }
+        // Bounded: the oldest kept logs go.
+        let mut all: Vec<(std::time::SystemTime, std::path::PathBuf)> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        if all.len() > FAILED_LOGS_KEPT {
+            all.sort();
+            for (_, old) in &all[..all.len() - FAILED_LOGS_KEPT] {
+                let _ = std::fs::remove_dir_all(old);
+            }
+        }
     }
 }

@@ -26,6 +26,7 @@ pub mod plan;
 pub mod reconcile;
 pub mod run;
 pub mod streams;
+pub mod workloads;
 
 pub use error::VmError;
 pub use host::Host;

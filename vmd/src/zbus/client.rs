@@ -96,14 +96,7 @@ impl Client {
     ) -> Result<Response, ClientError> {
         let mut uuid = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let id: &str = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut uuid);
-        let inputs: Vec<ByteBuf> = inputs.into_iter().map(ByteBuf::from).collect();
-        let payload = codec::encode(&RequestRef {
-            id,
-            inputs: &inputs,
-            object,
-            reply_to: id,
-            method,
-        })?;
+        let payload = encode_request(id, object, method, inputs)?;
         let queue = object.queue(&self.module);
         let deadline = tokio::time::Instant::now() + self.timeout;
         let (mut conn, pooled) = self.take().await?;
@@ -172,6 +165,23 @@ impl Client {
         let out = self.call(&ObjectId::status(), "", Vec::new()).await?;
         value(out)
     }
+}
+
+/// A request as the Go client encodes it: `ID` is also its `ReplyTo`.
+pub fn encode_request(
+    id: &str,
+    object: &ObjectId,
+    method: &str,
+    inputs: Vec<Vec<u8>>,
+) -> Result<Vec<u8>, ClientError> {
+    let inputs: Vec<ByteBuf> = inputs.into_iter().map(ByteBuf::from).collect();
+    Ok(codec::encode(&RequestRef {
+        id,
+        inputs: &inputs,
+        object,
+        reply_to: id,
+        method,
+    })?)
 }
 
 fn is_stale(e: &redis::RedisError) -> bool {

@@ -1,0 +1,257 @@
+//! vmd and provisiond: VMs whose workload provisiond deleted are deleted
+//! (while vmd runs, and found at its start), `error` workloads and names
+//! that are not workloads are left alone and never asked about, and a dead
+//! provisiond costs the callers of vmd nothing.
+
+use std::time::{Duration, Instant};
+
+use vmd_tests::provision_double::{ProvisionDouble, Workloads};
+use vmd_tests::stack::Stack;
+use vmd_tests::until;
+
+const FLAGS: &[&str] = &[
+    "--reap-interval-secs",
+    "1",
+    "--provision-timeout-secs",
+    "1",
+    "--grace-secs",
+    "5",
+];
+
+async fn exists(env: &Stack, name: &str) -> bool {
+    env.caller(Duration::from_secs(5))
+        .exists(name)
+        .await
+        .unwrap()
+}
+
+/// Until `name` is gone (a graceful Delete of a cooperating guest, plus a
+/// pass of the reaper).
+async fn until_gone(env: &Stack, name: &str) {
+    let t0 = Instant::now();
+    while exists(env, name).await {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{name} still exists after {:?}",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_of_deleted_workloads_are_deleted_and_nothing_else() {
+    let env = Stack::start(FLAGS).await;
+    let mut w = Workloads::default();
+    for id in ["7-100-keep", "7-101-deleted", "7-102-missing", "7-103-err"] {
+        w.states.insert(id.into(), "ok".into());
+    }
+    w.states.insert("7-103-err".into(), "error".into());
+    let prov = ProvisionDouble::start(&env.redis.broker(), "provision", w).await;
+    let names = [
+        "7-100-keep",
+        "7-101-deleted",
+        "7-102-missing",
+        "7-103-err",
+        "healthcheck-vm-1764800000",
+        "plainvm",
+    ];
+    for n in names {
+        env.stub.run(&env.vm(n, &[])).await.unwrap();
+    }
+    // Every workload VM is asked about, the others never.
+    until(
+        Duration::from_secs(10),
+        "every workload VM asked",
+        || async {
+            let asked = prov.calls_of("GetWorkloadStatus");
+            names[..4].iter().all(|n| asked.iter().any(|a| a[0] == *n))
+        },
+    )
+    .await;
+    prov.set("7-101-deleted", Some("deleted"));
+    prov.set("7-102-missing", None);
+    until_gone(&env, "7-101-deleted").await;
+    until_gone(&env, "7-102-missing").await;
+    // Two more passes: what is left stays.
+    let n = prov.calls_of("GetWorkloadStatus").len();
+    until(Duration::from_secs(10), "two more passes", || async {
+        prov.calls_of("GetWorkloadStatus").len() >= n + 4
+    })
+    .await;
+    for n in [
+        "7-100-keep",
+        "7-103-err",
+        "healthcheck-vm-1764800000",
+        "plainvm",
+    ] {
+        assert!(exists(&env, n).await, "{n} was deleted");
+    }
+    let asked = prov.calls_of("GetWorkloadStatus");
+    for n in ["healthcheck-vm-1764800000", "plainvm"] {
+        assert!(!asked.iter().any(|a| a[0] == n), "{n} was asked about");
+    }
+    // Nothing but questions: no report for VMs that run.
+    assert!(prov
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|c| c.method == "GetWorkloadStatus"));
+    // The deleted VMs left nothing behind (a normal Delete).
+    assert!(env.stub.inspect("7-101-deleted").await.is_err());
+    assert!(!env.log("7-101-deleted").exists());
+    assert!(!env.run_dir("7-102-missing").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_deleted_while_vmd_was_down_is_reaped_at_start() {
+    let mut env = Stack::start(FLAGS).await;
+    let mut w = Workloads::default();
+    w.states.insert("8-1-a".into(), "ok".into());
+    w.states.insert("8-2-b".into(), "ok".into());
+    let prov = ProvisionDouble::start(&env.redis.broker(), "provision", w).await;
+    env.stub.run(&env.vm("8-1-a", &[])).await.unwrap();
+    env.stub.run(&env.vm("8-2-b", &[])).await.unwrap();
+    env.vmd.crash();
+    prov.set("8-1-a", Some("deleted"));
+    env.vmd.restart();
+    env.vmd.wait_ready().await;
+    until_gone(&env, "8-1-a").await;
+    assert!(exists(&env, "8-2-b").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_provisiond_costs_callers_nothing_and_is_asked_again_when_back() {
+    let env = Stack::start(FLAGS).await;
+    let mut w = Workloads::default();
+    w.states.insert("9-1-a".into(), "ok".into());
+    let mut prov = ProvisionDouble::start(&env.redis.broker(), "provision", w).await;
+    env.stub.run(&env.vm("9-1-a", &[])).await.unwrap();
+    until(Duration::from_secs(10), "asked once", || async {
+        !prov.calls_of("GetWorkloadStatus").is_empty()
+    })
+    .await;
+    prov.kill();
+    prov.set("9-1-a", Some("deleted"));
+    // provisiond is dead for a few passes: calls are answered as ever.
+    let caller = env.caller(Duration::from_secs(2));
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(4) {
+        assert!(caller.exists("9-1-a").await.unwrap());
+        caller.list().await.unwrap();
+    }
+    // Back: what waited in its queue is answered, the VM goes.
+    prov.resume(&env.redis.broker(), "provision").await;
+    until_gone(&env, "9-1-a").await;
+}
+
+const CRASHING: &[&str] = &[
+    "--reap-interval-secs",
+    "1",
+    "--provision-timeout-secs",
+    "1",
+    "--grace-secs",
+    "5",
+    "--restart-max",
+    "2",
+    "--restart-window-secs",
+    "120",
+];
+
+/// Runs `name` with a guest that crashes 300 ms after each boot, until its
+/// shim gives up on it.
+async fn run_crash_loop(env: &Stack, name: &str) {
+    env.stub
+        .run(&env.vm(name, &[("double.crash_after_ms", "300")]))
+        .await
+        .unwrap();
+    until(
+        Duration::from_secs(60),
+        format!("{name} failed"),
+        || async {
+            let info = env.stub.inspect(name).await;
+            matches!(info, Ok(i) if i.state.as_deref() == Some("failed"))
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_is_decommissioned_with_the_go_reason_and_its_log_kept() {
+    // provisiond of zosbase main: no SetWorkloadError.
+    let env = Stack::start(CRASHING).await;
+    let mut w = Workloads::default();
+    w.states.insert("5-1-crashy".into(), "ok".into());
+    w.states.insert("5-2-fine".into(), "ok".into());
+    let prov = ProvisionDouble::start(&env.redis.broker(), "provision", w).await;
+    env.stub.run(&env.vm("5-2-fine", &[])).await.unwrap();
+    run_crash_loop(&env, "5-1-crashy").await;
+    until(Duration::from_secs(20), "decommissioned", || async {
+        !prov.calls_of("DecommissionCached").is_empty()
+    })
+    .await;
+    assert_eq!(
+        prov.calls_of("DecommissionCached"),
+        vec![vec![
+            "5-1-crashy".to_owned(),
+            "deleting vm due to so many crashes".to_owned()
+        ]]
+    );
+    // Asked first whether it has SetWorkloadError, once: remembered.
+    assert_eq!(prov.calls_of("SetWorkloadError").len(), 1);
+    // provisiond uninstalled the workload: its VM goes, its console stays.
+    until_gone(&env, "5-1-crashy").await;
+    let kept = env.vmd.root().join("failed").join("5-1-crashy");
+    // Exists says false as soon as the Delete begins; the log moves later.
+    until(Duration::from_secs(20), "the console log kept", || async {
+        !env.run_dir("5-1-crashy").exists()
+    })
+    .await;
+    let console = std::fs::read_to_string(kept.join("console.log"))
+        .unwrap_or_else(|e| panic!("{}: {e}; vmd said:\n{}", kept.display(), env.vmd.stderr()));
+    assert!(!console.is_empty(), "the kept console log is empty");
+    assert_eq!(
+        std::fs::read_to_string(kept.join("reason")).unwrap(),
+        "deleting vm due to so many crashes"
+    );
+    // Only the failed VM was reported, once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(prov.calls_of("DecommissionCached").len(), 1);
+    assert!(exists(&env, "5-2-fine").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_is_an_error_workload_where_provisiond_has_set_workload_error() {
+    // provisiond with PR #96.
+    let env = Stack::start(CRASHING).await;
+    let mut w = Workloads {
+        pr96: true,
+        ..Default::default()
+    };
+    w.states.insert("6-1-crashy".into(), "ok".into());
+    let mut prov = ProvisionDouble::start(&env.redis.broker(), "provision", w).await;
+    // provisiond is dead when the VM fails: the report waits for it.
+    prov.kill();
+    run_crash_loop(&env, "6-1-crashy").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    prov.resume(&env.redis.broker(), "provision").await;
+    until(Duration::from_secs(30), "reported", || async {
+        prov.state("6-1-crashy").as_deref() == Some("error")
+    })
+    .await;
+    let reports = prov.calls_of("SetWorkloadError");
+    let message = &reports.last().unwrap()[1];
+    assert!(message.contains("stopped 2 times"), "{message}");
+    assert!(message.contains("console: "), "{message}");
+    // Kept: the VM (failed, for Inspect), its log; not decommissioned.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(exists(&env, "6-1-crashy").await);
+    assert!(env.log("6-1-crashy").exists());
+    assert!(prov.calls_of("DecommissionCached").is_empty());
+    // Reported once for this failure (replies that waited in the dead
+    // provisiond's queue aside, every later pass finds the record).
+    let n = prov.calls_of("SetWorkloadError").len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(prov.calls_of("SetWorkloadError").len(), n);
+}
