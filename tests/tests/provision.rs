@@ -255,3 +255,33 @@ async fn a_crash_loop_is_an_error_workload_where_provisiond_has_set_workload_err
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(prov.calls_of("SetWorkloadError").len(), n);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_os_health_check_vms_run_delete_cleanly_and_are_never_reported() {
+    // Zero-OS's own check: `healthcheck-vm-<unixtime>`, no network, 1 CPU,
+    // 512 MiB, deleted after 30 s. Even when it fails, provisiond never hears
+    // of it (it is no workload).
+    let env = Stack::start(CRASHING).await;
+    let prov = ProvisionDouble::start(&env.redis.broker(), "provision", Workloads::default()).await;
+    let name = format!(
+        "healthcheck-vm-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    );
+    let mut vm = env.vm(&name, &[]);
+    vm.memory = 512 << 20;
+    env.stub.run(&vm).await.unwrap();
+    env.stub.delete(&name).await.unwrap();
+    assert!(!exists(&env, &name).await);
+    run_crash_loop(&env, &name).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        prov.calls.lock().unwrap().is_empty(),
+        "{:?}",
+        prov.calls.lock().unwrap()
+    );
+    env.stub.delete(&name).await.unwrap();
+    env.assert_nothing_left().await;
+}

@@ -49,7 +49,7 @@ async fn vmd_unit_is_running_only_once_zbus_answers() {
     // What vmd comes after on Zero-OS, as oneshots.
     let dir = z.config_dir();
     let c = z.client();
-    for dep in ["boot", "networkd"] {
+    for dep in ["boot", "networkd", "flistd"] {
         let mut s = Service::new(
             Command::new([
                 bin("vmd-test-probe").to_string_lossy().as_ref(),

@@ -124,6 +124,7 @@ impl Vmm {
         });
         drop(ev_w);
         let pid = child.id().map_or(0, |p| p as i32);
+        protect_from_oom(pid);
         let events = Arc::new(pumps::Events {
             shutdown: AtomicBool::new(false),
             shared: shared.clone(),
@@ -248,5 +249,25 @@ impl Vmm {
             .map(|s| describe(&s))
             .unwrap_or_default();
         format!("killed after the grace period ({st})")
+    }
+}
+
+/// What the VMM's `oom_score_adj` is set to: the node's OOM killer takes
+/// other processes first (the Go module sets the same on its VMMs; the shim
+/// and helpers keep theirs, so they go before a guest).
+pub const VMM_OOM_SCORE_ADJ: i32 = -200;
+
+/// Sets [`VMM_OOM_SCORE_ADJ`] on the VMM. Lowering it needs
+/// `CAP_SYS_RESOURCE`, which the shim has as root; without it the VMM runs
+/// with the default, which is said, not fatal.
+fn protect_from_oom(pid: i32) {
+    if pid <= 0 {
+        return;
+    }
+    let path = format!("/proc/{pid}/oom_score_adj");
+    if let Err(e) = std::fs::write(&path, VMM_OOM_SCORE_ADJ.to_string()) {
+        say(format!(
+            "cannot set the VMM's oom_score_adj to {VMM_OOM_SCORE_ADJ}: {e}"
+        ));
     }
 }

@@ -16,7 +16,7 @@ fn vmd_unit_is_what_zero_os_runs() {
         ["vmd", "ctl", "--timeout", "3", "status"]
     );
     let after: Vec<&str> = svc.after.iter().map(|a| a.as_str()).collect();
-    assert_eq!(after, ["boot", "networkd"]);
+    assert_eq!(after, ["boot", "networkd", "flistd"]);
     assert_eq!(svc.log, Log::Ring);
     assert!(!svc.oneshot);
 }
