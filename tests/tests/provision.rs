@@ -285,3 +285,57 @@ async fn zero_os_health_check_vms_run_delete_cleanly_and_are_never_reported() {
     env.stub.delete(&name).await.unwrap();
     env.assert_nothing_left().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_vm_is_tried_again_after_its_cooldown_and_reported_ok_when_it_runs() {
+    // PR #96: error, a retry after the cooldown (seconds here, 6 h on a
+    // node), SetWorkloadOk once it runs again.
+    let mut flags = CRASHING.to_vec();
+    flags.extend(["--failed-retry-secs", "2"]);
+    let env = Stack::start(&flags).await;
+    let mut w = Workloads {
+        pr96: true,
+        ..Default::default()
+    };
+    w.states.insert("6-2-flaky".into(), "ok".into());
+    let prov = ProvisionDouble::start(&env.redis.broker(), "provision", w).await;
+    // It crashes while this file exists: a cause outside the guest.
+    let cause = env.sys.path().join("broken");
+    std::fs::write(&cause, "").unwrap();
+    let cause_s = cause.to_string_lossy().into_owned();
+    env.stub
+        .run(&env.vm(
+            "6-2-flaky",
+            &[
+                ("double.crash_after_ms", "300"),
+                ("double.crash_while", &cause_s),
+            ],
+        ))
+        .await
+        .unwrap();
+    until(Duration::from_secs(60), "reported as error", || async {
+        prov.state("6-2-flaky").as_deref() == Some("error")
+    })
+    .await;
+    // Still broken: the retry fails again, and is reported again.
+    until(
+        Duration::from_secs(60),
+        "reported again after a retry",
+        || async { prov.calls_of("SetWorkloadError").len() >= 2 },
+    )
+    .await;
+    assert!(prov.calls_of("SetWorkloadOk").is_empty());
+    // Fixed: the next retry runs, and provisiond hears it.
+    std::fs::remove_file(&cause).unwrap();
+    until(Duration::from_secs(60), "reported ok", || async {
+        prov.state("6-2-flaky").as_deref() == Some("ok")
+    })
+    .await;
+    assert_eq!(
+        prov.calls_of("SetWorkloadOk"),
+        vec![vec!["6-2-flaky".to_owned()]]
+    );
+    let info = env.stub.inspect("6-2-flaky").await.unwrap();
+    assert_eq!(info.state.as_deref(), Some("running"), "{info:?}");
+    assert!(prov.calls_of("DecommissionCached").is_empty());
+}

@@ -39,6 +39,8 @@ pub enum Command {
     Lock,
     /// Events after this sequence number, then live.
     Watch(u64),
+    /// A failed VM: start over, with a new restart window.
+    Retry,
 }
 
 impl Command {
@@ -48,6 +50,7 @@ impl Command {
             Command::Status => "status",
             Command::Lock => "lock",
             Command::Watch(_) => "watch",
+            Command::Retry => "retry",
         }
     }
 
@@ -66,6 +69,7 @@ impl Command {
             "status" => Command::Status,
             "lock" => Command::Lock,
             "watch" => Command::Watch(words.next()?.parse().ok()?),
+            "retry" => Command::Retry,
             _ => return None,
         };
         words.next().is_none().then_some(c)
@@ -74,6 +78,10 @@ impl Command {
 
 /// The reply to `stop`.
 pub const STOPPED: &str = "stopped";
+
+/// The reply to `retry`: the shim exits, and zinit starts a new one, which
+/// starts the VM again.
+pub const RETRYING: &str = "retrying";
 
 /// The reply to `lock`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +176,15 @@ impl ShimClient {
         let line = request(&self.socket, &Command::Stop.line(), timeout).await?;
         if line != STOPPED {
             return Err(ControlError::BadReply("stop".into(), line));
+        }
+        Ok(())
+    }
+
+    /// Starts a failed VM over (refused when it has not failed).
+    pub async fn retry(&self, timeout: Duration) -> Result<(), ControlError> {
+        let line = request(&self.socket, &Command::Retry.line(), timeout).await?;
+        if line != RETRYING {
+            return Err(ControlError::BadReply("retry".into(), line));
         }
         Ok(())
     }
@@ -300,6 +317,7 @@ mod tests {
             Command::Lock,
             Command::Watch(0),
             Command::Watch(u64::MAX),
+            Command::Retry,
         ] {
             assert_eq!(Command::parse(&c.line()), Some(c));
         }

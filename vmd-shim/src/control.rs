@@ -26,10 +26,14 @@ pub enum StopFrom {
 }
 
 /// Listens on the control socket (mode 0600: vmd runs as the same user).
+/// A retry asked on the control socket, and where its reply goes.
+pub type RetryAsked = oneshot::Sender<String>;
+
 pub fn listen(
     shared: Shared,
     locker: Arc<Locker>,
     stops: mpsc::Sender<StopFrom>,
+    retries: mpsc::Sender<RetryAsked>,
 ) -> std::io::Result<()> {
     let path = shared.run.control_socket();
     vmd_runtime::files::remove_file(&path)?;
@@ -38,6 +42,7 @@ pub fn listen(
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
             let (shared, locker, stops) = (shared.clone(), Arc::clone(&locker), stops.clone());
+            let retries = retries.clone();
             tokio::spawn(async move {
                 let Some((command, stream)) = control::read_command(s).await else {
                     return;
@@ -52,6 +57,17 @@ pub fn listen(
                         Command::Stop => {
                             let (tx, rx) = oneshot::channel();
                             if stops.send(StopFrom::Control(tx)).await.is_err() {
+                                return error_reply("shim exiting");
+                            }
+                            rx.await.unwrap_or_else(|_| error_reply("shim exiting"))
+                        }
+                        Command::Retry => {
+                            // Only a failed shim idles waiting for one.
+                            if shared.snapshot().phase != vmd_runtime::state::Phase::Failed {
+                                return error_reply("the VM has not failed");
+                            }
+                            let (tx, rx) = oneshot::channel();
+                            if retries.send(tx).await.is_err() {
                                 return error_reply("shim exiting");
                             }
                             rx.await.unwrap_or_else(|_| error_reply("shim exiting"))

@@ -20,7 +20,7 @@ use vmd_runtime::state::{now_secs, Exit, Phase, ShimState};
 use vmd_runtime::vmm::VersionCache;
 use vmd_runtime::RunDir;
 
-use crate::control::StopFrom;
+use crate::control::{RetryAsked, StopFrom};
 use crate::error::StartError;
 use crate::hygiene::needed_caps;
 use crate::lock::Locker;
@@ -35,6 +35,7 @@ struct Shim {
     log: SharedConsole,
     keyboard: Keyboard,
     stops: mpsc::Receiver<StopFrom>,
+    retries: mpsc::Receiver<RetryAsked>,
     /// The VMM binary's release, probed again only when the file changes
     /// (nodes upgrade it in place; every start builds for what is there).
     versions: VersionCache,
@@ -104,6 +105,7 @@ pub async fn run(run: RunDir) -> ExitCode {
         }
     }
     let (stop_tx, stops) = mpsc::channel(4);
+    let (retry_tx, retries) = mpsc::channel(4);
     let shared = Shared::new(run.clone(), state);
     if let Some(old) = lost {
         // Its VMM went with it: for watchers, the VM crashed.
@@ -117,7 +119,12 @@ pub async fn run(run: RunDir) -> ExitCode {
         );
     }
     let locker = Arc::new(Locker::new(shared.clone()));
-    if let Err(e) = crate::control::listen(shared.clone(), Arc::clone(&locker), stop_tx.clone()) {
+    if let Err(e) = crate::control::listen(
+        shared.clone(),
+        Arc::clone(&locker),
+        stop_tx.clone(),
+        retry_tx,
+    ) {
         say(format!("cannot open the control socket: {e}"));
         return ExitCode::FAILURE;
     }
@@ -180,6 +187,7 @@ pub async fn run(run: RunDir) -> ExitCode {
         log,
         keyboard,
         stops,
+        retries,
         versions,
     };
     shim.supervise().await
@@ -348,16 +356,35 @@ impl Shim {
         self.shared.emit(kind, reason, |s| s.vm = None);
     }
 
-    /// Waits, starting nothing, until asked to stop.
+    /// Waits, starting nothing, until asked to stop — or, failed, to retry:
+    /// then the state starts over (a new restart window) and the shim exits,
+    /// so that zinit starts a fresh one, which starts the VM.
     async fn idle(&mut self) -> ExitCode {
         loop {
-            match self.stops.recv().await {
-                None | Some(StopFrom::Signal) => {
-                    say("stopped");
+            tokio::select! {
+                stop = self.stops.recv() => match stop {
+                    None | Some(StopFrom::Signal) => {
+                        say("stopped");
+                        return ExitCode::SUCCESS;
+                    }
+                    Some(StopFrom::Control(reply)) => {
+                        let _ = reply.send(STOPPED.into());
+                    }
+                },
+                Some(reply) = self.retries.recv() => {
+                    if self.phase() != Phase::Failed {
+                        let _ = reply.send(vmd_runtime::control::error_reply("the VM has not failed"));
+                        continue;
+                    }
+                    self.shared.set(|s| {
+                        s.phase = Phase::Starting;
+                        s.exits.clear();
+                        s.reason = Some("retrying after the failure".into());
+                        s.last_console = None;
+                    });
+                    say("retrying the failed VM: exiting for zinit to start the shim again");
+                    let _ = reply.send(vmd_runtime::control::RETRYING.into());
                     return ExitCode::SUCCESS;
-                }
-                Some(StopFrom::Control(reply)) => {
-                    let _ = reply.send(STOPPED.into());
                 }
             }
         }

@@ -96,6 +96,11 @@ struct DaemonArgs {
     /// 100 asks a second.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
     reap_interval_secs: u64,
+    /// A VM reported to provisiond as failed (`SetWorkloadError`) is started
+    /// again this long after the report (PR #96's cooldown: 6 h), and
+    /// reported `SetWorkloadOk` once it runs.
+    #[arg(long, default_value_t = 6 * 3600)]
+    failed_retry_secs: u64,
     /// The vmd-console binary (default: next to vmd, else on PATH).
     #[arg(long)]
     console_server: Option<PathBuf>,
@@ -356,6 +361,7 @@ async fn daemon(
             server.locks(),
             Arc::new(provision),
             Duration::from_secs(args.reap_interval_secs),
+            Duration::from_secs(args.failed_retry_secs),
         )
     });
     server.run(stop_rx).await.context("zbus server")?;

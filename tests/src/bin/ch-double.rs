@@ -26,6 +26,7 @@
 //! | `double.boot_fail=1` | the kernel cannot be loaded: error chain on stderr, exit 1 (API socket left behind, as v53) |
 //! | `double.crash_after_ms=N` | the guest dies after N ms: `VCPU generated error` on stderr, exit 0 (as v53) |
 //! | `double.crash_code=C` | with crash_after_ms: exit C instead, without the vCPU message |
+//! | `double.crash_while=PATH` | with crash_after_ms: only while PATH exists (a cause outside the guest that goes away) |
 //! | `double.ignore_power_button=1` | the guest never reacts to the power button |
 //! | `double.flood_bps=N` | after GUEST-READY, print 64-byte lines `FLOOD <seq> b<boot id> x…` at N bytes/s (0: as fast as possible) |
 //! | `double.flood_bytes=N` | stop flooding after N bytes |
@@ -1373,7 +1374,11 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
         }
         tokio::spawn(Arc::clone(&vmm).boot());
     }
-    if let Some(ms) = vmm.knobs.num("double.crash_after_ms") {
+    let crashes = match vmm.knobs.str("double.crash_while") {
+        Some(path) => std::path::Path::new(path).exists(),
+        None => true,
+    };
+    if let Some(ms) = vmm.knobs.num("double.crash_after_ms").filter(|_| crashes) {
         let v = Arc::clone(&vmm);
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -66,12 +66,13 @@ pub fn spawn(
     locks: Arc<KeyedLocks>,
     provision: Arc<Provision>,
     period: Duration,
+    retry_after: Duration,
 ) -> tokio::task::JoinHandle<()> {
     pool.spawn(async move {
         let mut backoff = Duration::ZERO;
         loop {
             let started = Instant::now();
-            let reached = pass(&manager, &locks, &provision, period).await;
+            let reached = pass(&manager, &locks, &provision, period, retry_after).await;
             let pause = if reached {
                 backoff = Duration::ZERO;
                 period.saturating_sub(started.elapsed())
@@ -85,7 +86,13 @@ pub fn spawn(
 }
 
 /// One pass over the VMs; `false` if provisiond could not be reached.
-async fn pass(m: &Arc<Manager>, locks: &Arc<KeyedLocks>, p: &Provision, period: Duration) -> bool {
+async fn pass(
+    m: &Arc<Manager>,
+    locks: &Arc<KeyedLocks>,
+    p: &Provision,
+    period: Duration,
+    retry_after: Duration,
+) -> bool {
     let vms: Vec<(VmName, WorkloadId)> = m
         .names()
         .into_iter()
@@ -119,7 +126,7 @@ async fn pass(m: &Arc<Manager>, locks: &Arc<KeyedLocks>, p: &Provision, period: 
                 tracing::warn!(vm = %name, error = %e, "provisiond cannot say whether the VM's workload exists; left running")
             }
         }
-        if let Err(e) = tell(m, locks, p, &name, &id, asked).await {
+        if let Err(e) = tell(m, locks, p, &name, &id, asked, retry_after).await {
             tracing::warn!(vm = %name, error = %e, "cannot report the VM's state to provisiond; trying again later");
             return false;
         }
@@ -137,8 +144,9 @@ async fn tell(
     name: &VmName,
     id: &WorkloadId,
     asked: Incarnation,
+    retry_after: Duration,
 ) -> Result<(), ProvisionError> {
-    match report::due(m, name) {
+    match report::due(m, name, retry_after) {
         Due::Nothing => Ok(()),
         Due::Failure { failure, state } => {
             let record = match report::report(p, id, failure, &state).await {
@@ -158,6 +166,22 @@ async fn tell(
                     vmd_runtime::files::write_json(&m.run_dir(name).reported(), &record, 0o600)
                 {
                     tracing::error!(vm = %name, error = %e, "cannot record the report; it will be sent again");
+                }
+            }
+            Ok(())
+        }
+        Due::Retry => {
+            let _key = locks.lock(name.as_str().to_owned()).await;
+            if incarnation(m, name) != Some(asked) {
+                return Ok(());
+            }
+            let shim = vmd_runtime::control::ShimClient::new(&m.run_dir(name));
+            match shim.retry(Duration::from_secs(5)).await {
+                Ok(()) => {
+                    tracing::warn!(vm = %name, "starting the failed VM again after its cooldown")
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %name, error = %e, "cannot start the failed VM again; trying next pass")
                 }
             }
             Ok(())

@@ -64,9 +64,12 @@ pub enum Due {
     },
     /// It was reported `error` and runs again.
     Recovered,
+    /// It was reported `error` at least `retry_after` ago: start it again
+    /// (PR #96 tries a failed VM again after 6 h).
+    Retry,
 }
 
-pub fn due(m: &Manager, name: &VmName) -> Due {
+pub fn due(m: &Manager, name: &VmName, retry_after: std::time::Duration) -> Due {
     let run = m.run_dir(name);
     let Ok(Some(state)) = ShimState::load(&run.state()) else {
         return Due::Nothing;
@@ -75,8 +78,13 @@ pub fn due(m: &Manager, name: &VmName) -> Due {
     match state.phase {
         Phase::Failed => {
             let failure = state.events.seq;
-            if record.is_some_and(|r| r.failure == failure) {
-                Due::Nothing
+            if let Some(r) = record.filter(|r| r.failure == failure) {
+                let waited = now_secs().saturating_sub(r.at);
+                if r.how == Reported::Error && waited >= retry_after.as_secs() {
+                    Due::Retry
+                } else {
+                    Due::Nothing
+                }
             } else {
                 Due::Failure {
                     failure,
