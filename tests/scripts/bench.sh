@@ -18,7 +18,7 @@ trap 'rm -f "$tmp" "$errs"' EXIT
     echo
     echo "Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(free -g | awk '/Mem:/{print $2}') GiB RAM, Linux $(uname -r); $(rustc --version)."
     echo
-    for b in zbus callers shim vmd firstbyte console logstream; do
+    for b in zbus callers shim vmd firstbyte console logstream provision; do
         echo "## $b"
         echo
         if ! cargo bench --quiet -p vmd-tests --bench "$b" 2>"$errs"; then

@@ -107,6 +107,7 @@ allowed=(--allowed-path "$work")
 [ -n "${KERNEL:-}" ] && allowed+=(--allowed-path "$(dirname "$(realpath "$KERNEL")")")
 [ -n "${INITRD:-}" ] && allowed+=(--allowed-path "$(dirname "$(realpath "$INITRD")")")
 "$VMD" --broker "$broker" --root "$work/root" --runtime-dir "$work/run" \
+    --api-socket-dir "$work/api" --go-config-dir "$work/go-config" --provision-module none \
     --zinit-socket "$work/zinit.sock" --zinit-dir "$work/zinit" "${allowed[@]}" \
     --cloud-hypervisor "$CH" --grace-secs 10 "${netflags[@]}" \
     --console-assets "$PWD/console/web" 2>"$work/vmd.log" &

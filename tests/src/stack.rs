@@ -117,6 +117,16 @@ impl Stack {
         }
     }
 
+    /// The VMM's API socket of `name` (what its argv names).
+    pub fn api_socket(&self, name: &str) -> PathBuf {
+        self.vmd.runtime().join("api").join(name)
+    }
+
+    /// The Go VM module's config file of `name` (docs/zero-os-node.md).
+    pub fn go_config(&self, name: &str) -> PathBuf {
+        self.vmd.runtime().join("go-config").join(name)
+    }
+
     pub fn run_dir(&self, name: &str) -> PathBuf {
         self.vmd.runtime().join("vms").join(name)
     }
@@ -196,9 +206,9 @@ impl Stack {
 /// stream is deleted: nothing — no service (running or as a file), no VM
 /// directory, index entry, stream record or console log, no process.
 pub async fn assert_nothing_left(zinit: &Supervisor, runtime: &Path, root: &Path) {
-    // Shims, VMMs and virtiofsd name their run dir, stream workers their
-    // progress file; vmd itself names neither.
-    let procs: Vec<String> = ["vms", "streams"]
+    // Shims and virtiofsd name their run dir, VMMs their API socket, stream
+    // workers their progress file; vmd itself names none of them.
+    let procs: Vec<String> = ["vms", "streams", "api"]
         .iter()
         .flat_map(|d| processes_with(&format!("{}/{d}/", runtime.display())))
         .map(|p| {
@@ -227,6 +237,8 @@ pub async fn assert_nothing_left(zinit: &Supervisor, runtime: &Path, root: &Path
         runtime.join("vms"),
         runtime.join("present"),
         runtime.join("streams"),
+        runtime.join("api"),
+        runtime.join("go-config"),
         root.join("logs"),
         root.join("cloud-init"),
     ] {

@@ -71,11 +71,10 @@ fn double_playing(v: &str) -> PathBuf {
 }
 
 /// The program name the VMM runs as (what `ps` shows).
+/// What a VMM's argv[0] is: the shim names every VMM as the Go VM module's
+/// `/proc` rule wants it, whatever its binary.
 pub fn ch_program_name() -> String {
-    ch_binary()
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    "cloud-hypervisor".into()
 }
 
 /// How long a guest may take to print GUEST-READY (a real one on an
@@ -145,6 +144,8 @@ impl TestVm {
                 keep_bytes: ConsoleSpec::ZOS_KEEP,
             },
             web_console: None,
+            api_socket: None,
+            go_config: None,
         };
         TestVm {
             name: name.into(),

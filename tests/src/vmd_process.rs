@@ -53,6 +53,18 @@ impl VmdProcess {
                 d.join("run")
             }
         };
+        // Where a node has them (/var/run/cloud-hypervisor,
+        // /var/run/cache/vmd), the test's own: beside the runtime directory's
+        // other files.
+        for (flag, sub) in [
+            ("--api-socket-dir", "api"),
+            ("--go-config-dir", "go-config"),
+        ] {
+            if !extra.contains(&flag) {
+                args.push(flag.into());
+                args.push(runtime.join(sub).to_string_lossy().into_owned());
+            }
+        }
         args.extend([
             "--zinit-socket".into(),
             zsock.to_string_lossy().into_owned(),
@@ -133,6 +145,11 @@ impl VmdProcess {
     /// Starts again after [`VmdProcess::crash`].
     pub fn restart(&mut self) {
         self.spawn();
+    }
+
+    /// Its flags, for a restart with other ones (benchmarks).
+    pub fn args_mut(&mut self) -> &mut Vec<String> {
+        &mut self.args
     }
 
     pub fn root(&self) -> std::path::PathBuf {

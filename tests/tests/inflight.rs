@@ -127,11 +127,20 @@ async fn interrupt(env: &mut Stack, how: Interrupt) {
 
 /// The processes of VM `name` running `program`.
 fn programs_of(env: &Stack, name: &str, program: &str) -> usize {
-    let marker = env.run_dir(name).to_string_lossy().into_owned();
-    processes_with(&marker)
+    // Shims name the VM's run directory, VMMs its API socket.
+    let run = format!("{}/", env.run_dir(name).display());
+    let api = format!("path={}", env.api_socket(name).display());
+    processes_with(&env.vmd.runtime().to_string_lossy())
         .into_iter()
         .filter(|p| {
             let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            let ours = cmd.split(|&b| b == 0).any(|a| {
+                let a = String::from_utf8_lossy(a);
+                a == api || a.contains(&run) || a == run.trim_end_matches('/')
+            });
+            if !ours {
+                return false;
+            }
             let argv0 = cmd.split(|&b| b == 0).next().unwrap_or_default();
             std::path::Path::new(&*String::from_utf8_lossy(argv0))
                 .file_name()

@@ -338,4 +338,8 @@ async fn a_failed_vm_is_tried_again_after_its_cooldown_and_reported_ok_when_it_r
     let info = env.stub.inspect("6-2-flaky").await.unwrap();
     assert_eq!(info.state.as_deref(), Some("running"), "{info:?}");
     assert!(prov.calls_of("DecommissionCached").is_empty());
+    // Each retry was answered before its shim went (the shim exits after one).
+    let said = env.vmd.stderr();
+    assert!(said.contains("starting the failed VM again"), "{said}");
+    assert!(!said.contains("cannot start the failed VM again"), "{said}");
 }

@@ -438,9 +438,14 @@ impl World {
             .collect()
     }
 
-    /// The VM a shim or VMM belongs to (from `…/vms/<name>` in its argv).
+    /// The VM a shim or VMM belongs to (from `…/vms/<name>` or the API
+    /// socket `path=…/api/<name>` in its argv).
     fn vm_of(argv: &[String]) -> Option<String> {
         argv.iter().find_map(|a| {
+            // A VMM: its API socket, `path=<runtime>/api/<name>`.
+            if let Some(sock) = a.strip_prefix("path=").filter(|s| s.contains("/api/")) {
+                return Some(sock.rsplit('/').next()?.to_owned());
+            }
             let (_, rest) = a.split_once("/vms/")?;
             Some(rest.split('/').next()?.to_owned())
         })

@@ -35,6 +35,8 @@ fn layout(t: &Path) -> Host {
             server: "/usr/bin/vmd-console".into(),
             assets: "/usr/share/vmd/console".into(),
         },
+        api_socket_dir: t.join("api"),
+        go_config_dir: Some(t.join("go-config")),
     }
 }
 
@@ -98,7 +100,7 @@ fn golden_command_line_disk_boot() {
     // v39, what Zero-OS ships: no `image_type` (it refuses the option).
     assert_eq!(
         argv(&vm, dir.path(), &settings, Version::new(39, 0)),
-        "--api-socket path={T}/run/vms/web/api.sock \
+        "--api-socket path={T}/api/web \
          --kernel {T}/vmlinux --initramfs {T}/initrd \
          --cmdline=boot.shell_on_fail console=ttyS0 panic=1 quiet reboot=k root=/dev/vda rw \
          --cpus boot=1 --memory size=512M \
@@ -109,7 +111,7 @@ fn golden_command_line_disk_boot() {
     // v53: every disk declared with the format detected at Run.
     assert_eq!(
         argv(&vm, dir.path(), &settings, Version::new(53, 0)),
-        "--api-socket path={T}/run/vms/web/api.sock \
+        "--api-socket path={T}/api/web \
          --kernel {T}/vmlinux --initramfs {T}/initrd \
          --cmdline=boot.shell_on_fail console=ttyS0 panic=1 quiet reboot=k root=/dev/vda rw \
          --cpus boot=1 --memory size=512M \
@@ -141,7 +143,7 @@ fn golden_command_line_virtiofs_boot_with_shares() {
     });
     assert_eq!(
         argv(&vm, dir.path(), &settings, Version::new(53, 0)),
-        "--api-socket path={T}/run/vms/web/api.sock \
+        "--api-socket path={T}/api/web \
          --kernel {T}/vmlinux --initramfs {T}/initrd \
          --cmdline=boot.shell_on_fail console=ttyS0 panic=1 quiet reboot=k root=vroot rootdelay=30 rootfstype=virtiofs rw \
          --cpus boot=1 --memory size=512M,shared=on \

@@ -37,10 +37,11 @@ pub enum NameError {
 }
 
 /// Endings of the files vmd keeps beside a VM's: `logs/<name>.meta`,
-/// `logs/<name>.rotating`, `<file>.tmp` while a file is replaced. A VM named
-/// with one of them would have its console log where another VM keeps a
+/// `logs/<name>.rotating`, `<file>.tmp` while a file is replaced, and the
+/// `<api socket>.lock` cloud-hypervisor v53 leaves beside its socket. A VM
+/// named with one of them would have its files where another VM keeps a
 /// sidecar, so a new VM may not end with one.
-pub const RESERVED_ENDINGS: [&str; 3] = [".meta", ".rotating", ".tmp"];
+pub const RESERVED_ENDINGS: [&str; 4] = [".meta", ".rotating", ".tmp", ".lock"];
 
 /// Why a stream id was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -55,6 +55,26 @@ pub struct VmSpec {
     /// network module again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub web_console: Option<WebConsole>,
+    /// Where the VMM's REST API listens. vmd puts it where the Go VM module
+    /// looks (`/var/run/cloud-hypervisor/<name>`: the last part of the path
+    /// is the VM's name, which is how the Go module's `/proc` rule names a
+    /// VMM); `None` (descriptions written before): `api.sock` in the run
+    /// directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_socket: Option<PathBuf>,
+    /// The VM's config file in the Go VM module's format, which vmd keeps
+    /// for a roll-back (docs/zero-os-node.md). When it is gone while vmd's
+    /// own record of the VM is not, the Go module deleted the VM after a
+    /// roll-back: the shim does not start its VMM again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub go_config: Option<PathBuf>,
+}
+
+impl VmSpec {
+    /// Where the VMM's REST API listens.
+    pub fn api_socket_in(&self, run: &crate::RunDir) -> PathBuf {
+        self.api_socket.clone().unwrap_or_else(|| run.api_socket())
+    }
 }
 
 /// Where the web console listens and what serves it.

@@ -26,8 +26,12 @@ pub enum StopFrom {
 }
 
 /// Listens on the control socket (mode 0600: vmd runs as the same user).
-/// A retry asked on the control socket, and where its reply goes.
-pub type RetryAsked = oneshot::Sender<String>;
+/// A retry asked on the control socket: where its reply goes, and word
+/// that the reply was written (the shim exits right after a retry).
+pub struct RetryAsked {
+    pub reply: oneshot::Sender<String>,
+    pub written: oneshot::Receiver<()>,
+}
 
 pub fn listen(
     shared: Shared,
@@ -50,6 +54,9 @@ pub fn listen(
                 if let Command::Watch(since) = command {
                     return watch(shared, since, stream).await;
                 }
+                if command == Command::Retry {
+                    return retry(&shared, &retries, stream).await;
+                }
                 control::serve(command, stream, move |command| async move {
                     match command {
                         Command::Status => json_reply(&shared.snapshot()),
@@ -61,18 +68,7 @@ pub fn listen(
                             }
                             rx.await.unwrap_or_else(|_| error_reply("shim exiting"))
                         }
-                        Command::Retry => {
-                            // Only a failed shim idles waiting for one.
-                            if shared.snapshot().phase != vmd_runtime::state::Phase::Failed {
-                                return error_reply("the VM has not failed");
-                            }
-                            let (tx, rx) = oneshot::channel();
-                            if retries.send(tx).await.is_err() {
-                                return error_reply("shim exiting");
-                            }
-                            rx.await.unwrap_or_else(|_| error_reply("shim exiting"))
-                        }
-                        Command::Watch(_) => unreachable!("answered above"),
+                        Command::Watch(_) | Command::Retry => unreachable!("answered above"),
                     }
                 })
                 .await
@@ -80,6 +76,26 @@ pub fn listen(
         }
     });
     Ok(())
+}
+
+/// Answers `retry`: only a failed shim, idle, takes one; it exits once the
+/// reply is written.
+async fn retry(shared: &Shared, retries: &mpsc::Sender<RetryAsked>, stream: UnixStream) {
+    let (reply, rx) = oneshot::channel();
+    let (done, written) = oneshot::channel();
+    let failed = shared.snapshot().phase == vmd_runtime::state::Phase::Failed;
+    let asked = failed && retries.send(RetryAsked { reply, written }).await.is_ok();
+    control::serve(Command::Retry, stream, |_| async move {
+        if !failed {
+            return error_reply("the VM has not failed");
+        }
+        if !asked {
+            return error_reply("shim exiting");
+        }
+        rx.await.unwrap_or_else(|_| error_reply("shim exiting"))
+    })
+    .await;
+    let _ = done.send(());
 }
 
 /// Answers `watch <since>`: the state, what followed `since`, then each

@@ -30,9 +30,10 @@ pub struct Locker {
 }
 
 impl Locker {
-    pub fn new(shared: Shared) -> Self {
+    /// `api`: where the VMM's REST API listens.
+    pub fn new(shared: Shared, api: std::path::PathBuf) -> Self {
         Locker {
-            api: VmmApi::new(shared.run.api_socket()),
+            api: VmmApi::new(api),
             run: shared.run.clone(),
             shared,
             one_at_a_time: Mutex::new(()),

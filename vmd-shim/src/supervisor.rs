@@ -118,7 +118,7 @@ pub async fn run(run: RunDir) -> ExitCode {
             |s| s.vm = None,
         );
     }
-    let locker = Arc::new(Locker::new(shared.clone()));
+    let locker = Arc::new(Locker::new(shared.clone(), spec.api_socket_in(&run)));
     if let Err(e) = crate::control::listen(
         shared.clone(),
         Arc::clone(&locker),
@@ -289,6 +289,24 @@ impl Shim {
                 st.vm = None;
                 d
             };
+            // Deleted by the Go VM module after a roll-back: it removed the
+            // VM's config file (vmd removes it only after stopping the shim).
+            let decision = match (&decision, &self.spec.go_config) {
+                (Decision::Restart { .. }, Some(cfg)) if !cfg.exists() => {
+                    let why = format!(
+                        "the VM's config file {} is gone (deleted by the Go VM module): not restarting it",
+                        cfg.display()
+                    );
+                    self.shared
+                        .emit(EventKind::Stopped, Some(why.clone()), |s| {
+                            s.phase = Phase::Stopped;
+                            s.reason = Some(why.clone());
+                        });
+                    say(why);
+                    return self.idle().await;
+                }
+                _ => decision,
+            };
             match decision {
                 Decision::Restart { after } => {
                     self.shared.set(|s| {
@@ -371,9 +389,9 @@ impl Shim {
                         let _ = reply.send(STOPPED.into());
                     }
                 },
-                Some(reply) = self.retries.recv() => {
+                Some(asked) = self.retries.recv() => {
                     if self.phase() != Phase::Failed {
-                        let _ = reply.send(vmd_runtime::control::error_reply("the VM has not failed"));
+                        let _ = asked.reply.send(vmd_runtime::control::error_reply("the VM has not failed"));
                         continue;
                     }
                     self.shared.set(|s| {
@@ -383,7 +401,9 @@ impl Shim {
                         s.last_console = None;
                     });
                     say("retrying the failed VM: exiting for zinit to start the shim again");
-                    let _ = reply.send(vmd_runtime::control::RETRYING.into());
+                    let _ = asked.reply.send(vmd_runtime::control::RETRYING.into());
+                    // Gone only once vmd has its answer.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), asked.written).await;
                     return ExitCode::SUCCESS;
                 }
             }

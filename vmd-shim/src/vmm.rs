@@ -73,7 +73,7 @@ impl Vmm {
     ) -> Result<Vmm, StartError> {
         preflight(spec)?;
         // cloud-hypervisor v53 leaves `<socket>.lock` behind.
-        let api = run.api_socket();
+        let api = spec.api_socket_in(run);
         let mut lock = api.clone().into_os_string();
         lock.push(".lock");
         for p in [api, lock.into()] {
@@ -92,6 +92,10 @@ impl Vmm {
             }
         };
         let mut cmd = Hardening::vmm(spec, ev_w.as_raw_fd()).command(&spec.hypervisor);
+        // Named as the Go VM module names its VMMs (its `/proc` rule wants
+        // argv[0] to be exactly this): a node rolled back to it adopts the
+        // VM instead of killing it (docs/zero-os-node.md).
+        cmd.arg0(VMM_ARGV0);
         cmd.args(args::hypervisor_args(spec, run, version))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -147,7 +151,7 @@ impl Vmm {
             _keyboard: keyboard_plug,
             child,
             pid,
-            api: VmmApi::new(run.api_socket()),
+            api: VmmApi::new(spec.api_socket_in(run)),
             events,
             vcpu_error,
             pumps: tasks,
@@ -251,6 +255,9 @@ impl Vmm {
         format!("killed after the grace period ({st})")
     }
 }
+
+/// The VMM's argv[0], whatever its binary's path.
+pub const VMM_ARGV0: &str = "cloud-hypervisor";
 
 /// What the VMM's `oom_score_adj` is set to: the node's OOM killer takes
 /// other processes first (the Go module sets the same on its VMMs; the shim

@@ -54,6 +54,16 @@ struct DaemonArgs {
     /// Runtime directory: API sockets, pids, per-VM runtime files.
     #[arg(long, default_value = "/var/run/vmd")]
     runtime_dir: PathBuf,
+    /// Where the VMMs' REST API sockets go (`<dir>/<name>`): where the Go
+    /// VM module looks for them.
+    #[arg(long, default_value = "/var/run/cloud-hypervisor")]
+    api_socket_dir: PathBuf,
+    /// The Go VM module's config directory (a tmpfs on Zero-OS): vmd keeps
+    /// each VM's config there in the Go format, so that a node rolled back
+    /// to the Go module adopts vmd's VMs instead of killing them; `none`:
+    /// not kept.
+    #[arg(long, default_value = "/var/run/cache/vmd")]
+    go_config_dir: PathBuf,
     /// zinit control socket.
     #[arg(long, default_value = "/var/run/zinit.sock")]
     zinit_socket: PathBuf,
@@ -293,6 +303,9 @@ async fn daemon(
             assets: std::path::absolute(&args.console_assets)
                 .unwrap_or_else(|_| args.console_assets.clone()),
         },
+        api_socket_dir: args.api_socket_dir.clone(),
+        go_config_dir: (args.go_config_dir.as_os_str() != "none")
+            .then(|| args.go_config_dir.clone()),
     };
     let settings = Settings {
         grace_secs: args.grace_secs,

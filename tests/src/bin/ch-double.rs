@@ -63,7 +63,8 @@ const USAGE: &str = "Usage: cloud-hypervisor [OPTIONS]\n\nFor more information, 
 
 /// The release played: from the name run as (`ch-double-v39`), or the
 /// first such name along the symlinks from it (`cloud-hypervisor` →
-/// `ch-double-v39`, as a node switches releases), else 53.
+/// `ch-double-v39`, as a node switches releases), or the executable's own
+/// name, else 53.
 fn release() -> u16 {
     static RELEASE: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
     *RELEASE.get_or_init(|| {
@@ -82,7 +83,12 @@ fn release() -> u16 {
                 .ok()
                 .map(|t| path.parent().map_or(t.clone(), |d| d.join(&t)));
         }
-        53
+        // Run under another argv[0] (vmd's shim names every VMM
+        // `cloud-hypervisor`): the executable itself says.
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| named(&e))
+            .unwrap_or(53)
     })
 }
 

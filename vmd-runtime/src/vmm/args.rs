@@ -25,7 +25,10 @@ pub fn hypervisor_args(spec: &VmSpec, run: &RunDir, version: Version) -> Vec<Str
             a.push(value);
         }
     };
-    push("--api-socket", format!("path={}", p(&run.api_socket())));
+    push(
+        "--api-socket",
+        format!("path={}", p(&spec.api_socket_in(run))),
+    );
     push("--kernel", p(&spec.kernel));
     if let Some(i) = &spec.initramfs {
         push("--initramfs", p(i));
@@ -130,6 +133,8 @@ mod tests {
                 keep_bytes: 4 << 20,
             },
             web_console: None,
+            api_socket: None,
+            go_config: None,
         }
     }
 

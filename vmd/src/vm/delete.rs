@@ -22,8 +22,12 @@ impl Manager {
     /// any point.
     pub async fn remove(&self, name: &VmName, graceful: bool) -> Result<(), VmError> {
         let paths = self.paths();
-        // First: from now on the VM does not exist for callers.
+        // First: from now on the VM does not exist for callers, nor for the
+        // Go VM module after a roll-back.
         self.unlink(&paths.present_mark(name))?;
+        if let Some(d) = &self.host().go_config_dir {
+            self.unlink(&d.join(name.as_str()))?;
+        }
         self.remove_streams_of(name).await?;
         let run = self.run_dir(name);
         let service = service_of(name);
@@ -70,6 +74,12 @@ impl Manager {
             .what(|| format!("cannot remove the console log of vm {name}"))?;
         files::remove_state(&paths.seed(name))
             .what(|| format!("cannot remove the cloud-init image of vm {name}"))?;
+        // The VMM's API socket (and the lock file v53 leaves beside it).
+        let api = self.host().api_socket_dir.join(name.as_str());
+        let lock = self.host().api_socket_dir.join(format!("{name}.lock"));
+        for p in [api, lock] {
+            files::remove_file(&p).what(|| format!("cannot remove {}", p.display()))?;
+        }
         // Before the run directory goes: the shim's record in it is what is
         // published of its last moments.
         let why = (!graceful).then(|| "the VM was rolled back or cleaned up".to_owned());

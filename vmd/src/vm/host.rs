@@ -25,6 +25,12 @@ pub struct Host {
     pub stream_ca_file: Option<PathBuf>,
     /// The web console's server and page (placed by the network module).
     pub console: ConsoleHost,
+    /// Where the VMMs' REST API sockets are, `<dir>/<name>` (Zero-OS:
+    /// /var/run/cloud-hypervisor, where the Go VM module looks for them).
+    pub api_socket_dir: PathBuf,
+    /// The Go VM module's config directory, where each VM's config is kept
+    /// in its format for a roll-back (docs/zero-os-node.md); `None`: not kept.
+    pub go_config_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]

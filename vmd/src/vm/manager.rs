@@ -58,6 +58,11 @@ impl Manager {
         files::create_dir(&p.present_dir(), 0o700)?;
         files::create_dir(&p.seeds_dir(), 0o700)?;
         files::create_dir(&p.streams_dir(), 0o700)?;
+        // Only root (the shims, the Go module after a roll-back) uses them.
+        files::create_dir(&host.api_socket_dir, 0o700)?;
+        if let Some(d) = &host.go_config_dir {
+            files::create_dir(d, 0o700)?;
+        }
         let services = zinit::ConfigDir::open(&host.zinit_dir).map_err(std::io::Error::other)?;
         let zinit = zinit::Client::new(&host.zinit_socket).with_timeout(Duration::from_secs(10));
         Ok(Manager {

@@ -17,6 +17,7 @@ pub mod cloudinit;
 pub mod cmdline;
 pub mod delete;
 pub mod error;
+pub mod goconfig;
 pub mod host;
 pub mod inspect;
 pub mod lock;

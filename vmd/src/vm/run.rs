@@ -198,6 +198,12 @@ impl Manager {
         plan.spec
             .save(&run.spec())
             .what(|| format!("cannot write the description of vm {name}"))?;
+        // What the Go VM module needs to adopt it after a roll-back.
+        if let Some(cfg) = &plan.spec.go_config {
+            let machine = super::goconfig::Machine::of(&plan.spec);
+            files::replace(cfg, &machine.to_json(), 0o600)
+                .what(|| format!("cannot write the Go config of vm {name}"))?;
+        }
         // A new VM starts with a new console log.
         console::remove(&self.paths().log(name))
             .what(|| format!("cannot remove the old console log of vm {name}"))?;

@@ -144,6 +144,8 @@ pub fn plan(vm: &Vm, host: &Host, settings: &Settings, in_use: &InUse) -> Result
             keep_bytes: settings.log_keep_bytes,
         },
         web_console: None,
+        api_socket: Some(host.api_socket_dir.join(name.as_str())),
+        go_config: host.go_config_dir.as_ref().map(|d| d.join(name.as_str())),
     };
     spec.validate().map_err(|e| Invalid(e.to_string()))?;
     let service = service_file(host, settings, &run)?;

@@ -219,7 +219,7 @@ async fn reap(
         tracing::info!(vm = %name, "changed while provisiond was asked; left alone");
         return;
     }
-    tracing::warn!(vm = %name, reason = %why, "deleting the VM: {why}");
+    tracing::warn!(vm = %name, reason = %why, "deleting the VM of a gone workload");
     if let Err(e) = m.delete(name.as_str()).await {
         tracing::error!(vm = %name, error = %e, "cannot delete the VM of a deleted workload; trying again next pass");
     }
