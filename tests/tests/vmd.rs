@@ -864,7 +864,11 @@ async fn a_vm_reaches_no_file_outside_the_allowed_paths_nor_another_vms() {
     // before: another VM's cloud-init seed (its SSH keys, its secrets) as a
     // writable disk, another VM's request as an initrd, /etc/shadow as a
     // disk, / as a share. Each refused now, saying by which rule.
-    let env = Env::start(&[]).await;
+    // The Go module's config directory where a VM could name it (under an
+    // allowed path): refused all the same.
+    let go = tempfile::tempdir().unwrap();
+    let go_dir = go.path().join("go-config");
+    let env = Env::start(&["--go-config-dir", go_dir.to_str().unwrap()]).await;
     env.stub.run(&env.vm("victim", &[])).await.unwrap();
     let seed = env.vmd.root().join("cloud-init").join("victim.img");
     let request = env.run_dir("victim").join("request.json");
@@ -886,6 +890,13 @@ async fn a_vm_reaches_no_file_outside_the_allowed_paths_nor_another_vms() {
     vm.initrd_image = request.to_string_lossy().into_owned();
     cases.push((
         "another VM's request as an initrd",
+        vm,
+        "inside vmd's own files",
+    ));
+    let mut vm = env.vm("thief", &[]);
+    vm.disks = vec![disk(&go_dir.join("victim"))];
+    cases.push((
+        "another VM's Go config as a disk",
         vm,
         "inside vmd's own files",
     ));

@@ -84,10 +84,16 @@ pub fn plan(vm: &Vm, host: &Host, settings: &Settings, in_use: &InUse) -> Result
     let run = paths.run_dir(&name);
     size(vm)?;
     let zinit_dir = host.zinit_dir.as_path();
-    let allowed = AllowedPaths::new(
-        &settings.allowed_paths,
-        &[paths.root(), paths.runtime(), zinit_dir],
-    );
+    let mut own = vec![
+        paths.root(),
+        paths.runtime(),
+        zinit_dir,
+        host.api_socket_dir.as_path(),
+    ];
+    if let Some(d) = &host.go_config_dir {
+        own.push(d.as_path());
+    }
+    let allowed = AllowedPaths::new(&settings.allowed_paths, &own);
     let kernel = allowed.check("kernel image", &vm.kernel_image, Kind::File)?;
     let initramfs = match vm.initrd_image.as_str() {
         "" => None,
