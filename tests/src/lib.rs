@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod fixture;
+pub mod go_server;
 pub mod gomodule;
 pub mod guest;
 pub mod netns;

@@ -110,46 +110,19 @@ pub struct NetworkDouble {
 impl NetworkDouble {
     /// Serves module `module` (Zero-OS: `network`) on `broker`.
     pub async fn start(broker: &vmd::zbus::broker::Broker, module: &str, subnets: Subnets) -> Self {
-        let mut conn = broker.connect().await.unwrap();
         let queue = format!("{module}.network@0.0.1");
         let calls = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&calls);
-        let task = tokio::spawn(async move {
-            loop {
-                let popped: redis::RedisResult<Option<(String, Vec<u8>)>> = redis::cmd("BLPOP")
-                    .arg(&queue)
-                    .arg(1.0)
-                    .query_async(&mut conn)
-                    .await;
-                let bytes = match popped {
-                    Ok(Some((_, bytes))) => bytes,
-                    Ok(None) => continue,
-                    // Redis went away (the test is ending): so does the module.
-                    Err(_) => return,
-                };
-                let Ok(req) = codec::decode::<Request>(&bytes) else {
-                    continue;
-                };
-                let net_id: String = req
-                    .inputs
-                    .first()
-                    .and_then(|i| codec::decode(i).ok())
-                    .unwrap_or_default();
-                seen.lock().unwrap().push((req.method.clone(), net_id));
-                if let Some(reply) = answer(&subnets, &bytes) {
-                    // As the Go server: the reply list, kept a while.
-                    let _: redis::RedisResult<()> = redis::pipe()
-                        .cmd("RPUSH")
-                        .arg(&req.reply_to)
-                        .arg(reply)
-                        .cmd("EXPIRE")
-                        .arg(&req.reply_to)
-                        .arg(300)
-                        .query_async(&mut conn)
-                        .await;
-                }
-            }
-        });
+        let task = crate::go_server::spawn(broker, queue, move |req, bytes| {
+            let net_id: String = req
+                .inputs
+                .first()
+                .and_then(|i| codec::decode(i).ok())
+                .unwrap_or_default();
+            seen.lock().unwrap().push((req.method.clone(), net_id));
+            answer(&subnets, bytes)
+        })
+        .await;
         NetworkDouble { task, calls }
     }
 

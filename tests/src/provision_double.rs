@@ -157,40 +157,16 @@ impl ProvisionDouble {
     /// Answers again (what waited in the queue first), as provisiond back.
     pub async fn resume(&mut self, broker: &vmd::zbus::broker::Broker, module: &str) {
         self.kill();
-        let mut conn = broker.connect().await.unwrap();
         let queue = format!("{module}.provision@0.0.1");
         let calls = Arc::clone(&self.calls);
         let workloads = Arc::clone(&self.workloads);
-        self.task = Some(tokio::spawn(async move {
-            loop {
-                let popped: redis::RedisResult<Option<(String, Vec<u8>)>> = redis::cmd("BLPOP")
-                    .arg(&queue)
-                    .arg(1.0)
-                    .query_async(&mut conn)
-                    .await;
-                let bytes = match popped {
-                    Ok(Some((_, bytes))) => bytes,
-                    Ok(None) => continue,
-                    Err(_) => return,
-                };
-                let Ok(req) = codec::decode::<Request>(&bytes) else {
-                    continue;
-                };
-                let answered = answer(&mut workloads.lock().unwrap(), &bytes);
-                if let Some((reply, received)) = answered {
-                    calls.lock().unwrap().push(received);
-                    let _: redis::RedisResult<()> = redis::pipe()
-                        .cmd("RPUSH")
-                        .arg(&req.reply_to)
-                        .arg(reply)
-                        .cmd("EXPIRE")
-                        .arg(&req.reply_to)
-                        .arg(300)
-                        .query_async(&mut conn)
-                        .await;
-                }
-            }
-        }));
+        let task = crate::go_server::spawn(broker, queue, move |_, bytes| {
+            let (reply, received) = answer(&mut workloads.lock().unwrap(), bytes)?;
+            calls.lock().unwrap().push(received);
+            Some(reply)
+        })
+        .await;
+        self.task = Some(task);
     }
 
     /// Sets the state of a workload (`None`: it no longer exists).

@@ -146,19 +146,12 @@ async fn a_dead_provisiond_costs_callers_nothing_and_is_asked_again_when_back() 
     until_gone(&env, "9-1-a").await;
 }
 
-const CRASHING: &[&str] = &[
-    "--reap-interval-secs",
-    "1",
-    "--provision-timeout-secs",
-    "1",
-    "--grace-secs",
-    "5",
-    "--restart-max",
-    "2",
-    "--restart-window-secs",
-    "120",
-];
-
+/// [`FLAGS`] and a crash-loop policy that gives up after two exits.
+fn crashing() -> Vec<&'static str> {
+    let mut f = FLAGS.to_vec();
+    f.extend(["--restart-max", "2", "--restart-window-secs", "120"]);
+    f
+}
 /// Runs `name` with a guest that crashes 300 ms after each boot, until its
 /// shim gives up on it.
 async fn run_crash_loop(env: &Stack, name: &str) {
@@ -180,7 +173,7 @@ async fn run_crash_loop(env: &Stack, name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loop_is_decommissioned_with_the_go_reason_and_its_log_kept() {
     // provisiond of zosbase main: no SetWorkloadError.
-    let env = Stack::start(CRASHING).await;
+    let env = Stack::start(&crashing()).await;
     let mut w = Workloads::default();
     w.states.insert("5-1-crashy".into(), "ok".into());
     w.states.insert("5-2-fine".into(), "ok".into());
@@ -224,7 +217,7 @@ async fn a_crash_loop_is_decommissioned_with_the_go_reason_and_its_log_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loop_is_an_error_workload_where_provisiond_has_set_workload_error() {
     // provisiond with PR #96.
-    let env = Stack::start(CRASHING).await;
+    let env = Stack::start(&crashing()).await;
     let mut w = Workloads {
         pr96: true,
         ..Default::default()
@@ -261,7 +254,7 @@ async fn zero_os_health_check_vms_run_delete_cleanly_and_are_never_reported() {
     // Zero-OS's own check: `healthcheck-vm-<unixtime>`, no network, 1 CPU,
     // 512 MiB, deleted after 30 s. Even when it fails, provisiond never hears
     // of it (it is no workload).
-    let env = Stack::start(CRASHING).await;
+    let env = Stack::start(&crashing()).await;
     let prov = ProvisionDouble::start(&env.redis.broker(), "provision", Workloads::default()).await;
     let name = format!(
         "healthcheck-vm-{}",
@@ -290,7 +283,7 @@ async fn zero_os_health_check_vms_run_delete_cleanly_and_are_never_reported() {
 async fn a_failed_vm_is_tried_again_after_its_cooldown_and_reported_ok_when_it_runs() {
     // PR #96: error, a retry after the cooldown (seconds here, 6 h on a
     // node), SetWorkloadOk once it runs again.
-    let mut flags = CRASHING.to_vec();
+    let mut flags = crashing();
     flags.extend(["--failed-retry-secs", "2"]);
     let env = Stack::start(&flags).await;
     let mut w = Workloads {
