@@ -60,20 +60,8 @@ impl Bench {
 
     /// Runs `names`, at most 32 at a time.
     async fn run_all(&self, names: &[String], stubborn: bool) {
-        let sem = Arc::new(tokio::sync::Semaphore::new(32));
-        let calls: Vec<_> = names
-            .iter()
-            .map(|n| {
-                let (s, v, sem) = (self.stub.clone(), self.vm(n, stubborn), sem.clone());
-                tokio::spawn(async move {
-                    let _p = sem.acquire().await.unwrap();
-                    s.run(&v).await.unwrap()
-                })
-            })
-            .collect();
-        for c in calls {
-            c.await.unwrap();
-        }
+        let fleet = names.iter().map(|n| self.vm(n, stubborn)).collect();
+        vmd_tests::run_all(&self.stub, fleet, 32).await;
     }
 
     /// Starts a Delete of each of `names` at once; each task answers its

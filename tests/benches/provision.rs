@@ -72,19 +72,8 @@ async fn bench(n_vms: usize) {
         kernel_args: BTreeMap::new(),
         ..Default::default()
     };
-    let sem = Arc::new(tokio::sync::Semaphore::new(16));
-    let calls: Vec<_> = (0..n_vms)
-        .map(|i| {
-            let (s, v, sem) = (stub.clone(), vm(&format!("1-{i}-vm")), sem.clone());
-            tokio::spawn(async move {
-                let _p = sem.acquire().await.unwrap();
-                s.run(&v).await.unwrap()
-            })
-        })
-        .collect();
-    for c in calls {
-        c.await.unwrap();
-    }
+    let fleet = (0..n_vms).map(|i| vm(&format!("1-{i}-vm"))).collect();
+    vmd_tests::run_all(&stub, fleet, 16).await;
     assert_eq!(stub.list().await.unwrap().len(), n_vms);
     // Baseline: nothing asked.
     let cpu_none = cpu(vmd.pid() as i32, Duration::from_secs(10)).await;

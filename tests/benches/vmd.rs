@@ -183,19 +183,10 @@ async fn bench(n_vms: usize) {
 
     // Scale.
     let t0 = Instant::now();
-    let sem = Arc::new(tokio::sync::Semaphore::new(16));
-    let calls: Vec<_> = (0..n_vms)
-        .map(|i| {
-            let (s, v, sem) = (stub.clone(), vm(&format!("many-{i}"), false), sem.clone());
-            tokio::spawn(async move {
-                let _p = sem.acquire().await.unwrap();
-                s.run(&v).await.unwrap()
-            })
-        })
+    let fleet = (0..n_vms)
+        .map(|i| vm(&format!("many-{i}"), false))
         .collect();
-    for c in calls {
-        c.await.unwrap();
-    }
+    vmd_tests::run_all(&stub, fleet, 16).await;
     let start_all = t0.elapsed();
     assert_eq!(stub.list().await.unwrap().len(), n_vms);
     // Let the fleet's boots finish (a quiet host, not a wait for an event).
@@ -269,6 +260,7 @@ async fn bench(n_vms: usize) {
     // The killed VMMs come back (back-off 1 s) before the fleet is deleted.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let t0 = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(16));
     let calls: Vec<_> = (0..n_vms)
         .map(|i| {
             let (s, sem) = (stub.clone(), sem.clone());

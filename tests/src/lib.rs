@@ -126,6 +126,29 @@ pub fn bench_main<F: std::future::Future>(bench: F) -> F::Output {
 }
 
 /// The `p`-th percentile of `v` (p in 0..=100).
+/// Runs every VM of `vms` through `stub`, at most `at_once` at a time;
+/// panics on any error (benchmarks set up their fleet with it).
+pub async fn run_all(
+    stub: &std::sync::Arc<vmd::stub::VmdStub>,
+    vms: Vec<vmd::api::Vm>,
+    at_once: usize,
+) {
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(at_once));
+    let calls: Vec<_> = vms
+        .into_iter()
+        .map(|v| {
+            let (s, sem) = (std::sync::Arc::clone(stub), std::sync::Arc::clone(&sem));
+            tokio::spawn(async move {
+                let _p = sem.acquire().await.unwrap();
+                s.run(&v).await.unwrap()
+            })
+        })
+        .collect();
+    for c in calls {
+        c.await.unwrap();
+    }
+}
+
 pub fn pct(v: &[std::time::Duration], p: usize) -> std::time::Duration {
     let mut v = v.to_vec();
     v.sort();

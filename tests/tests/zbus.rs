@@ -653,13 +653,7 @@ async fn a_take_whose_answer_was_lost_with_its_connection_is_served_after_reconn
     let mut c = redis.broker().connect().await.unwrap();
     // Served at all (its popper is connected and waiting) before the cut.
     stub(&redis).exists("before").await.unwrap();
-    let payload = raw_request("lost-take-id", "lost-take-reply", "Exists", "a");
-    let _: () = redis::cmd("RPUSH")
-        .arg("vmd.manager@0.0.1")
-        .arg(payload)
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    raw_exists(&redis, "lost-take-id", "lost-take-reply", "a").await;
     let r = reply_of(&mut c, "lost-take-reply", 10.0)
         .await
         .expect("the request of the lost take was answered");

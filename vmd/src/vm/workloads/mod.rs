@@ -31,7 +31,7 @@ use vmd_runtime::VmName;
 
 use super::manager::Manager;
 use crate::provision::{Provision, ProvisionError, WorkloadId};
-use crate::zbus::keyed::KeyedLocks;
+use crate::zbus::keyed::{KeyGuard, KeyedLocks};
 use report::Due;
 
 pub mod report;
@@ -106,7 +106,7 @@ async fn pass(
         let Some(asked) = incarnation(m, &name) else {
             continue;
         };
-        match p.workload_status(&id).await {
+        let reached = match p.workload_status(&id).await {
             Ok(s) if s.gone() => {
                 let why = if s.exists {
                     format!("its workload is {}", s.state)
@@ -114,25 +114,52 @@ async fn pass(
                     "its workload does not exist".to_owned()
                 };
                 reap(m, locks, &name, asked, &why).await;
-                tokio::time::sleep(gap).await;
-                continue;
+                Ok(())
             }
-            Ok(_) => {}
-            Err(ProvisionError::Unreachable(e)) => {
-                tracing::warn!(error = %e, "cannot ask provisiond about workloads; trying again later");
-                return false;
+            Err(e @ ProvisionError::Unreachable(_)) => Err(e),
+            status => {
+                if let Err(e) = status {
+                    tracing::warn!(vm = %name, error = %e, "provisiond cannot say whether the VM's workload exists; left running");
+                }
+                tell(m, locks, p, &name, &id, asked, retry_after).await
             }
-            Err(e) => {
-                tracing::warn!(vm = %name, error = %e, "provisiond cannot say whether the VM's workload exists; left running")
-            }
-        }
-        if let Err(e) = tell(m, locks, p, &name, &id, asked, retry_after).await {
-            tracing::warn!(vm = %name, error = %e, "cannot report the VM's state to provisiond; trying again later");
+        };
+        if let Err(e) = reached {
+            tracing::warn!(error = %e, "cannot reach provisiond; trying again later");
             return false;
         }
         tokio::time::sleep(gap).await;
     }
     true
+}
+
+/// The VM's key, if the VM is still the one provisiond was asked about: a
+/// Delete and Run of the same name meanwhile win.
+async fn same_vm(
+    m: &Manager,
+    locks: &Arc<KeyedLocks>,
+    name: &VmName,
+    asked: Incarnation,
+) -> Option<KeyGuard> {
+    let key = locks.lock(name.as_str().to_owned()).await;
+    (incarnation(m, name) == Some(asked)).then_some(key)
+}
+
+/// provisiond's answer: `Ok(None)` when it refused (said, and tried again
+/// next pass), `Err` only when it could not be reached.
+fn answered<T>(
+    r: Result<T, ProvisionError>,
+    name: &VmName,
+    what: &str,
+) -> Result<Option<T>, ProvisionError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e @ ProvisionError::Unreachable(_)) => Err(e),
+        Err(e) => {
+            tracing::warn!(vm = %name, error = %e, "provisiond refused {what}; trying again next pass");
+            Ok(None)
+        }
+    }
 }
 
 /// Tells provisiond what is due of one VM (see [`report`]); `Err` only when
@@ -146,65 +173,48 @@ async fn tell(
     asked: Incarnation,
     retry_after: Duration,
 ) -> Result<(), ProvisionError> {
+    let reported = m.run_dir(name).reported();
     match report::due(m, name, retry_after) {
-        Due::Nothing => Ok(()),
+        Due::Nothing => {}
         Due::Failure { failure, state } => {
-            let record = match report::report(p, id, failure, &state).await {
-                Ok(r) => r,
-                Err(e @ ProvisionError::Unreachable(_)) => return Err(e),
-                Err(e) => {
-                    tracing::warn!(vm = %name, error = %e, "provisiond refused the report of the VM's failure; trying again next pass");
-                    return Ok(());
-                }
+            let sent = report::report(p, id, failure, &state).await;
+            let Some(record) = answered(sent, name, "the report of the VM's failure")? else {
+                return Ok(());
             };
             tracing::warn!(vm = %name, how = ?record.how, message = %record.message,
                            "told provisiond that the VM failed");
-            // The record belongs to this life of the VM only.
-            let _key = locks.lock(name.as_str().to_owned()).await;
-            if incarnation(m, name) == Some(asked) {
-                if let Err(e) =
-                    vmd_runtime::files::write_json(&m.run_dir(name).reported(), &record, 0o600)
-                {
+            if let Some(_key) = same_vm(m, locks, name, asked).await {
+                if let Err(e) = vmd_runtime::files::write_json(&reported, &record, 0o600) {
                     tracing::error!(vm = %name, error = %e, "cannot record the report; it will be sent again");
                 }
             }
-            Ok(())
         }
         Due::Retry => {
-            let _key = locks.lock(name.as_str().to_owned()).await;
-            if incarnation(m, name) != Some(asked) {
-                return Ok(());
-            }
-            let shim = vmd_runtime::control::ShimClient::new(&m.run_dir(name));
-            match shim.retry(Duration::from_secs(5)).await {
-                Ok(()) => {
-                    tracing::warn!(vm = %name, "starting the failed VM again after its cooldown")
-                }
-                Err(e) => {
-                    tracing::warn!(vm = %name, error = %e, "cannot start the failed VM again; trying next pass")
+            if let Some(_key) = same_vm(m, locks, name, asked).await {
+                let shim = vmd_runtime::control::ShimClient::new(&m.run_dir(name));
+                match shim.retry(Duration::from_secs(5)).await {
+                    Ok(()) => {
+                        tracing::warn!(vm = %name, "starting the failed VM again after its cooldown")
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %name, error = %e, "cannot start the failed VM again; trying next pass")
+                    }
                 }
             }
-            Ok(())
         }
         Due::Recovered => {
-            match p.set_ok(id).await {
-                Ok(()) => {}
-                Err(e @ ProvisionError::Unreachable(_)) => return Err(e),
-                Err(e) => {
-                    tracing::warn!(vm = %name, error = %e, "provisiond refused SetWorkloadOk; trying again next pass");
-                    return Ok(());
-                }
+            if answered(p.set_ok(id).await, name, "SetWorkloadOk")?.is_none() {
+                return Ok(());
             }
             tracing::info!(vm = %name, "told provisiond that the VM runs again");
-            let _key = locks.lock(name.as_str().to_owned()).await;
-            if incarnation(m, name) == Some(asked) {
-                if let Err(e) = vmd_runtime::files::remove_state(&m.run_dir(name).reported()) {
+            if let Some(_key) = same_vm(m, locks, name, asked).await {
+                if let Err(e) = vmd_runtime::files::remove_state(&reported) {
                     tracing::error!(vm = %name, error = %e, "cannot remove the report record");
                 }
             }
-            Ok(())
         }
     }
+    Ok(())
 }
 
 async fn reap(
@@ -214,11 +224,10 @@ async fn reap(
     asked: Incarnation,
     why: &str,
 ) {
-    let _key = locks.lock(name.as_str().to_owned()).await;
-    if incarnation(m, name) != Some(asked) {
+    let Some(_key) = same_vm(m, locks, name, asked).await else {
         tracing::info!(vm = %name, "changed while provisiond was asked; left alone");
         return;
-    }
+    };
     tracing::warn!(vm = %name, reason = %why, "deleting the VM of a gone workload");
     if let Err(e) = m.delete(name.as_str()).await {
         tracing::error!(vm = %name, error = %e, "cannot delete the VM of a deleted workload; trying again next pass");

@@ -149,24 +149,19 @@ pub async fn report(
     state: &ShimState,
 ) -> Result<Record, ProvisionError> {
     let message = error_message(state);
-    let how = match p.set_error(id, &message).await {
-        Ok(()) => Reported::Error,
+    let (how, message) = match p.set_error(id, &message).await {
+        Ok(()) => (Reported::Error, message),
+        // Already gone: nothing left to tell.
+        Err(e) if e.deployment_gone() => (Reported::Error, message),
         Err(ProvisionError::Lacks(_)) => {
             let reason = decommission_reason(state);
             match p.decommission(id, &reason).await {
                 Ok(()) => {}
-                // Already gone: nothing left to tell.
                 Err(e) if e.deployment_gone() => {}
                 Err(e) => return Err(e),
             }
-            return Ok(Record {
-                failure,
-                how: Reported::Decommissioned,
-                at: now_secs(),
-                message: reason,
-            });
+            (Reported::Decommissioned, reason)
         }
-        Err(e) if e.deployment_gone() => Reported::Error,
         Err(e) => return Err(e),
     };
     Ok(Record {

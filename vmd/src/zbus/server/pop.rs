@@ -116,6 +116,7 @@ pub(super) async fn pop_loop(
             // Under load more requests wait behind the first: take as many
             // as there is room for, a bounded batch at a time.
             let room = (inflight.available_permits() + 1).min(POP_BATCH);
+            let tries = batch.min(room);
             let list = shared.takes.next(&queue);
             let sending = std::mem::take(&mut ready);
             let take = Take {
@@ -124,12 +125,11 @@ pub(super) async fn pop_loop(
                 queue: &queue,
                 list: &list,
                 room,
-                tries: batch.min(room),
+                tries,
             };
-            let tries = take.tries;
-            // Cancelling a take is safe at any instant: the wait takes
-            // nothing, what the script took is in the in-flight list for the
-            // next run, and the replies sent with it go again, checked.
+            // Cancelling a take is safe at any instant: what its moves took
+            // is in its in-flight list for the next run, and the replies
+            // sent with it go again, checked.
             let taken = tokio::select! {
                 t = take.run(&mut conn, &sending) => t,
                 _ = shutdown.changed() => {
