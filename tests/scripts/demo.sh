@@ -109,8 +109,7 @@ allowed=(--allowed-path "$work")
 "$VMD" --broker "$broker" --root "$work/root" --runtime-dir "$work/run" \
     --api-socket-dir "$work/api" --go-config-dir "$work/go-config" --provision-module none \
     --zinit-socket "$work/zinit.sock" --zinit-dir "$work/zinit" "${allowed[@]}" \
-    --cloud-hypervisor "$CH" --grace-secs 10 "${netflags[@]}" \
-    --console-assets "$PWD/console/web" 2>"$work/vmd.log" &
+    --cloud-hypervisor "$CH" --grace-secs 10 "${netflags[@]}" 2>"$work/vmd.log" &
 pids=($! "${pids[@]}")
 for _ in $(seq 100); do ctl --timeout 1 status >/dev/null 2>&1 && break; sleep 0.1; done
 

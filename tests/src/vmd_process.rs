@@ -93,12 +93,6 @@ impl VmdProcess {
             args.push("--cloud-hypervisor".into());
             args.push(crate::vm::ch_binary().to_string_lossy().into_owned());
         }
-        // The repository's console page (tests/scripts/test.sh installs
-        // xterm.js into it with npm).
-        if !extra.contains(&"--console-assets") {
-            args.push("--console-assets".into());
-            args.push(crate::console_assets().to_string_lossy().into_owned());
-        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut p = VmdProcess {
             runtime,

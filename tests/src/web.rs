@@ -82,8 +82,15 @@ pub struct Web {
 
 impl Web {
     pub async fn start(address: Option<&str>) -> Result<Web, String> {
+        Self::start_with(address, &[]).await
+    }
+
+    /// The same with more of vmd's flags.
+    pub async fn start_with(address: Option<&str>, extra: &[&str]) -> Result<Web, String> {
         let ns = NetNs::new(address)?;
-        let env = Stack::start(&["--network-module", "net1", "--netns-dir", NETNS_DIR]).await;
+        let mut args = vec!["--network-module", "net1", "--netns-dir", NETNS_DIR];
+        args.extend_from_slice(extra);
+        let env = Stack::start(&args).await;
         let mut subnets = Subnets {
             ip16: true,
             ..Default::default()

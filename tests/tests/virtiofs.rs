@@ -33,7 +33,7 @@ fn layout(t: &Path) -> Host {
         stream_ca_file: None,
         console: vmd::vm::host::ConsoleHost {
             server: "/usr/bin/vmd-console".into(),
-            assets: "/usr/share/vmd/console".into(),
+            assets: None,
         },
         api_socket_dir: t.join("api"),
         go_config_dir: Some(t.join("go-config")),

@@ -134,14 +134,21 @@ async fn the_web_console_serves_the_page_and_the_session_in_the_namespace_only()
     assert_eq!(inspect.console_url.as_deref(), Some("10.20.2.1:20005"));
     assert_eq!(inspect.console_error, None);
 
-    // The page and xterm.js, from npm.
-    let (status, page) = web.get(20005, "/");
-    assert_eq!(status, 200);
-    let page = String::from_utf8_lossy(&page).into_owned();
-    assert!(page.contains("xterm.js") && page.contains("/ws"), "{page}");
-    let (status, js) = web.get(20005, "/xterm.js");
-    assert_eq!(status, 200);
-    assert!(js.len() > 100_000, "xterm.js is {} bytes", js.len());
+    // The page and xterm.js as npm pinned them, built into vmd-console
+    // (vmd was given no --console-assets): a node needs only the binaries.
+    let web_dir = vmd_tests::console_assets();
+    for (path, file) in [
+        ("/", "index.html"),
+        ("/xterm.js", "node_modules/@xterm/xterm/lib/xterm.js"),
+        ("/xterm.css", "node_modules/@xterm/xterm/css/xterm.css"),
+    ] {
+        let (status, body) = web.get(20005, path);
+        assert_eq!(status, 200, "{path}");
+        assert!(
+            body == std::fs::read(web_dir.join(file)).unwrap(),
+            "{path} is not the repository's {file}"
+        );
+    }
     assert_eq!(web.get(20005, "/nothing").0, 404);
 
     // Nothing listens in the host's namespace.
@@ -245,6 +252,34 @@ async fn the_web_console_serves_the_page_and_the_session_in_the_namespace_only()
         .ns
         .connect(SocketAddr::from((Ipv4Addr::new(10, 20, 2, 1), 20005)))
         .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_page_replaces_the_built_in_one() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("index.html"), "<p>the operator's page</p>").unwrap();
+    let assets = dir.path().to_str().unwrap();
+    let web = match Web::start_with(Some("10.20.2.1/24"), &["--console-assets", assets]).await {
+        Ok(w) => w,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    web.env.stub.run(&web.vm("12-4-a", 7)).await.unwrap();
+    let (status, page) = web.get(20007, "/");
+    assert_eq!(
+        (status, page.as_slice()),
+        (200, &b"<p>the operator's page</p>"[..])
+    );
+    // What the directory lacks is missing, not taken from the binary: one
+    // page, never a mix of two versions.
+    let (status, body) = web.get(20007, "/xterm.js");
+    assert_eq!(
+        (status, String::from_utf8_lossy(&body).as_ref()),
+        (500, "the console page is not installed\n")
+    );
+    web.env.stub.delete("12-4-a").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

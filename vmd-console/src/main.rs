@@ -24,6 +24,7 @@
 //! reach the VM, must not get its root console (cross-site WebSocket
 //! hijacking). A client without `Origin` is not a browser and is served.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -67,9 +68,11 @@ struct Cli {
     /// The VM's name (for the log lines).
     #[arg(long)]
     name: String,
-    /// The page's files: index.html, and xterm.js from npm (node_modules).
+    /// The page's files, instead of the page built into the binary: a
+    /// directory with index.html and xterm.js from npm (node_modules), as
+    /// `console/web` after `npm ci`.
     #[arg(long)]
-    assets: PathBuf,
+    assets: Option<PathBuf>,
     /// The listening socket.
     #[arg(long, default_value_t = 3)]
     listen_fd: RawFd,
@@ -94,7 +97,7 @@ struct Cli {
 
 struct App {
     name: String,
-    assets: PathBuf,
+    assets: Option<PathBuf>,
     connector: Connector,
     clients: AtomicUsize,
     max_clients: usize,
@@ -249,8 +252,22 @@ fn same_origin(headers: &HeaderMap) -> bool {
     }
 }
 
+/// One file of the page: `rel` under `--assets` if given, else the copy
+/// built into the binary.
 async fn file(app: &App, rel: &str, kind: &'static str) -> Response {
-    match tokio::fs::read(app.assets.join(rel)).await {
+    let body = match &app.assets {
+        Some(dir) => tokio::fs::read(dir.join(rel)).await.map(Cow::Owned).map_err(|e| {
+            say(format!("web console: cannot read {rel}: {e}"));
+            "the console page is not installed\n"
+        }),
+        None => page::embedded(rel).map(Cow::Borrowed).ok_or_else(|| {
+            say(format!(
+                "web console: {rel} is not built into this binary (it was built before `npm ci`); pass --assets"
+            ));
+            "the console page is not built into this vmd-console\n"
+        }),
+    };
+    match body {
         Ok(body) => (
             [
                 (header::CONTENT_TYPE, kind),
@@ -259,32 +276,42 @@ async fn file(app: &App, rel: &str, kind: &'static str) -> Response {
             body,
         )
             .into_response(),
-        Err(e) => {
-            say(format!("web console: cannot read {rel}: {e}"));
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the console page is not installed\n",
-            )
-                .into_response()
-        }
+        Err(text) => (StatusCode::INTERNAL_SERVER_ERROR, text).into_response(),
     }
 }
 
 async fn page(State(app): State<Arc<App>>) -> Response {
-    file(&app, "index.html", "text/html; charset=utf-8").await
+    file(&app, page::INDEX, "text/html; charset=utf-8").await
 }
 
 async fn xterm_js(State(app): State<Arc<App>>) -> Response {
-    file(
-        &app,
-        "node_modules/@xterm/xterm/lib/xterm.js",
-        "text/javascript",
-    )
-    .await
+    file(&app, page::XTERM_JS, "text/javascript").await
 }
 
 async fn xterm_css(State(app): State<Arc<App>>) -> Response {
-    file(&app, "node_modules/@xterm/xterm/css/xterm.css", "text/css").await
+    file(&app, page::XTERM_CSS, "text/css").await
+}
+
+/// The page built into the binary (see `build.rs`).
+mod page {
+    pub const INDEX: &str = "index.html";
+    pub const XTERM_JS: &str = "node_modules/@xterm/xterm/lib/xterm.js";
+    pub const XTERM_CSS: &str = "node_modules/@xterm/xterm/css/xterm.css";
+
+    #[cfg(embedded_page)]
+    pub fn embedded(rel: &str) -> Option<&'static [u8]> {
+        match rel {
+            INDEX => Some(include_bytes!(env!("VMD_CONSOLE_INDEX_HTML"))),
+            XTERM_JS => Some(include_bytes!(env!("VMD_CONSOLE_XTERM_JS"))),
+            XTERM_CSS => Some(include_bytes!(env!("VMD_CONSOLE_XTERM_CSS"))),
+            _ => None,
+        }
+    }
+
+    #[cfg(not(embedded_page))]
+    pub fn embedded(_rel: &str) -> Option<&'static [u8]> {
+        None
+    }
 }
 
 async fn ws(

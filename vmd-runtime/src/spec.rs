@@ -88,8 +88,10 @@ pub struct WebConsole {
     pub port: u16,
     /// The console server (`vmd-console`).
     pub server: PathBuf,
-    /// The page's files (the built `console/web` directory).
-    pub assets: PathBuf,
+    /// The page's files (a `console/web` directory after `npm ci`), in place
+    /// of the page built into `vmd-console`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assets: Option<PathBuf>,
 }
 
 impl WebConsole {
@@ -271,7 +273,9 @@ impl VmSpec {
         if let Some(w) = &self.web_console {
             plain_path("console namespace", &w.netns)?;
             plain_path("console server", &w.server)?;
-            plain_path("console assets", &w.assets)?;
+            if let Some(assets) = &w.assets {
+                plain_path("console assets", assets)?;
+            }
             if w.port == 0 {
                 return Err(SpecError::Invalid("console port 0".into()));
             }

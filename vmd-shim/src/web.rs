@@ -147,10 +147,11 @@ async fn serve_once(
     let mut cmd =
         Hardening::console_server(listen_fd.as_raw_fd(), connector_fd.as_raw_fd(), nobody())
             .command(&w.server);
-    cmd.arg("--name")
-        .arg(name)
-        .arg("--assets")
-        .arg(&w.assets)
+    cmd.arg("--name").arg(name);
+    if let Some(assets) = &w.assets {
+        cmd.arg("--assets").arg(assets);
+    }
+    cmd
         // Its lines (who connected) go where the shim's go: zinit's log.
         .stdout(std::process::Stdio::inherit())
         .stderr(std::process::Stdio::inherit());

@@ -114,9 +114,10 @@ struct DaemonArgs {
     /// The vmd-console binary (default: next to vmd, else on PATH).
     #[arg(long)]
     console_server: Option<PathBuf>,
-    /// The web console page's files.
-    #[arg(long, default_value = "/usr/share/vmd/console")]
-    console_assets: PathBuf,
+    /// The web console page's files (a `console/web` directory after
+    /// `npm ci`), in place of the page built into vmd-console.
+    #[arg(long)]
+    console_assets: Option<PathBuf>,
     /// Extra CA certificates (PEM) trusted for wss stream receivers.
     #[arg(long)]
     stream_ca_file: Option<PathBuf>,
@@ -300,8 +301,10 @@ async fn daemon(
         stream_ca_file: args.stream_ca_file.clone(),
         console: vmd::vm::host::ConsoleHost {
             server: console_server,
-            assets: std::path::absolute(&args.console_assets)
-                .unwrap_or_else(|_| args.console_assets.clone()),
+            assets: args
+                .console_assets
+                .as_ref()
+                .map(|a| std::path::absolute(a).unwrap_or_else(|_| a.clone())),
         },
         api_socket_dir: args.api_socket_dir.clone(),
         go_config_dir: (args.go_config_dir.as_os_str() != "none")

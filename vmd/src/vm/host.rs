@@ -37,8 +37,8 @@ pub struct Host {
 pub struct ConsoleHost {
     /// The vmd-console binary the shims run for VMs with a web console.
     pub server: PathBuf,
-    /// The page's files (xterm.js and the page).
-    pub assets: PathBuf,
+    /// The page's files in place of the page built into vmd-console.
+    pub assets: Option<PathBuf>,
 }
 
 /// Whether `ns` can name a network namespace under `ip netns`'s directory: a
