@@ -146,6 +146,7 @@ impl TestVm {
             web_console: None,
             api_socket: None,
             go_config: None,
+            adopted: None,
         };
         TestVm {
             name: name.into(),

@@ -142,6 +142,17 @@ impl ConsoleLog {
         Ok(log)
     }
 
+    /// Takes in what another writer appended to the file since it was
+    /// opened (writes are `O_APPEND`: they always land after it), rotating
+    /// if that makes it too long.
+    pub fn resync(&mut self) -> io::Result<()> {
+        self.size = self.file.metadata()?.len();
+        if self.size > self.rotate_bytes {
+            self.rotate()?;
+        }
+        Ok(())
+    }
+
     /// Absolute offset just past the last byte written.
     pub fn end(&self) -> u64 {
         self.base + self.size

@@ -68,6 +68,11 @@ pub struct VmSpec {
     /// roll-back: the shim does not start its VMM again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub go_config: Option<PathBuf>,
+    /// A VMM the Go VM module started, which vmd took over with its VM
+    /// (docs/zero-os-node.md): while this very process runs, the shim
+    /// watches it instead of starting one; every later VMM is the shim's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted: Option<crate::state::ProcessIdentity>,
 }
 
 impl VmSpec {

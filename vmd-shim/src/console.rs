@@ -71,6 +71,12 @@ impl Console {
         }))
     }
 
+    /// Takes in what another process appended to the log (the Go module's
+    /// console process, while its VMM ran).
+    pub fn resync(&mut self) -> std::io::Result<()> {
+        self.log.resync()
+    }
+
     /// Appends to the log and queues a copy for every terminal.
     pub fn write(&mut self, bytes: &[u8]) {
         if let Err(e) = self.log.write(bytes) {

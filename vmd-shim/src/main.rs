@@ -24,6 +24,7 @@ use clap::Parser;
 use vmd_runtime::process::{current_thread_runtime, say};
 use vmd_runtime::RunDir;
 
+mod adopted;
 mod console;
 mod control;
 mod error;

@@ -17,7 +17,7 @@ use vmd_runtime::events::EventKind;
 use vmd_runtime::process::say;
 use vmd_runtime::spec::VmSpec;
 use vmd_runtime::state::{now_secs, Exit, Phase, ShimState};
-use vmd_runtime::vmm::VersionCache;
+use vmd_runtime::vmm::{VersionCache, VmState};
 use vmd_runtime::RunDir;
 
 use crate::control::{RetryAsked, StopFrom};
@@ -92,6 +92,9 @@ pub async fn run(run: RunDir) -> ExitCode {
     // A shim that died with its VMM: the death signal killed the VMM,
     // but make sure, identity-checked so a reused pid is left alone.
     let lost = state.vmm.take();
+    // The Go module's VMM taken over is nobody's child: it outlives a shim
+    // and is watched again by this one.
+    let lost = lost.filter(|old| Some(*old) != spec.adopted);
     if let Some(old) = lost {
         if old.alive() {
             say(format!(
@@ -210,7 +213,23 @@ impl Shim {
             }
             _ => {}
         }
+        let api = self.spec.api_socket_in(&self.shared.run);
+        let mut adopted = self
+            .spec
+            .adopted
+            .and_then(|id| crate::adopted::Adopted::take(id, api));
         loop {
+            if let Some(vmm) = adopted.take() {
+                match self.watch_adopted(vmm).await {
+                    Ok(exit) => {
+                        if let Some(stop) = self.after_exit(exit).await {
+                            return stop;
+                        }
+                        continue;
+                    }
+                    Err(code) => return code,
+                }
+            }
             let snapshot = self.shared.snapshot();
             let restart = snapshot.vmm_started_at.is_some();
             let (kind, reason) = if restart {
@@ -277,69 +296,137 @@ impl Shim {
                     })
                 }
             };
-            let decision = {
-                let mut st = self.shared.lock();
-                let d = decide(
-                    &self.spec.restart,
-                    self.spec.keep_alive,
-                    &mut st.exits,
-                    exit.clone(),
-                );
-                st.vmm = None;
-                st.vm = None;
-                d
-            };
-            // Deleted by the Go VM module after a roll-back: it removed the
-            // VM's config file (vmd removes it only after stopping the shim).
-            let decision = match (&decision, &self.spec.go_config) {
-                (Decision::Restart { .. }, Some(cfg)) if !cfg.exists() => {
-                    let why = format!(
-                        "the VM's config file {} is gone (deleted by the Go VM module): not restarting it",
-                        cfg.display()
-                    );
-                    self.shared
-                        .emit(EventKind::Stopped, Some(why.clone()), |s| {
-                            s.phase = Phase::Stopped;
-                            s.reason = Some(why.clone());
-                        });
-                    say(why);
-                    return self.idle().await;
-                }
-                _ => decision,
-            };
-            match decision {
-                Decision::Restart { after } => {
-                    self.shared.set(|s| {
-                        s.phase = Phase::BackingOff;
-                        s.reason = Some(exit.status.clone());
-                    });
-                    say(format!("restarting in {} s", after.as_secs()));
-                    tokio::select! {
-                        _ = sleep(after) => {}
-                        stop = self.stops.recv() => return self.stopped(stop).await,
-                    }
-                }
-                Decision::StayOff => {
-                    self.shared.set(|s| {
-                        s.phase = Phase::PoweredOff;
-                        s.reason = Some("the guest powered off".into());
-                    });
-                    say("the guest powered off; not restarting it (no keep-alive)");
-                    return self.idle().await;
-                }
-                Decision::GiveUp { reason } => {
-                    let tail = crate::console::lock(&self.log).tail(2048);
-                    self.shared
-                        .emit(EventKind::Failed, Some(reason.clone()), |s| {
-                            s.phase = Phase::Failed;
-                            s.reason = Some(reason.clone());
-                            s.last_console = Some(tail);
-                        });
-                    say(format!("gave up: {reason}"));
-                    return self.idle().await;
-                }
+            if let Some(code) = self.after_exit(exit).await {
+                return code;
             }
         }
+    }
+
+    /// Carries out the restart policy's verdict on an exit: `None` to start
+    /// the VM again, or how the shim ends.
+    async fn after_exit(&mut self, exit: Exit) -> Option<ExitCode> {
+        let decision = {
+            let mut st = self.shared.lock();
+            let d = decide(
+                &self.spec.restart,
+                self.spec.keep_alive,
+                &mut st.exits,
+                exit.clone(),
+            );
+            st.vmm = None;
+            st.vm = None;
+            d
+        };
+        // Deleted by the Go VM module after a roll-back: it removed the
+        // VM's config file (vmd removes it only after stopping the shim).
+        let decision = match (&decision, &self.spec.go_config) {
+            (Decision::Restart { .. }, Some(cfg)) if !cfg.exists() => {
+                let why = format!(
+                    "the VM's config file {} is gone (deleted by the Go VM module): not restarting it",
+                    cfg.display()
+                );
+                self.shared
+                    .emit(EventKind::Stopped, Some(why.clone()), |s| {
+                        s.phase = Phase::Stopped;
+                        s.reason = Some(why.clone());
+                    });
+                say(why);
+                return Some(self.idle().await);
+            }
+            _ => decision,
+        };
+        match decision {
+            Decision::Restart { after } => {
+                self.shared.set(|s| {
+                    s.phase = Phase::BackingOff;
+                    s.reason = Some(exit.status.clone());
+                });
+                say(format!("restarting in {} s", after.as_secs()));
+                tokio::select! {
+                    _ = sleep(after) => {}
+                    stop = self.stops.recv() => return Some(self.stopped(stop).await),
+                }
+            }
+            Decision::StayOff => {
+                self.shared.set(|s| {
+                    s.phase = Phase::PoweredOff;
+                    s.reason = Some("the guest powered off".into());
+                });
+                say("the guest powered off; not restarting it (no keep-alive)");
+                return Some(self.idle().await);
+            }
+            Decision::GiveUp { reason } => {
+                let tail = crate::console::lock(&self.log).tail(2048);
+                self.shared
+                    .emit(EventKind::Failed, Some(reason.clone()), |s| {
+                        s.phase = Phase::Failed;
+                        s.reason = Some(reason.clone());
+                        s.last_console = Some(tail);
+                    });
+                say(format!("gave up: {reason}"));
+                return Some(self.idle().await);
+            }
+        }
+        None
+    }
+
+    /// Watches the VMM taken over from the Go module until it exits (its
+    /// exit, for the restart policy) or a stop comes (carried out: how the
+    /// shim ends).
+    async fn watch_adopted(&mut self, vmm: crate::adopted::Adopted) -> Result<Exit, ExitCode> {
+        let pid = vmm.identity.pid;
+        let guest = vmm.guest().await.unwrap_or(VmState::Running);
+        self.shared.emit(
+            EventKind::Booted,
+            Some(format!("taken over from the Go VM module (pid {pid})")),
+            |s| {
+                s.phase = Phase::Running;
+                s.vmm = Some(vmm.identity);
+                s.vm = Some(guest);
+                s.vmm_started_at.get_or_insert_with(now_secs);
+            },
+        );
+        say(format!(
+            "watching the VMM taken over from the Go VM module, pid {pid}"
+        ));
+        let locker = tokio::spawn(Arc::clone(&self.locker).keep_locked());
+        tokio::select! {
+            _ = vmm.exited() => {}
+            stop = self.stops.recv() => {
+                locker.abort();
+                self.shared.emit(EventKind::Stopping, None, |s| s.phase = Phase::Stopping);
+                let paused = self.shared.snapshot().vm == Some(VmState::Paused);
+                let how = vmm
+                    .stop_gracefully(Duration::from_secs(self.spec.grace_secs), paused)
+                    .await;
+                self.shared.emit(EventKind::Stopped, Some(how.clone()), |s| {
+                    s.phase = Phase::Stopped;
+                    s.vmm = None;
+                    s.vm = None;
+                    s.reason = Some(how.clone());
+                });
+                say(format!("stopped: {how}"));
+                return Err(self.after_stop(stop).await);
+            }
+        }
+        locker.abort();
+        // What the Go module's console process appended meanwhile is the
+        // log's: the shim's own writes go after it.
+        if let Err(e) = crate::console::lock(&self.log).resync() {
+            say(format!("cannot read the console log's size: {e}"));
+        }
+        let exit = Exit {
+            at: now_secs(),
+            status: format!(
+                "the VMM taken over from the Go VM module (pid {pid}) exited; not the shim's child, its status is unknown"
+            ),
+            // Unknown, so the Go module's rule: a VM without keep-alive is
+            // never started again once it stopped (its guest may well have
+            // powered off); one with keep-alive is, as after a crash.
+            clean: !self.spec.keep_alive,
+        };
+        self.announce(&exit);
+        Ok(exit)
     }
 
     async fn start_vmm(&mut self) -> Result<Vmm, StartError> {

@@ -354,6 +354,13 @@ async fn daemon(
     server
         .register(ObjectId::new(api::OBJECT, api::VERSION), service.clone())
         .register(ObjectId::new(api::OBJECT_ALIAS, api::VERSION), service);
+    // On a node the Go VM module ran: its VMs become vmd's, their guests
+    // running on (vmd::vm::takeover). Before serving: a caller's first
+    // Exists already sees them.
+    let taken = manager.take_over(std::path::Path::new("/proc")).await;
+    if !taken.is_empty() {
+        info!(vms = ?taken, "took over the Go VM module's VMs");
+    }
     // Serve at once: the VMs to finish (interrupted Deletes, Runs to roll
     // back) are held by their keys from here on and finished in the
     // background; only calls changing one of them wait, for that one.

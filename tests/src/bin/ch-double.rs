@@ -40,7 +40,13 @@
 //! found; no ACPI handler, so the power button is ignored); otherwise
 //! nothing reads the console and input is dropped.
 //!
-//! Deviations: no real guest, no `--serial pty`, counters are zeros, a
+//! With `--serial pty` (how the Go VM module runs it) the guest's output
+//! goes to the master of a new pty whose other side `vm.info` names
+//! (`config.serial.file`, as cloud-hypervisor does); what no one reads
+//! fills the pty's buffer and the rest is dropped.
+//!
+//! Deviations: no real guest, nothing read from a `--serial pty`'s pty
+//! (no shell on it), counters are zeros, a
 //! `--fs` socket is connected to but no vhost-user message is exchanged,
 //! the v50+ serial socket buffer is drained at once rather than a byte
 //! per guest write, and a configuration error lacks the `Fatal error:
@@ -252,6 +258,31 @@ enum Serial {
     Tty,
     File(PathBuf),
     Socket(PathBuf),
+    /// The pty's other side (its master is [`PTY_MASTER`]).
+    Pty(PathBuf),
+}
+
+/// The master of the `--serial pty` pty: made while the configuration is
+/// read, so that `vm.info` names its other side from the start.
+static PTY_MASTER: std::sync::OnceLock<std::os::fd::OwnedFd> = std::sync::OnceLock::new();
+
+/// A pty for `--serial pty`: its master kept, non-blocking, in
+/// [`PTY_MASTER`]; the path of its other side.
+fn serial_pty() -> Result<PathBuf, String> {
+    let pty = nix::pty::openpty(None, None).map_err(|e| format!("cannot open a pty: {e}"))?;
+    let path = nix::unistd::ttyname(&pty.slave).map_err(|e| format!("cannot name the pty: {e}"))?;
+    // Raw, as cloud-hypervisor sets it: the guest's bytes as they are.
+    if let Ok(mut t) = nix::sys::termios::tcgetattr(&pty.slave) {
+        nix::sys::termios::cfmakeraw(&mut t);
+        let _ = nix::sys::termios::tcsetattr(&pty.slave, nix::sys::termios::SetArg::TCSANOW, &t);
+    }
+    let flags = nix::fcntl::fcntl(&pty.master, nix::fcntl::FcntlArg::F_GETFL)
+        .map_err(|e| format!("cannot read the pty's flags: {e}"))?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(&pty.master, nix::fcntl::FcntlArg::F_SETFL(flags))
+        .map_err(|e| format!("cannot make the pty non-blocking: {e}"))?;
+    let _ = PTY_MASTER.set(pty.master);
+    Ok(path)
 }
 
 fn config(cli: &Cli) -> Result<Config, Vec<String>> {
@@ -381,11 +412,7 @@ fn config(cli: &Cli) -> Result<Config, Vec<String>> {
         "tty" => Serial::Tty,
         s if s.starts_with("file=") => Serial::File(s[5..].into()),
         s if s.starts_with("socket=") => Serial::Socket(s[7..].into()),
-        "pty" => {
-            return Err(vec![
-                "the cloud-hypervisor double has no --serial pty".into()
-            ])
-        }
+        "pty" => Serial::Pty(serial_pty().map_err(|e| vec![e])?),
         other => {
             return Err(vec![
                 "Error parsing --serial".into(),
@@ -745,6 +772,7 @@ async fn api(vmm: &Arc<Vmm>, method: &str, path: &str) -> Vec<u8> {
                 Serial::Tty => serde_json::json!({"mode": "Tty"}),
                 Serial::File(p) => serde_json::json!({"mode": "File", "file": p}),
                 Serial::Socket(p) => serde_json::json!({"mode": "Socket", "socket": p}),
+                Serial::Pty(p) => serde_json::json!({"mode": "Pty", "file": p}),
             };
             let state_name = match state {
                 VmState::Created => "Created",
@@ -1083,6 +1111,16 @@ async fn serial_sink(
             while let Some(b) = rx.recv().await {
                 let _ = out.write_all(&b).await;
                 let _ = out.flush().await;
+            }
+        }
+        Serial::Pty(_) => {
+            let Some(master) = PTY_MASTER.get() else {
+                while rx.recv().await.is_some() {}
+                return;
+            };
+            while let Some(b) = rx.recv().await {
+                // Non-blocking: a full buffer (no reader) drops the rest.
+                let _ = nix::unistd::write(master, &b);
             }
         }
         Serial::File(p) => {

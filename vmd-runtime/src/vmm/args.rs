@@ -135,6 +135,7 @@ mod tests {
             web_console: None,
             api_socket: None,
             go_config: None,
+            adopted: None,
         }
     }
 

@@ -37,6 +37,9 @@ impl Manager {
             return files::remove_state(&paths.seed(name))
                 .what(|| format!("cannot remove the cloud-init image of vm {name}"));
         }
+        // Read before its files go: a VM taken over from the Go module has
+        // a VMM that is not its shim's child, and the Go module's seed.
+        let spec: Option<vmd_runtime::spec::VmSpec> = files::read_json(&run.spec());
         if run.exists() {
             // From here on a shim respawned by zinit starts nothing.
             self.mark(&run.deleted_mark())?;
@@ -67,6 +70,9 @@ impl Manager {
         self.services()
             .remove(&service)
             .what(|| format!("cannot remove the service file of {service}"))?;
+        if let Some(spec) = &spec {
+            self.remove_adopted(name, spec)?;
+        }
         if run.exists() {
             self.keep_log_of_decommissioned(name);
         }
@@ -86,6 +92,41 @@ impl Manager {
         self.events().deleted(name, why).await;
         files::remove_dir_all(run.path())
             .what(|| format!("cannot remove the run directory of vm {name}"))
+    }
+}
+
+impl Manager {
+    /// What a VM taken over from the Go module leaves that vmd's own do
+    /// not: its first VMM, if it still runs (its shim stopped it, unless the
+    /// shim was gone: no death signal ties that VMM to it), and the Go
+    /// module's cloud-init image, `cloud-init/<name>`.
+    fn remove_adopted(
+        &self,
+        name: &VmName,
+        spec: &vmd_runtime::spec::VmSpec,
+    ) -> Result<(), VmError> {
+        let Some(vmm) = spec.adopted else {
+            return Ok(());
+        };
+        if vmm.alive() {
+            tracing::warn!(vm = %name, pid = vmm.pid, "the VMM taken over from the Go module outlived its shim: killing it");
+            // SAFETY: kill has no memory effects; the pid is identity-checked.
+            unsafe {
+                libc::kill(vmm.pid, libc::SIGKILL);
+            }
+        }
+        let seed = self.paths().seeds_dir().join(name.as_str());
+        // `cloud-init/x.img` is also vmd's own seed of a VM `x`: never that.
+        let others = name
+            .as_str()
+            .strip_suffix(".img")
+            .and_then(|stem| VmName::new(stem).ok())
+            .is_some_and(|stem| self.run_dir(&stem).exists());
+        if !others && spec.disks.iter().any(|d| d.path == seed) {
+            files::remove_state(&seed)
+                .what(|| format!("cannot remove the Go module's cloud-init image of vm {name}"))?;
+        }
+        Ok(())
     }
 }
 

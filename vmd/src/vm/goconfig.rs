@@ -4,45 +4,58 @@
 //! cloud-hypervisor it finds without a config there, and adopts those it
 //! finds with one (`shared/spec/zos-node.md` §A, §C; docs/zero-os-node.md).
 //!
-//! Written with the VM's other files at Run, removed first thing at Delete;
-//! vmd itself never reads it back.
+//! Written with the VM's other files at Run, removed first thing at Delete.
+//! Read only to take over a VM the Go module started ([`super::takeover`]):
+//! then the file is the Go module's, and every field not needed is
+//! optional, as Go's `encoding/json` has it.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vmd_runtime::spec::VmSpec;
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct Machine {
     pub id: String,
     #[serde(rename = "boot-source")]
     pub boot: Boot,
+    #[serde(default, deserialize_with = "null_default")]
     pub drives: Vec<Drive>,
+    #[serde(default, deserialize_with = "null_default")]
     pub fs: Vec<VirtioFs>,
-    #[serde(rename = "network-interfaces")]
+    #[serde(
+        rename = "network-interfaces",
+        default,
+        deserialize_with = "null_default"
+    )]
     pub interfaces: Vec<Interface>,
     #[serde(rename = "machine-config")]
     pub config: MachineConfig,
+    #[serde(default, deserialize_with = "null_default")]
     pub devices: Vec<String>,
-    #[serde(rename = "no-keep-alive")]
+    #[serde(rename = "no-keep-alive", default)]
     pub no_keep_alive: bool,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct Boot {
     pub kernel_image_path: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
+    #[serde(skip_serializing_if = "String::is_empty", default)]
     pub initrd_path: String,
+    #[serde(default)]
     pub boot_args: String,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct Drive {
+    #[serde(default)]
     pub drive_id: String,
     pub path_on_host: String,
+    #[serde(default)]
     pub is_root_device: bool,
+    #[serde(default)]
     pub is_read_only: bool,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct VirtioFs {
     #[serde(rename = "Tag")]
     pub tag: String,
@@ -50,19 +63,51 @@ pub struct VirtioFs {
     pub path: String,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct Interface {
+    #[serde(default)]
     pub iface_id: String,
     pub host_dev_name: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
+    #[serde(skip_serializing_if = "String::is_empty", default)]
     pub guest_mac: String,
+    /// Where the Go module's `cloud-console` serves this interface's
+    /// console (private networks only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub console: Option<Console>,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+/// A console's place, as the Go module keeps it (`net.IPNet`s: the IP as
+/// text, the mask base64).
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Console {
+    pub namespace: String,
+    pub network_addr: GoIpNet,
+    pub ip: GoIpNet,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct GoIpNet {
+    #[serde(rename = "IP")]
+    pub ip: String,
+    #[serde(rename = "Mask", default)]
+    pub mask: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct MachineConfig {
     pub vcpu_count: u8,
     pub mem_size_mib: u64,
+    #[serde(default)]
     pub ht_enabled: bool,
+}
+
+/// Go writes a nil slice as `null`.
+fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 fn text(p: &std::path::Path) -> String {
@@ -110,6 +155,7 @@ impl Machine {
                     iface_id: format!("eth{i}"),
                     host_dev_name: n.tap.clone(),
                     guest_mac: n.mac.clone(),
+                    console: None,
                 })
                 .collect(),
             config: MachineConfig {
@@ -120,6 +166,11 @@ impl Machine {
             devices: spec.devices.clone(),
             no_keep_alive: !spec.keep_alive,
         }
+    }
+
+    /// The Go module's file, as it wrote it.
+    pub fn parse(bytes: &[u8]) -> Result<Machine, serde_json::Error> {
+        serde_json::from_slice(bytes)
     }
 
     /// One line of JSON, as the Go module writes it.

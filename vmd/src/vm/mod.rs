@@ -27,6 +27,7 @@ pub mod plan;
 pub mod reconcile;
 pub mod run;
 pub mod streams;
+pub mod takeover;
 pub mod workloads;
 
 pub use error::VmError;

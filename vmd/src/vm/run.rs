@@ -234,7 +234,11 @@ impl Manager {
     /// reason, for the caller), listening to what its shim pushes. Only a
     /// shim that never says anything is looked for in zinit (it may not
     /// start at all: a missing binary, a broken service file).
-    async fn wait_up(&self, name: &VmName, mut seen: Receiver<Seen>) -> Result<(), NotUp> {
+    pub(super) async fn wait_up(
+        &self,
+        name: &VmName,
+        mut seen: Receiver<Seen>,
+    ) -> Result<(), NotUp> {
         let deadline = Instant::now() + START_TIMEOUT;
         let mut heard = false;
         let mut ask_zinit = Instant::now() + SHIM_SILENT;

@@ -323,8 +323,21 @@ impl Manager {
                 .and_then(|id| StreamId::new(id).ok())
                 .is_some_and(|id| self.paths().stream_spec(&id).exists())
         };
+        // The Go VM module's streams (`sh -c "exec tailstream …"`, on a node
+        // vmd took over) run on until a StreamDelete of their id: only
+        // vmd-logstream workers without a record are vmd's leftovers.
+        let foreign = |s: &str| {
+            zinit::ServiceName::new(s.to_owned())
+                .ok()
+                .and_then(|svc| self.services().read(&svc).ok())
+                .is_some_and(|f| std::path::Path::new(f.exec.program()) != self.host().logstream)
+        };
         for s in self.known_services(monitored) {
             if !s.starts_with("stream:") || recorded(&s) {
+                continue;
+            }
+            if foreign(&s) {
+                tracing::info!(service = %s, "a log stream vmd did not start (the Go VM module's): left running");
                 continue;
             }
             let _key = locks.lock(s.clone()).await;

@@ -152,6 +152,7 @@ pub fn plan(vm: &Vm, host: &Host, settings: &Settings, in_use: &InUse) -> Result
         web_console: None,
         api_socket: Some(host.api_socket_dir.join(name.as_str())),
         go_config: host.go_config_dir.as_ref().map(|d| d.join(name.as_str())),
+        adopted: None,
     };
     spec.validate().map_err(|e| Invalid(e.to_string()))?;
     let service = service_file(host, settings, &run)?;
@@ -315,7 +316,7 @@ fn guest_settings(vm: &Vm) -> Result<(), Invalid> {
 }
 
 /// The zinit service that runs the shim of the VM in `run`.
-fn service_file(
+pub(crate) fn service_file(
     host: &Host,
     settings: &Settings,
     run: &vmd_runtime::RunDir,

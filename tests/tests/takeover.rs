@@ -1,0 +1,329 @@
+//! Taking over a live node from the Go VM module: VMs it started (the
+//! cloud-hypervisor double run the way it runs cloud-hypervisor: `setsid`,
+//! `argv[0]` `cloud-hypervisor`, `--serial pty`, its flags, output appended
+//! to the log; its config in its tmpfs; a stand-in for its `cloud-console`
+//! appending the guest's serial port to the same log; a `stream:<id>`
+//! service of its own) exist for vmd once it starts, and every method works
+//! on them without their guests restarting; when such a VMM dies, vmd
+//! starts the VM again its own way, the console log going on.
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use vmd_runtime::state::{Phase, ProcessIdentity, ShimState};
+use vmd_tests::stack::Stack;
+use vmd_tests::until;
+
+const NAME: &str = "12-34-gone";
+const TAP: &str = "t-go1";
+
+/// A VMM the Go module started (on a node its parent is zinit, once the Go
+/// module restarted; here the test reaps it): killed at the end whatever
+/// happened.
+struct GoVmm(i32, std::process::Child);
+
+impl GoVmm {
+    fn kill(&mut self) {
+        let _ = self.1.kill();
+        let _ = self.1.wait();
+    }
+}
+
+impl Drop for GoVmm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts a VM the way the Go VM module does (zosbase `vm/ch.go`).
+fn start_the_go_way(env: &Stack, cidata: &Path, log: &Path) -> GoVmm {
+    let api = env.api_socket(NAME);
+    std::fs::create_dir_all(api.parent().unwrap()).unwrap();
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut cmd = std::process::Command::new(vmd_tests::vm::ch_binary());
+    cmd.arg0("cloud-hypervisor")
+        .args(["--kernel", &env.kernel()])
+        .args(["--cmdline", "console=ttyS0 reboot=k panic=1"])
+        .args(["--cpus", "boot=1"])
+        .args(["--memory", "size=512M,shared=on"])
+        .args(["--console", "off"])
+        .args(["--serial", "pty"])
+        .arg("--api-socket")
+        .arg(&api)
+        .arg("--disk")
+        .arg(format!("path={},readonly=on", cidata.display()))
+        .args(["--net", &format!("tap={TAP},mac=52:54:00:12:34:56")])
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    GoVmm(child.id() as i32, child)
+}
+
+/// What the Go module writes in its tmpfs for that VM (`vm/machine.go`).
+fn go_config(env: &Stack, cidata: &Path) -> Value {
+    json!({
+        "id": NAME,
+        "boot-source": {
+            "kernel_image_path": env.kernel(),
+            "boot_args": "console=ttyS0 reboot=k panic=1"
+        },
+        "drives": [{
+            "drive_id": "1",
+            "path_on_host": cidata,
+            "is_root_device": false,
+            "is_read_only": true
+        }],
+        "fs": null,
+        "network-interfaces": [{
+            "iface_id": "eth0",
+            "host_dev_name": TAP,
+            "guest_mac": "52:54:00:12:34:56"
+        }],
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 512, "ht_enabled": false},
+        "devices": null,
+        "no-keep-alive": false
+    })
+}
+
+async fn vm_info(api: &Path) -> Value {
+    let body = vmd_runtime::vmm::api::expect_ok(api, "GET", "vm.info", Duration::from_secs(5))
+        .await
+        .unwrap();
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// The Go module's `cloud-console`: the guest's serial port, from the pty
+/// `vm.info` names, appended to the log; it ends when the pty does.
+fn console_stand_in(pty: PathBuf, log: PathBuf) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Ok(mut tty) = std::fs::File::open(&pty) else {
+            return;
+        };
+        let mut out = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = tty.read(&mut buf) {
+            if n == 0 || out.write_all(&buf[..n]).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+fn state(env: &Stack) -> Option<ShimState> {
+    ShimState::load(&env.run_dir(NAME).join("state.json"))
+        .ok()
+        .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_go_modules_vms_are_taken_over_live_and_restarted_the_vmd_way() {
+    let mut env = Stack::start(&["--grace-secs", "3"]).await;
+    // A node where the Go module ran: vmd is not there yet.
+    env.vmd.crash();
+    let root = env.vmd.root();
+    let cidata = root.join("cloud-init").join(NAME);
+    std::fs::create_dir_all(cidata.parent().unwrap()).unwrap();
+    std::fs::write(&cidata, vec![0u8; 64 << 10]).unwrap();
+    let log = env.log(NAME);
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    env.tap(TAP, [1000, 10, 2000, 20]);
+    let config = env.go_config(NAME);
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::write(&config, format!("{}\n", go_config(&env, &cidata))).unwrap();
+    let mut go = start_the_go_way(&env, &cidata, &log);
+    let api = env.api_socket(NAME);
+    until(
+        Duration::from_secs(10),
+        "the Go-started VMM answers",
+        || async {
+            vmd_runtime::vmm::api::expect_ok(&api, "GET", "vm.info", Duration::from_secs(1))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    let info = vm_info(&api).await;
+    assert_eq!(info["config"]["serial"]["mode"], "Pty", "{info}");
+    let pty = PathBuf::from(info["config"]["serial"]["file"].as_str().unwrap());
+    let console = console_stand_in(pty, log.clone());
+    until(
+        Duration::from_secs(10),
+        "the guest's boot in the log",
+        || async {
+            String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default())
+                .contains("GUEST-READY")
+        },
+    )
+    .await;
+    let vmm = ProcessIdentity::of(go.0).unwrap();
+    // Its log stream: a zinit service of the Go module's.
+    let stream = zinit::ServiceName::new("stream:go-logs".to_owned()).unwrap();
+    let tail = zinit::Command::new(["sh", "-c", "exec sleep 100000"]).unwrap();
+    env.zinit
+        .config_dir()
+        .install(&stream, &zinit::Service::new(tail))
+        .unwrap();
+    env.zinit.client().monitor(&stream).await.unwrap();
+
+    // vmd starts on that node.
+    env.vmd.restart();
+    env.vmd.wait_ready().await;
+    let s = &env.stub;
+    assert!(s.exists(NAME).await.unwrap());
+    assert_eq!(s.list().await.unwrap(), vec![NAME.to_owned()]);
+    let i = s.inspect(NAME).await.unwrap();
+    assert_eq!((i.cpu, i.memory), (1, 512), "{i:?}");
+    assert_eq!(i.state.as_deref(), Some("running"), "{i:?}");
+    assert_eq!(i.pid, Some(i64::from(go.0)), "{i:?}");
+    assert!(s.logs(NAME).await.unwrap().contains("GUEST-READY"));
+    assert!(s.logs_full(NAME).await.unwrap().contains("GUEST-HELLO"));
+    let m = &s.metrics().await.unwrap()[NAME];
+    assert_eq!(
+        (m.private.net_rx_bytes, m.private.net_tx_bytes),
+        (1000, 2000)
+    );
+    // A Run of it: it exists.
+    let again = s.run(&env.vm(NAME, &[])).await.unwrap_err().to_string();
+    assert!(again.contains("already exists"), "{again}");
+    // Lock and unlock, through its API.
+    s.lock(NAME, true).await.unwrap();
+    assert_eq!(vm_info(&api).await["state"], "Paused");
+    assert_eq!(
+        s.inspect(NAME).await.unwrap().state.as_deref(),
+        Some("paused")
+    );
+    s.lock(NAME, false).await.unwrap();
+    assert_eq!(vm_info(&api).await["state"], "Running");
+    // Its guest never restarted: the same process all along, and the Go
+    // module's stream still runs.
+    assert!(vmm.alive());
+    let running = |st: zinit::State| matches!(st, zinit::State::Running | zinit::State::Spawned);
+    assert!(running(
+        env.zinit.client().status(&stream).await.unwrap().state
+    ));
+    // Operators see it as any VM of vmd's.
+    let svc = zinit::ServiceName::new(format!("vm:{NAME}")).unwrap();
+    assert!(running(
+        env.zinit.client().status(&svc).await.unwrap().state
+    ));
+    // A restart of vmd, or of its shim, changes nothing for it.
+    env.vmd.crash_and_restart();
+    env.vmd.wait_ready().await;
+    let shim = state(&env).unwrap().shim_pid as i32;
+    // SAFETY: kill has no memory effects.
+    unsafe {
+        libc::kill(shim, libc::SIGKILL);
+    }
+    until(Duration::from_secs(10), "a new shim watches it", || async {
+        state(&env).is_some_and(|st| st.shim_pid as i32 != shim && st.phase == Phase::Running)
+    })
+    .await;
+    assert!(vmm.alive(), "a shim restart killed the Go module's VMM");
+    assert_eq!(s.inspect(NAME).await.unwrap().pid, Some(i64::from(go.0)));
+    // Reconciliation (done by now: the shim's restart came after it
+    // started) left the Go module's stream alone.
+    assert!(running(
+        env.zinit.client().status(&stream).await.unwrap().state
+    ));
+
+    // The Go module's VMM dies: the console process goes with its pty, and
+    // vmd starts the VM its own way, the log going on where it was.
+    let before = std::fs::read(&log).unwrap();
+    go.kill();
+    console.join().unwrap();
+    until(
+        Duration::from_secs(15),
+        "the VM runs again under its shim",
+        || async {
+            let st = state(&env);
+            st.is_some_and(|st| st.booted() && st.vmm.is_some_and(|v| v.pid != go.0))
+        },
+    )
+    .await;
+    env.wait_logs_since(NAME, "GUEST-READY", before.len()).await;
+    let after = std::fs::read(&log).unwrap();
+    assert!(
+        after.starts_with(&before),
+        "the console log lost what it had"
+    );
+    let i = s.inspect(NAME).await.unwrap();
+    assert_eq!(i.restarts, Some(1), "{i:?}");
+    let new = state(&env).unwrap().vmm.unwrap();
+    // The shim's child, named as the Go module's rule wants, on the same
+    // socket and disks, its serial port the shim's own.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", new.pid)).unwrap();
+    let ppid: u32 = stat[stat.rfind(')').unwrap() + 2..]
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(ppid, state(&env).unwrap().shim_pid);
+    let info = vm_info(&api).await;
+    assert_eq!(info["config"]["disks"][0]["path"], json!(cidata), "{info}");
+    assert_eq!(info["config"]["net"][0]["tap"], TAP, "{info}");
+    assert_eq!(info["config"]["serial"]["mode"], "Tty", "{info}");
+    let m = &s.metrics().await.unwrap()[NAME];
+    assert_eq!(m.private.net_rx_bytes, 1000);
+
+    // The Go module's stream goes with a StreamDelete of its id.
+    s.stream_delete("go-logs").await.unwrap();
+    assert!(env.zinit.client().status(&stream).await.is_err());
+    assert!(!env.zinit.config_dir().exists(&stream));
+
+    // Deleted: everything of it goes, the Go module's files included.
+    s.delete(NAME).await.unwrap();
+    assert!(!s.exists(NAME).await.unwrap());
+    assert!(!config.exists(), "the Go config stayed");
+    assert!(!cidata.exists(), "the Go module's cloud-init image stayed");
+    env.assert_nothing_left().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_without_a_go_config_or_elsewhere_is_not_taken_over() {
+    let mut env = Stack::start(&[]).await;
+    env.vmd.crash();
+    let root = env.vmd.root();
+    let cidata = root.join("cloud-init").join(NAME);
+    std::fs::create_dir_all(cidata.parent().unwrap()).unwrap();
+    std::fs::write(&cidata, vec![0u8; 64 << 10]).unwrap();
+    let log = env.log(NAME);
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    env.tap(TAP, [0; 4]);
+    // No config in the Go module's directory: the Go module itself would
+    // kill it; vmd neither adopts nor kills it.
+    let go = start_the_go_way(&env, &cidata, &log);
+    let api = env.api_socket(NAME);
+    until(
+        Duration::from_secs(10),
+        "the Go-started VMM answers",
+        || async {
+            vmd_runtime::vmm::api::expect_ok(&api, "GET", "vm.info", Duration::from_secs(1))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    let vmm = ProcessIdentity::of(go.0).unwrap();
+    env.vmd.restart();
+    env.vmd.wait_ready().await;
+    assert!(!env.stub.exists(NAME).await.unwrap());
+    assert!(env.stub.list().await.unwrap().is_empty());
+    assert!(vmm.alive());
+    assert!(!env.run_dir(NAME).exists());
+}
