@@ -10,6 +10,7 @@
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -124,6 +125,27 @@ fn console_stand_in(pty: PathBuf, log: PathBuf) -> std::thread::JoinHandle<()> {
     })
 }
 
+/// Subscribes to `channel` at `url` and appends every message, gunzipped,
+/// to `into`.
+async fn subscribe(url: &str, channel: &str, into: Arc<Mutex<Vec<u8>>>) {
+    use futures_util::StreamExt;
+    let client = redis::Client::open(url).unwrap();
+    let mut pubsub = loop {
+        match client.get_async_pubsub().await {
+            Ok(p) => break p,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    pubsub.subscribe(channel).await.unwrap();
+    tokio::spawn(async move {
+        let mut msgs = pubsub.on_message();
+        while let Some(m) = msgs.next().await {
+            let payload: Vec<u8> = m.get_payload().unwrap();
+            into.lock().unwrap().extend(vmd_tests::gunzip(&payload));
+        }
+    });
+}
+
 fn state(env: &Stack) -> Option<ShimState> {
     ShimState::load(&env.run_dir(NAME).join("state.json"))
         .ok()
@@ -209,6 +231,43 @@ async fn the_go_modules_vms_are_taken_over_live_and_restarted_the_vmd_way() {
     );
     s.lock(NAME, false).await.unwrap();
     assert_eq!(vm_info(&api).await["state"], "Running");
+    // A stream of vmd's ships its console from the start of the log.
+    let receiver = vmd_tests::RedisServer::start_tcp();
+    let received = Arc::new(Mutex::new(Vec::new()));
+    subscribe(
+        &format!("redis://127.0.0.1:{}/", receiver.tcp_port()),
+        "go-vm",
+        received.clone(),
+    )
+    .await;
+    s.stream_create(
+        NAME,
+        &vmd::api::Stream {
+            id: "vmd-logs".into(),
+            namespace: String::new(),
+            output: format!("redis://127.0.0.1:{}/go-vm", receiver.tcp_port()),
+        },
+    )
+    .await
+    .unwrap();
+    let heard = |marker: &'static str, times: usize| {
+        let received = received.clone();
+        move || {
+            let received = received.clone();
+            async move {
+                String::from_utf8_lossy(&received.lock().unwrap())
+                    .matches(marker)
+                    .count()
+                    >= times
+            }
+        }
+    };
+    until(
+        Duration::from_secs(15),
+        "the stream ships the Go-era console",
+        heard("GUEST-READY", 1),
+    )
+    .await;
     // Its guest never restarted: the same process all along, and the Go
     // module's stream still runs.
     assert!(vmm.alive());
@@ -280,6 +339,20 @@ async fn the_go_modules_vms_are_taken_over_live_and_restarted_the_vmd_way() {
     assert_eq!(info["config"]["serial"]["mode"], "Tty", "{info}");
     let m = &s.metrics().await.unwrap()[NAME];
     assert_eq!(m.private.net_rx_bytes, 1000);
+    // The stream goes on with the new boot, nothing repeated.
+    until(
+        Duration::from_secs(15),
+        "the stream ships the new boot",
+        heard("GUEST-READY", 2),
+    )
+    .await;
+    let shipped = received.lock().unwrap().clone();
+    let log_now = std::fs::read(&log).unwrap();
+    assert!(
+        log_now.starts_with(&shipped),
+        "the stream repeated or lost console bytes"
+    );
+    s.stream_delete("vmd-logs").await.unwrap();
 
     // The Go module's stream goes with a StreamDelete of its id.
     s.stream_delete("go-logs").await.unwrap();
