@@ -205,6 +205,10 @@ async fn the_go_modules_vms_are_taken_over_live_and_restarted_the_vmd_way() {
     // vmd starts on that node.
     env.vmd.restart();
     env.vmd.wait_ready().await;
+    // Served once its shim watched it: heard, not waited out.
+    let said = env.vmd.stderr();
+    assert!(said.contains("took over the Go VM module's VM"), "{said}");
+    assert!(!said.contains("has not reported yet"), "{said}");
     let s = &env.stub;
     assert!(s.exists(NAME).await.unwrap());
     assert_eq!(s.list().await.unwrap(), vec![NAME.to_owned()]);

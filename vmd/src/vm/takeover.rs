@@ -35,6 +35,8 @@ use super::goconfig::{Console, Machine};
 use super::host::is_netns_name;
 use super::manager::{service_of, Manager};
 use crate::api::{Vm, VmIface, VmNetworkInfo};
+use crate::events::Seen;
+use tokio::sync::broadcast::Receiver;
 
 /// How long start-up waits for the shims of the VMs taken over to report.
 const TAKE_OVER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -161,10 +163,8 @@ impl Manager {
                     continue;
                 }
             }
-            // Listening before its shim can say anything.
-            let seen = self.events().follow(&name, true);
             match self.adopt(&name, &found, &config).await {
-                Ok(()) => {
+                Ok(seen) => {
                     tracing::info!(vm = %name, pid = found.vmm.pid, "took over the Go VM module's VM; its guest keeps running");
                     watched.push((name.clone(), seen));
                     taken.push(name);
@@ -196,7 +196,7 @@ impl Manager {
         name: &VmName,
         found: &FoundVmm,
         config: &Path,
-    ) -> Result<(), TakeOverError> {
+    ) -> Result<Receiver<Seen>, TakeOverError> {
         let bytes = std::fs::read(config).map_err(|source| TakeOverError::Config {
             path: config.to_owned(),
             source,
@@ -213,6 +213,9 @@ impl Manager {
             .map_err(|e| TakeOverError::Spec(e.to_string()))?;
         files::create_dir(run.path(), 0o700)
             .what(|| format!("cannot create the run directory of vm {name}"))?;
+        // Listening before its shim can say anything (the watch needs the
+        // run directory).
+        let seen = self.events().follow(name, true);
         files::write_json(&run.request(), &request_of(name, &machine), 0o600)
             .what(|| format!("cannot write the request of vm {name}"))?;
         spec.save(&run.spec())
@@ -225,7 +228,7 @@ impl Manager {
             .install(&svc, &service)
             .what(|| format!("cannot write the service file of {svc}"))?;
         match self.zinit().monitor(&svc).await {
-            Ok(()) | Err(zinit::ZinitError::AlreadyMonitored(_)) => Ok(()),
+            Ok(()) | Err(zinit::ZinitError::AlreadyMonitored(_)) => Ok(seen),
             // Reconciliation monitors it once zinit answers.
             Err(e) => Err(VmError::ServiceStart {
                 service: svc.to_string(),
