@@ -221,8 +221,13 @@ impl Vmm {
             let _ = api.put("vm.power-button", second).await;
             let left = deadline.saturating_duration_since(Instant::now());
             if let Ok(st) = timeout(left.min(pause), self.child.wait()).await {
-                let st = st.map(|s| describe(&s)).unwrap_or_default();
-                return format!("the guest powered off ({st})");
+                // Exit 0 is the guest's power-off; anything else (a signal,
+                // a seccomp kill) is the VMM dying while it was asked.
+                return match st {
+                    Ok(s) if s.success() => format!("the guest powered off ({})", describe(&s)),
+                    Ok(s) => format!("the VMM exited during the stop ({})", describe(&s)),
+                    Err(e) => format!("the VMM's exit could not be read: {e}"),
+                };
             }
             if Instant::now() >= deadline {
                 break;
