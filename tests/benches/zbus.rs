@@ -5,8 +5,9 @@
 //!
 //! * **baseline**: a raw echo over Redis — a separate single-threaded process
 //!   that BLPOPs a list and RPUSHes the same bytes back (pipelined with
-//!   EXPIRE, as vmd replies), and a client that RPUSHes a request-sized payload and BLPOPs
-//!   its reply (pipelined, as vmd's client does). This is the floor of any
+//!   EXPIRE and its next BLPOP, as vmd replies with its next take), and a
+//!   client that RPUSHes a request-sized payload and BLPOPs its reply
+//!   (pipelined, as vmd's client does). This is the floor of any
 //!   RPC over Redis lists: the same Redis commands, no msgpack, no dispatch.
 //! * **floor**: one client RPUSH+BLPOP of its own list, no server at all.
 //! * **vmd**: the real `vmd` binary answering `Exists` through
@@ -54,20 +55,27 @@ fn main() {
 }
 
 /// The leanest echo over Redis lists: one thread, one connection, no
-/// decoding; the reply pipelined with its EXPIRE as vmd sends it.
+/// decoding; each reply goes out in one write with its EXPIRE and the next
+/// pop, as vmd sends its replies with its next take. (An echo that popped
+/// in a write of its own after each reply was slower, and that write landed
+/// while the next call, vmd's in the alternation, was under way: it took
+/// 40-50 us from vmd's figure. BENCHMARKS.md has the runs.)
 async fn echo_server(broker: Broker) {
     let mut conn = broker.connect().await.unwrap();
+    let mut got: Option<(String, Vec<u8>)> = None;
     loop {
-        let got: Option<(String, Vec<u8>)> = redis::cmd("BLPOP")
-            .arg(ECHO_QUEUE)
-            .arg(1)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let Some((_, payload)) = got else { continue };
+        let Some((_, payload)) = got else {
+            got = redis::cmd("BLPOP")
+                .arg(ECHO_QUEUE)
+                .arg(1)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            continue;
+        };
         // The reply list is named in the first 36 bytes, as a request's ID.
         let key = String::from_utf8_lossy(&payload[..36]).into_owned();
-        let _: () = redis::pipe()
+        let (next,): (Option<(String, Vec<u8>)>,) = redis::pipe()
             .cmd("RPUSH")
             .arg(&key)
             .arg(&payload)
@@ -76,9 +84,13 @@ async fn echo_server(broker: Broker) {
             .arg(&key)
             .arg(300)
             .ignore()
+            .cmd("BLPOP")
+            .arg(ECHO_QUEUE)
+            .arg(1)
             .query_async(&mut conn)
             .await
             .unwrap();
+        got = next;
     }
 }
 
