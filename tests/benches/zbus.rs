@@ -58,8 +58,8 @@ fn main() {
 /// decoding; each reply goes out in one write with its EXPIRE and the next
 /// pop, as vmd sends its replies with its next take. (An echo that popped
 /// in a write of its own after each reply was slower, and that write landed
-/// while the next call, vmd's in the alternation, was under way: it took
-/// 40-50 us from vmd's figure. BENCHMARKS.md has the runs.)
+/// while the next call, vmd's in the alternation, was under way: it added
+/// about 40 us to vmd's p50. BENCHMARKS.md has the runs.)
 async fn echo_server(broker: Broker) {
     let mut conn = broker.connect().await.unwrap();
     let mut got: Option<(String, Vec<u8>)> = None;
