@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use vmd_runtime::spec::{ConsoleSpec, RestartPolicy, VmSpec, SPEC_VERSION};
+use vmd_runtime::spec::{ConsoleSpec, JailSpec, RestartPolicy, VmSpec, SPEC_VERSION};
 use vmd_runtime::state::ShimState;
 use vmd_runtime::RunDir;
 use zinit::{Command, Service, ServiceName};
@@ -103,6 +103,9 @@ pub struct TestVm {
     pub service: ServiceName,
 }
 
+/// The first uid of the VMMs' range in the tests (vmd's default).
+pub const TEST_FIRST_UID: u32 = 1_879_048_192;
+
 impl TestVm {
     /// A VM description for `name` with guest knobs `knobs` (e.g. `gaction=wait`).
     pub fn new(z: &Supervisor, name: &str, knobs: &str) -> Self {
@@ -144,9 +147,18 @@ impl TestVm {
                 keep_bytes: ConsoleSpec::ZOS_KEEP,
             },
             web_console: None,
-            api_socket: None,
+            // Where vmd puts it (outside the run directory).
+            api_socket: Some(root.join("api").join(name)),
             go_config: None,
             adopted: None,
+            // Jailed as vmd jails it, where the test can (as root).
+            jail: nix::unistd::geteuid().is_root().then(|| JailSpec {
+                first_uid: TEST_FIRST_UID,
+                uids: 65536,
+                lock_dir: root.join("vmm-uids"),
+                confine_vmm: true,
+            }),
+            tap_netns: None,
         };
         TestVm {
             name: name.into(),
@@ -154,6 +166,11 @@ impl TestVm {
             run,
             spec,
         }
+    }
+
+    /// The VMM's API socket.
+    pub fn api_socket(&self) -> PathBuf {
+        self.spec.api_socket_in(&self.run)
     }
 
     pub fn write_spec(&self) {

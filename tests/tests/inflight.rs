@@ -151,7 +151,7 @@ fn programs_of(env: &Stack, name: &str, program: &str) -> usize {
 
 fn workers_of(env: &Stack, id: &str) -> usize {
     processes_with(&format!(
-        "{}/streams/{id}.progress",
+        "{}/streams/progress/{id}.progress",
         env.vmd.runtime().display()
     ))
     .len()

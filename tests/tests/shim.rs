@@ -3,9 +3,12 @@
 
 use std::time::{Duration, Instant};
 
+use std::os::unix::fs::PermissionsExt;
 use vmd_runtime::control;
 use vmd_runtime::state::Phase;
-use vmd_tests::vm::{alive, boot_timeout, cpu_ticks, proc_status, real_ch, rss_kib, tail, TestVm};
+use vmd_tests::vm::{
+    alive, boot_timeout, cpu_ticks, proc_status, real_ch, rss_kib, tail, TestVm, TEST_FIRST_UID,
+};
 use vmd_tests::{until, until_some, Supervisor};
 use zinit::State;
 
@@ -61,6 +64,29 @@ async fn starts_the_vmm_hardened_with_the_console_in_the_log() {
             );
         }
         assert_ne!(adj(shim).trim(), "-200");
+        // Its own user and group, from the range, and nothing else.
+        let uid = vm_uid(pid);
+        assert!(
+            (TEST_FIRST_UID..TEST_FIRST_UID + 65536).contains(&uid),
+            "{uid}"
+        );
+        assert_eq!(
+            proc_status(pid, "Gid").as_deref(),
+            Some(format!("{uid}\t{uid}\t{uid}\t{uid}").as_str())
+        );
+        // Its root is the jail: the host's /etc, /root, /proc are not there.
+        let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+        for gone in ["etc", "root", "proc", "home", "var"] {
+            assert!(!root.join(gone).exists(), "{gone} visible in the jail");
+        }
+        // Nor the files beside the VM's own: its console log, its record.
+        let inside = |p: &std::path::Path| root.join(p.strip_prefix("/").unwrap());
+        assert!(!inside(&vm.spec.console.log).exists());
+        assert!(!inside(&vm.run.spec()).exists());
+        assert!(root.join("dev/null").exists());
+        assert!(root
+            .join(vm.spec.kernel.strip_prefix("/").unwrap())
+            .exists());
     }
     // Lifecycle lines are in zinit's ring, console bytes are not.
     let ring = z.client().service_log(&vm.service).await.unwrap();
@@ -73,12 +99,12 @@ async fn starts_the_vmm_hardened_with_the_console_in_the_log() {
         "console in the ring: {ring:?}"
     );
     // The API answers.
-    let ping = vmd_runtime::vmm::api::expect_ok(&vm.run.api_socket(), "GET", "vmm.ping", SHORT)
+    let ping = vmd_runtime::vmm::api::expect_ok(&vm.api_socket(), "GET", "vmm.ping", SHORT)
         .await
         .unwrap();
     let ping: serde_json::Value = serde_json::from_slice(&ping).unwrap();
     assert_eq!(ping["pid"].as_i64(), Some(pid as i64));
-    let info = vmd_runtime::vmm::api::expect_ok(&vm.run.api_socket(), "GET", "vm.info", SHORT)
+    let info = vmd_runtime::vmm::api::expect_ok(&vm.api_socket(), "GET", "vm.info", SHORT)
         .await
         .unwrap();
     let info: serde_json::Value = serde_json::from_slice(&info).unwrap();
@@ -341,7 +367,7 @@ async fn a_shim_for_a_deleted_vm_starts_nothing() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!vm.run.state().exists(), "the shim did something");
-    assert!(!vm.run.api_socket().exists());
+    assert!(!vm.api_socket().exists());
     let ring = c.service_log(&vm.service).await.unwrap();
     assert!(ring.iter().any(|l| l.contains("being deleted")), "{ring:?}");
 }
@@ -351,9 +377,13 @@ async fn a_stale_api_socket_does_not_prevent_the_start() {
     let z = Supervisor::start();
     let vm = TestVm::new(&z, "stale", "gaction=wait");
     // What a SIGKILLed VMM leaves: a socket file nobody listens on, and its lock.
-    let stale = std::os::unix::net::UnixListener::bind(vm.run.api_socket()).unwrap();
+    std::fs::create_dir_all(vm.api_socket().parent().unwrap()).unwrap();
+    let stale = std::os::unix::net::UnixListener::bind(vm.api_socket()).unwrap();
     drop(stale);
-    std::fs::write(vm.run.path().join("api.sock.lock"), "").unwrap();
+    std::fs::create_dir_all(vm.api_socket().parent().unwrap()).unwrap();
+    let mut lock = vm.api_socket().into_os_string();
+    lock.push(".lock");
+    std::fs::write(lock, "").unwrap();
     vm.start(&z).await;
     vm.wait_console("GUEST-READY", 1, boot_timeout()).await;
     vm.vmm_pid(SHORT).await;
@@ -624,6 +654,119 @@ async fn watch_pushes_the_state_then_each_event_and_resumes_after_a_seq() {
         Some(WatchLine::Event(e)) => assert_eq!(e.seq, 3),
         other => panic!("expected event 3, got {other:?}"),
     }
+}
+
+/// The VMM's uid, which must be the same real, effective, saved and fs.
+fn vm_uid(pid: i32) -> u32 {
+    let line = proc_status(pid, "Uid").unwrap();
+    let ids: Vec<u32> = line.split('\t').map(|x| x.parse().unwrap()).collect();
+    assert_eq!(ids.len(), 4, "{line}");
+    assert!(ids.iter().all(|i| *i == ids[0]), "{line}");
+    ids[0]
+}
+
+/// Finding 3 of issue 26: the VMM ran as uid 0 without capabilities, which
+/// still writes every root-owned file. Jailed, a VMM (the double opens the
+/// paths itself, as a guest that escaped into it would) finds the host's
+/// files absent, the VM's read-only ones read-only, and may write only its
+/// own disk; each VM has a user of its own, and its taps come open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jailed_vmm_writes_nothing_but_its_own_disk_and_gets_its_taps_open() {
+    if real_ch() || unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root and the double's try_write knob");
+        return;
+    }
+    let z = Supervisor::start();
+    let ns = vmd_tests::netns::NetNs::new(None).unwrap();
+    let host = tempfile::tempdir().unwrap();
+    let secret = host.path().join("root-owned");
+    std::fs::write(&secret, "host file").unwrap();
+    let disk = host.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    std::fs::set_permissions(&disk, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let mut vm = TestVm::new(&z, "jailed", "gaction=wait");
+    let kernel = vm.spec.kernel.clone();
+    vm.spec.cmdline.push_str(&format!(
+        " double.try_write={},{},{}",
+        secret.display(),
+        kernel.display(),
+        disk.display()
+    ));
+    vm.spec.disks.push(vmd_runtime::spec::Disk {
+        path: disk.clone(),
+        readonly: false,
+        format: Some(vmd_runtime::vmm::ImageFormat::Raw),
+    });
+    let tap = format!("vt{}", std::process::id() % 100_000);
+    vm.spec.nets.push(vmd_runtime::spec::Net {
+        tap: tap.clone(),
+        mac: "de:ad:be:ef:00:01".into(),
+    });
+    vm.spec.tap_netns = Some(ns.path());
+    let other = TestVm::new(&z, "neighbour", "gaction=wait");
+    vm.start(&z).await;
+    other.start(&z).await;
+    vm.wait_console("GUEST-READY", 1, boot_timeout()).await;
+    other.wait_console("GUEST-READY", 1, boot_timeout()).await;
+    let console = vm.console();
+    let said = |p: &std::path::Path| {
+        let marker = format!("GUEST-WRITE {} ", p.display());
+        console
+            .lines()
+            .find_map(|l| {
+                l.trim_end()
+                    .strip_prefix(marker.as_str())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| panic!("no {marker} in {console}"))
+    };
+    assert!(
+        said(&secret).starts_with("No such file or directory"),
+        "{console}"
+    );
+    // Not the VM's own read-only files either (root's, and mounted so).
+    let k = said(&kernel);
+    assert!(
+        k.starts_with("Permission denied") || k.starts_with("Read-only file system"),
+        "{console}"
+    );
+    assert_eq!(said(&disk), "ok", "{console}");
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host file");
+    let pid = vm.vmm_pid(SHORT).await;
+    let uid = vm_uid(pid);
+    assert_ne!(uid, vm_uid(other.vmm_pid(SHORT).await), "two VMs, one user");
+    // The disk was given to the VM's user, and only it.
+    let meta = std::fs::metadata(&disk).unwrap();
+    assert_eq!(
+        (
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            meta.permissions().mode() & 0o777
+        ),
+        (uid, 0o600)
+    );
+    // The tap: fd 4 of the VMM, attached to the VM's tap, in the VM's
+    // namespace, up; and the VMM has no capability to attach to it itself.
+    let fdinfo = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/4")).unwrap();
+    assert!(fdinfo.contains(&format!("iff:\t{tap}")), "{fdinfo}");
+    assert_eq!(
+        proc_status(pid, "CapEff").as_deref(),
+        Some("0000000000000000")
+    );
+    let link = std::process::Command::new("ip")
+        .args(["-n", &ns.name, "-o", "link", "show", &tap])
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(link.contains(",UP"), "{link}");
+    let info = vmd_runtime::vmm::api::expect_ok(&vm.api_socket(), "GET", "vm.info", SHORT)
+        .await
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info).unwrap();
+    assert_eq!(
+        info["config"]["net"][0]["fds"],
+        serde_json::json!([-1]),
+        "{info}"
+    );
 }
 
 /// Whether this process has `cap` in its effective set.

@@ -370,7 +370,9 @@ impl World {
             }
             if t0.elapsed() > Duration::from_secs(30) {
                 let progress = std::fs::read_to_string(
-                    self.runtime.join("streams").join(format!("{id}.progress")),
+                    self.runtime
+                        .join("streams/progress")
+                        .join(format!("{id}.progress")),
                 )
                 .unwrap_or_default();
                 let svc = format!("stream:{id}");

@@ -367,7 +367,10 @@ async fn a_killed_worker_is_restarted_by_zinit_and_resumes() {
     let svc: zinit::ServiceName = "stream:kw".parse().unwrap();
     let t0 = Instant::now();
     while received.lock().unwrap().len() < 1_000_000 {
-        assert!(t0.elapsed() < Duration::from_secs(30));
+        if t0.elapsed() > Duration::from_secs(30) {
+            let ring = env.zinit.client().service_log(&svc).await;
+            panic!("the stream did not deliver: {ring:#?}");
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let pid = env.zinit.client().status(&svc).await.unwrap().pid;
@@ -460,7 +463,9 @@ async fn bad_streams_are_refused_and_nothing_is_left_behind() {
         "{services:?}"
     );
     let streams = env.vmd.runtime().join("streams");
-    let left = files_in(&streams);
+    let mut left = files_in(&streams);
+    left.retain(|f| f != "progress");
+    left.extend(files_in(&streams.join("progress")));
     assert!(left.is_empty(), "stream files left: {left:?}");
     // Unknown or invalid ids delete fine; a taken id is refused, unless the
     // call is an identical retry (a caller that lost the reply).
@@ -489,7 +494,9 @@ async fn bad_streams_are_refused_and_nothing_is_left_behind() {
         .await
         .unwrap()
         .contains_key("stream:dup"));
-    let left = files_in(&streams);
+    let mut left = files_in(&streams);
+    left.retain(|f| f != "progress");
+    left.extend(files_in(&streams.join("progress")));
     assert!(left.is_empty(), "stream files left: {left:?}");
 }
 
@@ -732,7 +739,7 @@ async fn a_receivers_credentials_appear_nowhere_but_in_the_record() {
     assert_eq!(shown, "wss://***@127.0.0.1:9/in?***");
     // The worker runs (and fails to connect, saying so in zinit's log).
     let progress = format!(
-        "{}/streams/with-secrets.progress",
+        "{}/streams/progress/with-secrets.progress",
         env.vmd.runtime().display()
     );
     until(Duration::from_secs(10), "the worker runs", || {
@@ -772,5 +779,67 @@ async fn a_receivers_credentials_appear_nowhere_but_in_the_record() {
         .unwrap()
         .contains("hunter2"));
     env.stub.delete("secretive").await.unwrap();
+    env.assert_nothing_left().await;
+}
+
+/// Issue 26: a worker talks to a receiver a VM's user chose; once set up it
+/// runs as the stream uid, in its VM's log group alone, with no capability
+/// — it can read its own VM's console and no other's, and still ships it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_drops_root_and_reads_only_its_own_vms_log() {
+    if skip() || unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let env = Env::start(&[]).await;
+    let (port, received, _) = ws_server(None, None).await;
+    env.flooding_vm("mine", 1500, 200_000).await;
+    env.flooding_vm("theirs", 1500, 200_000).await;
+    env.stub
+        .stream_create(
+            "mine",
+            &Stream {
+                id: "dropped".into(),
+                namespace: String::new(),
+                output: format!("ws://127.0.0.1:{port}/"),
+            },
+        )
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    while received.lock().unwrap().len() < 100_000 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "nothing shipped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let progress = format!(
+        "{}/streams/progress/dropped.progress",
+        env.vmd.runtime().display()
+    );
+    let pids = vmd_tests::supervisor::processes_with(&progress);
+    let pid = *pids.first().expect("the worker");
+    let status = |f: &str| vmd_tests::vm::proc_status(pid as i32, f).unwrap_or_default();
+    let logs = env.vmd.root().join("logs");
+    let gid_of =
+        |vm: &str| std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(logs.join(vm)).unwrap());
+    let (mine, theirs) = (gid_of("mine"), gid_of("theirs"));
+    assert!(
+        mine != 0 && theirs != 0 && mine != theirs,
+        "{mine} {theirs}"
+    );
+    assert_eq!(
+        status("Uid"),
+        "1879179264\t1879179264\t1879179264\t1879179264"
+    );
+    assert_eq!(status("Gid"), format!("{mine}\t{mine}\t{mine}\t{mine}"));
+    assert_eq!(status("Groups"), "");
+    assert_eq!(status("CapEff"), "0000000000000000");
+    assert_eq!(status("CapBnd"), "0000000000000000");
+    assert_eq!(status("NoNewPrivs"), "1");
+    // Another VM's log is in another group, closed to others.
+    let mode =
+        std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(logs.join("theirs")).unwrap());
+    assert_eq!(mode & 0o007, 0, "{mode:o}");
+    env.stub.delete("mine").await.unwrap();
+    env.stub.delete("theirs").await.unwrap();
     env.assert_nothing_left().await;
 }

@@ -369,7 +369,10 @@ async fn the_go_modules_vms_are_taken_over_live_and_restarted_the_vmd_way() {
     assert_eq!(info["config"]["disks"][0]["path"], json!(cidata), "{info}");
     assert_ne!(info["config"]["serial"]["mode"], "Pty", "{info}");
     if let Some(t) = tap() {
-        assert_eq!(info["config"]["net"][0]["tap"], t, "{info}");
+        // Handed over open by the shim now, attached to the same tap.
+        assert_eq!(info["config"]["net"][0]["fds"], json!([-1]), "{info}");
+        let fdinfo = std::fs::read_to_string(format!("/proc/{}/fdinfo/4", new.pid)).unwrap();
+        assert!(fdinfo.contains(&format!("iff:\t{t}")), "{fdinfo}");
         let m = &s.metrics().await.unwrap()[NAME];
         assert_eq!(m.private.net_rx_bytes, 1000);
     }

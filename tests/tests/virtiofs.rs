@@ -37,6 +37,9 @@ fn layout(t: &Path) -> Host {
         },
         api_socket_dir: t.join("api"),
         go_config_dir: Some(t.join("go-config")),
+        jail: None,
+        tap_netns: None,
+        stream_uid: None,
     }
 }
 
@@ -106,7 +109,7 @@ fn golden_command_line_disk_boot() {
          --cpus boot=1 --memory size=512M \
          --serial tty --console off --event-monitor fd=3 \
          --disk path={T}/root.img path={T}/data.img path={T}/root/cloud-init/web.img,readonly=on \
-         --net tap=t-web,mac=de:ad:be:ef:00:01"
+         --net fd=4,mac=de:ad:be:ef:00:01"
     );
     // v53: every disk declared with the format detected at Run.
     assert_eq!(
@@ -118,7 +121,7 @@ fn golden_command_line_disk_boot() {
          --serial tty --console off --event-monitor fd=3 \
          --disk path={T}/root.img,image_type=raw path={T}/data.img,image_type=raw \
          path={T}/root/cloud-init/web.img,readonly=on,image_type=raw \
-         --net tap=t-web,mac=de:ad:be:ef:00:01"
+         --net fd=4,mac=de:ad:be:ef:00:01"
     );
 }
 

@@ -3,13 +3,15 @@
 //!
 //! * [`follow`] — following the rotated console log in absolute offsets;
 //! * [`sink`] — Redis PUBLISH, WebSocket binary messages, stdout;
-//! * [`Gzip`] — one gzip member per chunk.
+//! * [`Gzip`] — one gzip member per chunk;
+//! * [`user`] — dropping root once the worker has what needs it.
 //!
 //! The outputs it accepts and the progress file it keeps are part of the
 //! contract with vmd: `vmd_runtime::{output, progress}`.
 
 pub mod follow;
 pub mod sink;
+pub mod user;
 
 /// gzip, one complete member per chunk (what receivers gunzip one by one).
 ///

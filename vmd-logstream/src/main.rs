@@ -62,6 +62,14 @@ struct Cli {
     /// Extra CA certificates (PEM) for wss, besides the system's.
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// Once set up, go on as this uid, in the console log's group alone
+    /// (its VM's), without capabilities.
+    #[arg(long)]
+    user: Option<u32>,
+    /// The log's path as given, for messages (`log` may be reached through
+    /// an open directory).
+    #[arg(skip)]
+    shown_log: Option<PathBuf>,
 }
 
 /// Enters the named network namespace. Before any thread exists: setns
@@ -155,17 +163,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    match current_thread_runtime() {
-        Ok(rt) => rt.block_on(run(cli, output)),
-        Err(e) => {
-            say(e.to_string());
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run(cli: Cli, output: Output) -> ExitCode {
-    // The system's roots cost memory: only wss needs them.
+    // The system's roots cost memory: only wss needs them. Read while the
+    // worker may still read any CA file.
     let tls = match &output {
         Output::WebSocket { tls: true, .. } => match tls_config(cli.ca_file.as_deref()) {
             Ok(t) => Some(t),
@@ -176,20 +175,95 @@ async fn run(cli: Cli, output: Output) -> ExitCode {
         },
         _ => None,
     };
+    let mut cli = cli;
+    let dirs = match cli.user {
+        Some(uid) => match drop_root(&mut cli, uid) {
+            Ok(d) => d,
+            Err(e) => {
+                say(e.to_string());
+                return ExitCode::FAILURE;
+            }
+        },
+        None => Vec::new(),
+    };
+    match current_thread_runtime() {
+        Ok(rt) => rt.block_on(run(cli, output, tls, dirs)),
+        Err(e) => {
+            say(e.to_string());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Becomes `uid` in the console log's group, its log and progress file
+/// reached through their directories opened before. Waits for the log (a
+/// stream may be made before its VM first starts). A log still in root's
+/// group (a VM whose shim gives it no user: not root, or older) keeps the
+/// worker as it is, which it says.
+fn drop_root(
+    cli: &mut Cli,
+    uid: u32,
+) -> Result<Vec<std::fs::File>, vmd_logstream::user::UserError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut waited = false;
+    let gid = loop {
+        match std::fs::metadata(&cli.log) {
+            Ok(m) => break m.gid(),
+            Err(_) => {
+                if !waited {
+                    say(format!("waiting for the console log {}", cli.log.display()));
+                    waited = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    if gid == 0 {
+        say(format!(
+            "the console log {} is in root's group (no user of its VM's): staying as started",
+            cli.log.display()
+        ));
+        return Ok(Vec::new());
+    }
+    let (log_dir, log) = vmd_logstream::user::through_open_dir(&cli.log)?;
+    let (state_dir, state) = vmd_logstream::user::through_open_dir(&cli.state)?;
+    vmd_logstream::user::become_user(uid, gid)?;
+    say(format!(
+        "running as uid {uid}, group {gid}, no capabilities"
+    ));
+    cli.shown_log = Some(std::mem::replace(&mut cli.log, log));
+    cli.state = state;
+    Ok(vec![log_dir, state_dir])
+}
+
+async fn run(
+    cli: Cli,
+    output: Output,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    _dirs: Vec<std::fs::File>,
+) -> ExitCode {
     let saved = Progress::load(&cli.state);
     let start = match &saved {
         Some(p) => Start::At(p.pos),
         None => Start::Tail(cli.tail),
     };
+    let mut said = false;
     let follower = loop {
         match Follower::open(&cli.log, start) {
             Ok(f) => break f,
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => {
+                // Once: a log that is not there yet is the usual case.
+                if !said {
+                    say(format!("waiting for the console log: {e}"));
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
         }
     };
     say(format!(
         "streaming {} to {} from offset {}",
-        cli.log.display(),
+        cli.shown_log.as_ref().unwrap_or(&cli.log).display(),
         output,
         follower.position()
     ));

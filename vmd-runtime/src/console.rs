@@ -90,11 +90,14 @@ pub struct ConsoleLog {
     base: u64,
     rotate_bytes: u64,
     keep_bytes: u64,
+    /// The group its files are in: the VM's log group, whose stream
+    /// workers read it (`None`: root's).
+    group: Option<u32>,
 }
 
-fn write_meta(log: &Path, meta: LogMeta) -> io::Result<()> {
+fn write_meta(log: &Path, meta: LogMeta, group: Option<u32>) -> io::Result<()> {
     let data = serde_json::to_vec(&meta).map_err(io::Error::other)?;
-    crate::files::replace(&meta_path(log), &data, 0o640)
+    crate::files::replace_in_group(&meta_path(log), &data, 0o640, group)
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
@@ -112,7 +115,8 @@ impl ConsoleLog {
         if let Some(dir) = path.parent() {
             fs::DirBuilder::new()
                 .recursive(true)
-                .mode(0o750)
+                // Searchable, not listable (see vmd's logs directory).
+                .mode(0o711)
                 .create(dir)?;
         }
         let file = open_append(path)?;
@@ -124,7 +128,7 @@ impl ConsoleLog {
                     base: 0,
                     ino: md.ino(),
                 };
-                write_meta(path, m)?;
+                write_meta(path, m, None)?;
                 0
             }
         };
@@ -135,6 +139,7 @@ impl ConsoleLog {
             base,
             rotate_bytes,
             keep_bytes,
+            group: None,
         };
         if log.size > rotate_bytes {
             log.rotate()?;
@@ -191,6 +196,9 @@ impl ConsoleLog {
             .truncate(true)
             .mode(0o640)
             .open(&tmp)?;
+        if let Some(g) = self.group {
+            std::os::unix::fs::fchown(&dst, None, Some(g))?;
+        }
         src.seek(SeekFrom::Start(from))?;
         // copy_file_range underneath: no buffer of `keep` bytes in memory.
         let kept = io::copy(&mut src, &mut dst)?;
@@ -198,11 +206,20 @@ impl ConsoleLog {
             base: self.base + from,
             ino: dst.metadata()?.ino(),
         };
-        write_meta(&self.path, meta)?;
+        write_meta(&self.path, meta, self.group)?;
         fs::rename(&tmp, &self.path)?;
         self.file = open_append(&self.path)?;
         self.base = meta.base;
         self.size = kept;
+        Ok(())
+    }
+
+    /// Puts the log and its sidecar in group `gid`, and every file a
+    /// rotation makes from now on.
+    pub fn set_group(&mut self, gid: u32) -> io::Result<()> {
+        std::os::unix::fs::fchown(&self.file, None, Some(gid))?;
+        std::os::unix::fs::chown(meta_path(&self.path), None, Some(gid))?;
+        self.group = Some(gid);
         Ok(())
     }
 

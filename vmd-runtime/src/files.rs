@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 /// Writes `data` to `path` whole with permissions `mode` (temp file in the
 /// same directory, fsync, rename, fsync of the directory).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    write_whole(path, data, mode, true)
+    write_whole(path, data, mode, true, None)
 }
 
 /// Replaces `path` with `data` atomically for readers, without waiting for
@@ -23,10 +23,21 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
 /// every rotation, beside a log nobody syncs either: syncing it there cost a
 /// third of the console throughput) and the tap counters `Metrics` keeps.
 pub fn replace(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    write_whole(path, data, mode, false)
+    write_whole(path, data, mode, false, None)
 }
 
-fn write_whole(path: &Path, data: &[u8], mode: u32, durable: bool) -> io::Result<()> {
+/// [`replace`], the new file in group `gid` before it appears.
+pub fn replace_in_group(path: &Path, data: &[u8], mode: u32, gid: Option<u32>) -> io::Result<()> {
+    write_whole(path, data, mode, false, gid)
+}
+
+fn write_whole(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    durable: bool,
+    gid: Option<u32>,
+) -> io::Result<()> {
     let tmp = temp_path(path);
     let mut f = OpenOptions::new()
         .create(true)
@@ -34,6 +45,9 @@ fn write_whole(path: &Path, data: &[u8], mode: u32, durable: bool) -> io::Result
         .truncate(true)
         .mode(mode)
         .open(&tmp)?;
+    if let Some(g) = gid {
+        std::os::unix::fs::fchown(&f, None, Some(g))?;
+    }
     f.write_all(data)?;
     if durable {
         f.sync_all()?;

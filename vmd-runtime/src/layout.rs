@@ -94,9 +94,15 @@ impl HostPaths {
         self.streams_dir().join(format!("{id}.json"))
     }
 
+    /// Where the workers save their progress: a directory of their own
+    /// (they write it after dropping root), apart from the records.
+    pub fn progress_dir(&self) -> PathBuf {
+        self.streams_dir().join("progress")
+    }
+
     /// The worker's [`crate::progress::Progress`].
     pub fn stream_progress(&self, id: &StreamId) -> PathBuf {
-        self.streams_dir().join(format!("{id}.progress"))
+        self.progress_dir().join(format!("{id}.progress"))
     }
 }
 

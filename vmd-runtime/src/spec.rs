@@ -73,6 +73,46 @@ pub struct VmSpec {
     /// watches it instead of starting one; every later VMM is the shim's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adopted: Option<crate::state::ProcessIdentity>,
+    /// The VM's own user (docs/security.md): its VMM's uid and jail, its
+    /// console log's group; `None`: none (a shim that is not root,
+    /// descriptions written before), the VMM runs as the shim's user,
+    /// without capabilities, in the shim's mount namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<JailSpec>,
+    /// The network namespace the VM's taps are in, where it is not the
+    /// shim's own (`None`, as on Zero-OS, where they are in the host's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap_netns: Option<PathBuf>,
+}
+
+/// A VM's own user, taken by its shim from a range: uid `u` runs its VMM
+/// (with group `u`), group `u + uids` reads its console log (its stream
+/// workers run in it, and in no other VM's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailSpec {
+    /// The first uid of the range the VMs' users are taken from.
+    pub first_uid: u32,
+    /// How many uids the range has.
+    pub uids: u32,
+    /// Where the shims hold the lock on the uid each took (one file per
+    /// uid; a lock dies with its shim, so none can leak).
+    pub lock_dir: PathBuf,
+    /// Whether the VMM runs as that user in a mount view of only the VM's
+    /// files (not for PCI passthrough: VFIO needs `/dev/vfio`, the
+    /// devices' sysfs and locked memory).
+    #[serde(default = "yes")]
+    pub confine_vmm: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl JailSpec {
+    /// The group of the console log of the VM whose user is `uid`.
+    pub fn log_gid(&self, uid: u32) -> u32 {
+        uid + self.uids
+    }
 }
 
 impl VmSpec {

@@ -34,6 +34,12 @@ pub enum StartError {
     VirtiofsdTimeout { tag: String, after: Duration },
     #[error("cannot create the VMM's event pipe: {0}")]
     EventPipe(#[source] nix::Error),
+    #[error(transparent)]
+    Tap(#[from] crate::taps::TapError),
+    #[error("cannot jail the VMM: {0}")]
+    Jail(#[from] crate::jail::JailError),
+    #[error("cannot hand descriptors to the VMM: {0}")]
+    Descriptors(#[source] io::Error),
     #[error("cannot start {}: {source}", program.display())]
     Spawn {
         program: PathBuf,
@@ -62,6 +68,10 @@ impl StartError {
                 VersionError::Unrecognised { .. } | VersionError::Unsupported { .. } => true,
             },
             StartError::Missing { .. } => true,
+            // A hypervisor its user may not run stays so; a full uid
+            // range, a tap or a file that could not be opened may not.
+            StartError::Jail(e) => matches!(e, crate::jail::JailError::NotExecutable { .. }),
+            StartError::Tap(_) | StartError::Descriptors(_) => false,
             StartError::VirtiofsdSpawn { source, .. } | StartError::Spawn { source, .. } => {
                 absent(source)
             }

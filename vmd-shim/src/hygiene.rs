@@ -19,15 +19,18 @@
 use caps::{CapSet, Capability};
 
 use vmd_runtime::spec::VmSpec;
-use vmd_runtime::vmm::args::EVENT_FD;
+use vmd_runtime::vmm::args::{EVENT_FD, FIRST_TAP_FD};
 
 pub struct Hardening {
     parent: libc::pid_t,
     drop: Vec<libc::c_ulong>,
     /// Descriptors handed over: (ours, the number the child sees).
     pass: Vec<(libc::c_int, libc::c_int)>,
-    /// Become this (uid, gid), with no supplementary groups.
+    /// Become this (uid, gid), with these supplementary groups only.
     user: Option<(libc::uid_t, libc::gid_t)>,
+    groups: Vec<libc::gid_t>,
+    /// The VMM's jail: its mount view, entered before the change of user.
+    view: Option<crate::jail::View>,
 }
 
 /// Where the web console server finds its descriptors.
@@ -56,11 +59,8 @@ const VIRTIOFSD_CAPS: [Capability; 12] = [
 
 /// The capabilities the VMM keeps for `spec`, with the reason.
 pub fn needed_caps(spec: &VmSpec) -> Vec<(Capability, &'static str)> {
+    // The taps come open (`crate::taps`): nothing for the network.
     let mut keep = Vec::new();
-    if !spec.nets.is_empty() {
-        // Attaching to a pre-created tap not owned by our uid (TUNSETIFF).
-        keep.push((Capability::CAP_NET_ADMIN, "attach to the VM's taps"));
-    }
     if !spec.devices.is_empty() {
         // VFIO pins all guest memory.
         keep.push((
@@ -77,11 +77,24 @@ pub fn needed_caps(spec: &VmSpec) -> Vec<(Capability, &'static str)> {
 
 impl Hardening {
     /// Prepares the hardening of a VMM for `spec`. `event_fd` is handed to
-    /// the VMM as fd 3 (its event monitor).
-    pub fn vmm(spec: &VmSpec, event_fd: libc::c_int) -> Self {
+    /// the VMM as fd 3 (its event monitor), the taps from
+    /// [`FIRST_TAP_FD`] on (they must be numbered above those: see
+    /// [`high_fd`]); with a `view`, the VMM runs in it as its user.
+    pub fn vmm(
+        spec: &VmSpec,
+        event_fd: libc::c_int,
+        taps: &[libc::c_int],
+        view: Option<crate::jail::View>,
+    ) -> Self {
         let keep: Vec<Capability> = needed_caps(spec).into_iter().map(|(c, _)| c).collect();
         let mut h = Hardening::keeping(&keep);
         h.pass = vec![(event_fd, EVENT_FD)];
+        h.pass.extend(taps.iter().copied().zip(FIRST_TAP_FD..));
+        if let Some(v) = &view {
+            h.user = Some((v.uid, v.gid));
+            h.groups = v.groups.clone();
+        }
+        h.view = view;
         h
     }
 
@@ -127,6 +140,8 @@ impl Hardening {
             drop,
             pass: Vec::new(),
             user: None,
+            groups: Vec::new(),
+            view: None,
         }
     }
 
@@ -153,9 +168,12 @@ impl Hardening {
         {
             return Err(err());
         }
+        if let Some(view) = &self.view {
+            view.enter()?;
+        }
         if let Some((uid, gid)) = self.user {
             // Leaving root clears the permitted and effective sets.
-            if libc::setgroups(0, std::ptr::null()) != 0
+            if libc::setgroups(self.groups.len(), self.groups.as_ptr()) != 0
                 || libc::setresgid(gid, gid, gid) != 0
                 || libc::setresuid(uid, uid, uid) != 0
             {

@@ -39,6 +39,9 @@ struct Shim {
     /// The VMM binary's release, probed again only when the file changes
     /// (nodes upgrade it in place; every start builds for what is there).
     versions: VersionCache,
+    /// The VM's user, taken at start and held for the shim's life (every
+    /// restart of the VMM runs as the same user).
+    lease: Option<crate::jail::Lease>,
 }
 
 /// Runs the VM of `run` until stopped.
@@ -62,7 +65,7 @@ pub async fn run(run: RunDir) -> ExitCode {
         }
     };
     let c = &spec.console;
-    let log = match ConsoleLog::open(&c.log, c.rotate_bytes, c.keep_bytes) {
+    let mut log = match ConsoleLog::open(&c.log, c.rotate_bytes, c.keep_bytes) {
         Ok(l) => l,
         Err(e) => {
             say(format!(
@@ -71,6 +74,23 @@ pub async fn run(run: RunDir) -> ExitCode {
             ));
             return ExitCode::FAILURE;
         }
+    };
+    // The VM's own user: its console log's group now (its stream workers
+    // read it in that group only), its VMM's uid at every start.
+    let lease = match &spec.jail {
+        Some(jail) => match crate::jail::Lease::take(jail, &spec.name) {
+            Ok(lease) => {
+                if let Err(e) = log.set_group(jail.log_gid(lease.uid)) {
+                    say(format!("cannot give the console log its group: {e}"));
+                }
+                Some(lease)
+            }
+            Err(e) => {
+                say(format!("cannot start: {e}"));
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
     };
     let mut state = match ShimState::load(&run.state()) {
         Ok(s) => s.unwrap_or_default(),
@@ -192,6 +212,7 @@ pub async fn run(run: RunDir) -> ExitCode {
         stops,
         retries,
         versions,
+        lease,
     };
     shim.supervise().await
 }
@@ -438,6 +459,9 @@ impl Shim {
             &self.log,
             &self.keyboard,
             &self.shared,
+            self.lease
+                .as_ref()
+                .filter(|_| self.spec.jail.as_ref().is_some_and(|j| j.confine_vmm)),
         )
         .await?;
         let identity = vmd_runtime::state::ProcessIdentity::of(vmm.pid);

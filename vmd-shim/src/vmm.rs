@@ -1,7 +1,7 @@
 //! One run of cloud-hypervisor: start it hardened with its pumps, tell a
 //! guest power-off from a crash when it exits, stop it gracefully.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use vmd_runtime::RunDir;
 
 use crate::console::{Keyboard, Plugged, SharedConsole};
 use crate::error::StartError;
-use crate::hygiene::{describe, Hardening};
+use crate::hygiene::{describe, high_fd, Hardening};
 use crate::pumps;
 use crate::shared::Shared;
 
@@ -70,6 +70,7 @@ impl Vmm {
         log: &SharedConsole,
         keyboard: &Keyboard,
         shared: &Shared,
+        lease: Option<&crate::jail::Lease>,
     ) -> Result<Vmm, StartError> {
         preflight(spec)?;
         // cloud-hypervisor v53 leaves `<socket>.lock` behind.
@@ -82,6 +83,23 @@ impl Vmm {
         let fs_daemons = crate::virtiofsd::start(spec).await?;
         let (ev_r, ev_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(StartError::EventPipe)?;
+        // Numbered above what the child gets them as, so that handing one
+        // over never overwrites another.
+        let ev_w = high_fd(ev_w.as_fd()).map_err(StartError::Descriptors)?;
+        let taps = crate::taps::open(&spec.nets, spec.tap_netns.as_deref())?
+            .iter()
+            .map(|t| high_fd(t.as_fd()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(StartError::Descriptors)?;
+        let tap_fds: Vec<i32> = taps.iter().map(|t| t.as_raw_fd()).collect();
+        let view = match lease {
+            Some(lease) => {
+                let view = crate::jail::View::prepare(spec, run, lease)?;
+                say(format!("the VMM runs jailed as uid {}", lease.uid));
+                Some(view)
+            }
+            None => None,
+        };
         let input = match crate::serial::Input::open() {
             Ok(i) => Some(i),
             Err(e) => {
@@ -91,7 +109,8 @@ impl Vmm {
                 None
             }
         };
-        let mut cmd = Hardening::vmm(spec, ev_w.as_raw_fd()).command(&spec.hypervisor);
+        let mut cmd =
+            Hardening::vmm(spec, ev_w.as_raw_fd(), &tap_fds, view).command(&spec.hypervisor);
         // Named as the Go VM module names its VMMs (its `/proc` rule wants
         // argv[0] to be exactly this): a node rolled back to it adopts the
         // VM instead of killing it (docs/zero-os-node.md).
@@ -127,6 +146,7 @@ impl Vmm {
             }
         });
         drop(ev_w);
+        drop(taps);
         let pid = child.id().map_or(0, |p| p as i32);
         protect_from_oom(pid);
         let events = Arc::new(pumps::Events {

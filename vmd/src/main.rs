@@ -175,9 +175,46 @@ struct DaemonArgs {
     /// (a Redis stream, trimmed to about this many); 0 keeps none.
     #[arg(long, default_value_t = 10_000)]
     event_history: usize,
+    /// The VMs' own users, one per VM, `FIRST-LAST`: uid u runs the VM's
+    /// VMM with group u, and group u + (LAST - FIRST + 1) reads its console
+    /// log, so the next as many ids are taken too. The default ranges are
+    /// far above the users of a Zero-OS node and the usual container
+    /// ranges, and below --stream-uid.
+    #[arg(long, default_value = "1879048192-1879113727", value_parser = parse_uid_range)]
+    vmm_uids: (u32, u32),
+    /// The uid the log stream workers drop to once in their network
+    /// namespace (with their VM's log group only).
+    #[arg(long, default_value_t = 1879179264)]
+    stream_uid: u32,
+    /// Run every VMM as root in the shim's mount namespace (without
+    /// capabilities, as before): only for hosts where the jail cannot work.
+    #[arg(long)]
+    no_vmm_jail: bool,
+    /// The network namespace (a file such as /var/run/netns/NAME) the VMs'
+    /// taps are in, when it is not vmd's own.
+    #[arg(long)]
+    tap_netns: Option<PathBuf>,
     /// Log filter (tracing syntax, e.g. `info`, `vmd=debug`); RUST_LOG wins.
     #[arg(long, default_value = "info")]
     log: String,
+}
+
+/// `FIRST-LAST`, an inclusive range of uids that are neither root nor the
+/// kernel's `-1`.
+fn parse_uid_range(s: &str) -> Result<(u32, u32), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected FIRST-LAST"))?;
+    let num = |x: &str| x.trim().parse::<u32>().map_err(|e| format!("{x:?}: {e}"));
+    let (a, b) = (num(a)?, num(b)?);
+    // The log groups follow: b + (b - a + 1) must stay below u32::MAX.
+    let fits = b >= a && b.checked_add(b - a + 1).is_some_and(|top| top < u32::MAX);
+    if a == 0 || b < a || !fits {
+        return Err(format!(
+            "{s:?}: the range must be FIRST <= LAST, above 0, with as many ids after it below 4294967295"
+        ));
+    }
+    Ok((a, b))
 }
 
 #[derive(Subcommand)]
@@ -309,6 +346,17 @@ async fn daemon(
         api_socket_dir: args.api_socket_dir.clone(),
         go_config_dir: (args.go_config_dir.as_os_str() != "none")
             .then(|| args.go_config_dir.clone()),
+        // Giving a process another uid and its own mounts takes root.
+        jail: (!args.no_vmm_jail && nix::unistd::geteuid().is_root()).then(|| {
+            vmd_runtime::spec::JailSpec {
+                first_uid: args.vmm_uids.0,
+                uids: args.vmm_uids.1 - args.vmm_uids.0 + 1,
+                lock_dir: args.runtime_dir.join("vmm-uids"),
+                confine_vmm: true,
+            }
+        }),
+        tap_netns: args.tap_netns.clone(),
+        stream_uid: nix::unistd::geteuid().is_root().then_some(args.stream_uid),
     };
     let settings = Settings {
         grace_secs: args.grace_secs,

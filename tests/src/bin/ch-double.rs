@@ -31,6 +31,7 @@
 //! | `double.flood_bps=N` | after GUEST-READY, print 64-byte lines `FLOOD <seq> b<boot id> x…` at N bytes/s (0: as fast as possible) |
 //! | `double.flood_bytes=N` | stop flooding after N bytes |
 //! | `double.exec_log=PATH` | append `<pid> <unix ns>` to PATH first thing (benchmarks time the exec) |
+//! | `double.try_write=PATH[,PATH…]` | at boot the VMM process itself (not the guest) opens each PATH to append: `GUEST-WRITE PATH ok`, or `GUEST-WRITE PATH <error>` (what a guest that escaped into the VMM could do) |
 //! | `double.write_sector0=1` | at boot the guest writes sector 0 of each writable disk: `GUEST-SECTOR0 vdX written` (the bytes really land in the image), or the kernel's `I/O error, dev vdX, sector 0` where the VMM refuses it |
 //!
 //! With `--serial tty` the serial input is read from stdin when it is a
@@ -55,6 +56,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::FromRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -79,6 +81,19 @@ fn release() -> u16 {
                 .map(|n| n.to_string_lossy().into_owned())
                 .and_then(|n| n.rsplit_once("-v").and_then(|(_, v)| v.parse().ok()))
         };
+        // The path it was executed by (the kernel's AT_EXECFN): works in a
+        // jail without /proc, where the name run as is a bind mount.
+        // SAFETY: getauxval has no preconditions; AT_EXECFN, where present,
+        // points to a NUL-terminated string that lives as long as the process.
+        let execfn = unsafe { libc::getauxval(libc::AT_EXECFN) };
+        if execfn != 0 {
+            // SAFETY: see above.
+            let s = unsafe { std::ffi::CStr::from_ptr(execfn as *const libc::c_char) };
+            let p = PathBuf::from(std::ffi::OsStr::from_bytes(s.to_bytes()));
+            if let Some(r) = named(&p) {
+                return r;
+            }
+        }
         let mut p = std::env::args_os().next().map(PathBuf::from);
         for _ in 0..8 {
             let Some(path) = p else { break };
@@ -248,8 +263,59 @@ struct Config {
     memory: u64,
     shared: bool,
     disks: Vec<DiskConfig>,
-    nets: Vec<(String, String)>,
+    nets: Vec<NetConfig>,
     serial: Serial,
+}
+
+/// A `--net`: a tap the VMM opens by name, or taps handed over open.
+#[derive(Debug, Clone)]
+struct NetConfig {
+    tap: Option<String>,
+    /// How many fds were handed over (`vm.info` shows each as -1).
+    fds: Option<usize>,
+    mac: String,
+}
+
+/// `fd=N` or `fd=[N,M]`: checked as cloud-hypervisor checks them — above
+/// the standard streams (config validation), then each really a tap
+/// (`Tap::from_tap_fd`: `TUNGETIFF` at device creation).
+fn tap_fds(v: &str) -> Result<usize, Vec<String>> {
+    let list: Vec<&str> = v
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .collect();
+    let mut n = 0;
+    for f in list {
+        let fd: i32 = f.trim().parse().map_err(|_| {
+            vec![
+                "Error parsing --net".into(),
+                format!("unable to convert {v} for fd"),
+            ]
+        })?;
+        if fd <= 2 {
+            return Err(vec![
+                "Error validating configuration".into(),
+                format!("Net fd {fd} is reserved (0, 1, 2)"),
+            ]);
+        }
+        // SAFETY: ifreq is plain old data; all zeroes is valid.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        // SAFETY: TUNGETIFF fills the ifreq, which lives across the call.
+        if unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut req) } < 0 {
+            return Err(vec![
+                "Error booting VM".into(),
+                "The VM could not boot".into(),
+                "Cannot create virtio-net device".into(),
+                "Failed to open taps".into(),
+                format!(
+                    "ioctl (TUNGETIFF) failed: {}",
+                    std::io::Error::last_os_error()
+                ),
+            ]);
+        }
+        n += 1;
+    }
+    Ok(n)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -370,6 +436,7 @@ fn config(cli: &Cli) -> Result<Config, Vec<String>> {
             n,
             &[
                 "tap",
+                "fd",
                 "mac",
                 "ip",
                 "mask",
@@ -380,10 +447,12 @@ fn config(cli: &Cli) -> Result<Config, Vec<String>> {
                 "mtu",
             ],
         )?;
-        nets.push((
-            o.get("tap").cloned().unwrap_or_default(),
-            o.get("mac").cloned().unwrap_or_default(),
-        ));
+        let fds = o.get("fd").map(|f| tap_fds(f)).transpose()?;
+        nets.push(NetConfig {
+            tap: o.get("tap").cloned(),
+            fds,
+            mac: o.get("mac").cloned().unwrap_or_default(),
+        });
     }
     for f in &cli.fs {
         let o = options(
@@ -568,6 +637,14 @@ impl Vmm {
             self.config.vcpus.saturating_sub(1)
         ))
         .await;
+        let tries = self.knobs.str("double.try_write").unwrap_or("").to_owned();
+        for p in tries.split(',').filter(|p| !p.is_empty()) {
+            let said = match std::fs::OpenOptions::new().append(true).open(p) {
+                Ok(_) => "ok".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            self.print(&format!("GUEST-WRITE {p} {said}")).await;
+        }
         for (i, d) in self.config.disks.iter().enumerate() {
             let sectors = std::fs::metadata(&d.path)
                 .map(|m| m.len() / 512)
@@ -791,7 +868,7 @@ async fn api(vmm: &Arc<Vmm>, method: &str, path: &str) -> Vec<u8> {
                     "serial": serial,
                     "console": {"mode": "Off"},
                     "disks": c.disks.iter().map(|d| serde_json::json!({"path": d.path, "readonly": d.readonly})).collect::<Vec<_>>(),
-                    "net": c.nets.iter().map(|(t, m)| serde_json::json!({"tap": t, "mac": m})).collect::<Vec<_>>(),
+                    "net": c.nets.iter().map(|n| serde_json::json!({"tap": n.tap, "fds": n.fds.map(|k| vec![-1; k]), "mac": n.mac})).collect::<Vec<_>>(),
                 },
                 "state": state_name,
                 "memory_actual_size": c.memory,

@@ -11,6 +11,11 @@ use crate::vmm::Version;
 /// The fd the event monitor pipe is handed to the VMM on.
 pub const EVENT_FD: i32 = 3;
 
+/// The fd the first tap is handed to the VMM on; the next ones follow.
+/// The shim opens the taps (`tap=NAME` would make the VMM open them itself,
+/// which takes `CAP_NET_ADMIN`), so the VMM keeps no capability at all.
+pub const FIRST_TAP_FD: i32 = 4;
+
 /// The argv (without the program) for `spec` on cloud-hypervisor
 /// `version`, with sockets in `run`.
 pub fn hypervisor_args(spec: &VmSpec, run: &RunDir, version: Version) -> Vec<String> {
@@ -81,7 +86,8 @@ pub fn hypervisor_args(spec: &VmSpec, run: &RunDir, version: Version) -> Vec<Str
         "--net",
         spec.nets
             .iter()
-            .map(|n| format!("tap={},mac={}", n.tap, n.mac))
+            .zip(FIRST_TAP_FD..)
+            .map(|(n, fd)| format!("fd={fd},mac={}", n.mac))
             .collect(),
     );
     multi(
@@ -136,6 +142,8 @@ mod tests {
             api_socket: None,
             go_config: None,
             adopted: None,
+            jail: None,
+            tap_netns: None,
         }
     }
 
@@ -235,7 +243,7 @@ mod tests {
             .map(String::from)
             .to_vec();
             a.extend(disks.iter().map(|d| d.to_string()));
-            a.extend(["--net", "tap=t-abc,mac=de:ad:be:ef:00:01"].map(String::from));
+            a.extend(["--net", "fd=4,mac=de:ad:be:ef:00:01"].map(String::from));
             a
         };
         // v39 refuses `image_type` ("unknown option"): formats are left to it.
@@ -340,10 +348,7 @@ mod tests {
         ];
         assert_eq!(
             value_of(&hypervisor_args(&s, &run(), V53), "--net"),
-            [
-                "tap=t-abc,mac=de:ad:be:ef:00:01",
-                "tap=p-abc,mac=de:ad:be:ef:00:02"
-            ]
+            ["fd=4,mac=de:ad:be:ef:00:01", "fd=5,mac=de:ad:be:ef:00:02"]
         );
     }
 

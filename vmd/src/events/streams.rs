@@ -51,7 +51,7 @@ fn vm_of(paths: &HostPaths, id: &StreamId) -> Option<VmName> {
 /// Follows the streams' progress files on `rt` until vmd exits.
 pub fn spawn(events: Events, paths: HostPaths, rt: &tokio::runtime::Handle) {
     let _entered = rt.enter();
-    let dir = paths.streams_dir();
+    let dir = paths.progress_dir();
     let watched = Inotify::init().and_then(|i| {
         i.watches()
             .add(&dir, WatchMask::MOVED_TO | WatchMask::CLOSE_WRITE)?;

@@ -31,6 +31,12 @@ pub struct Host {
     /// The Go VM module's config directory, where each VM's config is kept
     /// in its format for a roll-back (docs/zero-os-node.md); `None`: not kept.
     pub go_config_dir: Option<PathBuf>,
+    /// The VMMs' jail (their own uids and mount view); `None`: off.
+    pub jail: Option<vmd_runtime::spec::JailSpec>,
+    /// Where the VMs' taps are, when not in vmd's own network namespace.
+    pub tap_netns: Option<PathBuf>,
+    /// The uid stream workers drop to; `None`: they keep vmd's.
+    pub stream_uid: Option<u32>,
 }
 
 #[derive(Debug, Clone)]

@@ -45,6 +45,28 @@ pub fn service_of(name: &VmName) -> zinit::ServiceName {
     zinit::ServiceName::new(name.service()).expect("vm service name")
 }
 
+/// The stream workers' own directory, theirs once they dropped root; what
+/// workers of an earlier vmd saved beside the records is moved in, so they
+/// resume where they were.
+fn prepare_progress_dir(p: &vmd_runtime::HostPaths, uid: Option<u32>) -> std::io::Result<()> {
+    let dir = p.progress_dir();
+    files::create_dir(&dir, 0o700)?;
+    let own = |path: &std::path::Path| match uid {
+        Some(u) => std::os::unix::fs::chown(path, Some(u), None),
+        None => Ok(()),
+    };
+    own(&dir)?;
+    for e in std::fs::read_dir(p.streams_dir())?.flatten() {
+        let name = e.file_name();
+        if name.to_str().is_some_and(|n| n.ends_with(".progress")) {
+            let to = dir.join(&name);
+            std::fs::rename(e.path(), &to)?;
+            own(&to)?;
+        }
+    }
+    Ok(())
+}
+
 impl Manager {
     /// Creates vmd's directories (private: they hold requests and sockets).
     pub fn new(
@@ -54,10 +76,17 @@ impl Manager {
     ) -> std::io::Result<Self> {
         let p = &host.paths;
         files::create_dir(&p.vms_dir(), 0o700)?;
-        files::create_dir(&p.logs_dir(), 0o750)?;
+        // Searchable, not listable: a stream worker (no longer root) opens
+        // its VM's log by name; each log is readable by its VM's group only.
+        files::create_dir(&p.logs_dir(), 0o711)?;
+        std::fs::set_permissions(
+            p.logs_dir(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )?;
         files::create_dir(&p.present_dir(), 0o700)?;
         files::create_dir(&p.seeds_dir(), 0o700)?;
         files::create_dir(&p.streams_dir(), 0o700)?;
+        prepare_progress_dir(p, host.stream_uid)?;
         // Only root (the shims, the Go module after a roll-back) uses them.
         files::create_dir(&host.api_socket_dir, 0o700)?;
         if let Some(d) = &host.go_config_dir {

@@ -179,6 +179,9 @@ impl Manager {
                 host.netns_dir.to_string_lossy().into_owned(),
             ]);
         }
+        if let Some(uid) = host.stream_uid {
+            argv.extend(["--user".into(), uid.to_string()]);
+        }
         if let Some(ca) = &host.stream_ca_file {
             argv.extend(["--ca-file".into(), ca.to_string_lossy().into_owned()]);
         }

@@ -311,6 +311,8 @@ impl Manager {
             api_socket: Some(found.api_socket.clone()),
             go_config: Some(config.to_owned()),
             adopted: Some(found.vmm),
+            jail: super::plan::jail_of(self.host(), &m.devices),
+            tap_netns: self.host().tap_netns.clone(),
         }
     }
 

@@ -153,6 +153,8 @@ pub fn plan(vm: &Vm, host: &Host, settings: &Settings, in_use: &InUse) -> Result
         api_socket: Some(host.api_socket_dir.join(name.as_str())),
         go_config: host.go_config_dir.as_ref().map(|d| d.join(name.as_str())),
         adopted: None,
+        jail: jail_of(host, &vm.devices),
+        tap_netns: host.tap_netns.clone(),
     };
     spec.validate().map_err(|e| Invalid(e.to_string()))?;
     let service = service_file(host, settings, &run)?;
@@ -161,6 +163,16 @@ pub fn plan(vm: &Vm, host: &Host, settings: &Settings, in_use: &InUse) -> Result
         spec,
         seed,
         service,
+    })
+}
+
+/// The VM's user on this host; its VMM jailed unless the VM has PCI
+/// devices: VFIO needs `/dev/vfio`, the devices' sysfs and locked memory,
+/// which a jail of only the VM's files does not give (docs/security.md).
+pub fn jail_of(host: &Host, devices: &[String]) -> Option<vmd_runtime::spec::JailSpec> {
+    host.jail.clone().map(|j| vmd_runtime::spec::JailSpec {
+        confine_vmm: devices.is_empty(),
+        ..j
     })
 }
 
