@@ -292,20 +292,20 @@ async fn a_failed_vm_is_tried_again_after_its_cooldown_and_reported_ok_when_it_r
     };
     w.states.insert("6-2-flaky".into(), "ok".into());
     let prov = ProvisionDouble::start(&env.redis.broker(), "provision", w).await;
-    // It crashes while this file exists: a cause outside the guest.
-    let cause = env.sys.path().join("broken");
-    std::fs::write(&cause, "").unwrap();
+    // It crashes while its initrd reads `broken`: a cause outside the
+    // guest (and a file the jailed VMM sees).
+    let cause = env.sys.path().join("flaky-initrd");
+    std::fs::write(&cause, "broken").unwrap();
     let cause_s = cause.to_string_lossy().into_owned();
-    env.stub
-        .run(&env.vm(
-            "6-2-flaky",
-            &[
-                ("double.crash_after_ms", "300"),
-                ("double.crash_while", &cause_s),
-            ],
-        ))
-        .await
-        .unwrap();
+    let mut vm = env.vm(
+        "6-2-flaky",
+        &[
+            ("double.crash_after_ms", "300"),
+            ("double.crash_while", &cause_s),
+        ],
+    );
+    vm.initrd_image = cause_s.clone();
+    env.stub.run(&vm).await.unwrap();
     until(Duration::from_secs(60), "reported as error", || async {
         prov.state("6-2-flaky").as_deref() == Some("error")
     })
@@ -319,7 +319,7 @@ async fn a_failed_vm_is_tried_again_after_its_cooldown_and_reported_ok_when_it_r
     .await;
     assert!(prov.calls_of("SetWorkloadOk").is_empty());
     // Fixed: the next retry runs, and provisiond hears it.
-    std::fs::remove_file(&cause).unwrap();
+    std::fs::write(&cause, "fixed").unwrap();
     until(Duration::from_secs(60), "reported ok", || async {
         prov.state("6-2-flaky").as_deref() == Some("ok")
     })

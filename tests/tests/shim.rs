@@ -777,3 +777,106 @@ fn has_cap(cap: u32) -> bool {
 
 /// `capability.h`.
 const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Issue 26, with the double or a real cloud-hypervisor and guest: a VM
+/// with a disk, a tap and a share boots and powers off under its own uid
+/// and mount view; the VMM has no capability, `no_new_privs`, and (a real
+/// one) every thread under seccomp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jailed_vm_with_a_disk_a_tap_and_a_share_boots_and_powers_off() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: the jail takes root");
+        return;
+    }
+    let Some(virtiofsd) = vmd_runtime::layout::resolve_program(std::path::Path::new("virtiofsd"))
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| std::path::PathBuf::from(h).join(".cargo/bin/virtiofsd"))
+                .filter(|p| p.exists())
+        })
+    else {
+        panic!("virtiofsd not found: the test command installs it");
+    };
+    let z = Supervisor::start();
+    let ns = vmd_tests::netns::NetNs::new(None).unwrap();
+    let host = tempfile::tempdir().unwrap();
+    let disk = host.path().join("data.img");
+    std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
+    std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let share = host.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    // Slow enough a boot (the double's knob) to look at the VMM first.
+    let mut vm = TestVm::new(&z, "whole-jail", "gaction=poweroff double.boot_ms=3000");
+    vm.spec.keep_alive = false;
+    vm.spec.virtiofsd = virtiofsd;
+    vm.spec.memory_mib = 256;
+    vm.spec.disks.push(vmd_runtime::spec::Disk {
+        path: disk.clone(),
+        readonly: false,
+        format: Some(vmd_runtime::vmm::ImageFormat::Raw),
+    });
+    let tap = format!("vj{}", std::process::id() % 100_000);
+    vm.spec.nets.push(vmd_runtime::spec::Net {
+        tap: tap.clone(),
+        mac: "de:ad:be:ef:00:02".into(),
+    });
+    vm.spec.tap_netns = Some(ns.path());
+    vm.spec.shares.push(vmd_runtime::spec::Share {
+        tag: "data".into(),
+        socket: vm.run.share_socket(0),
+        source: share.clone(),
+    });
+    vm.start(&z).await;
+    let pid = vm.vmm_pid(boot_timeout()).await;
+    let uid = vm_uid(pid);
+    assert!(
+        (TEST_FIRST_UID..TEST_FIRST_UID + 65536).contains(&uid),
+        "{uid}"
+    );
+    assert_eq!(
+        proc_status(pid, "CapEff").as_deref(),
+        Some("0000000000000000")
+    );
+    assert_eq!(
+        proc_status(pid, "CapBnd").as_deref(),
+        Some("0000000000000000")
+    );
+    assert_eq!(proc_status(pid, "NoNewPrivs").as_deref(), Some("1"));
+    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    assert!(!root.join("etc").exists());
+    assert!(root.join(disk.strip_prefix("/").unwrap()).exists());
+    if real_ch() {
+        // cloud-hypervisor's own filters, on every thread it started.
+        vm.wait_console("GUEST-HELLO", 1, boot_timeout()).await;
+        let mut unfiltered = Vec::new();
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            let name = status.lines().next().unwrap_or("").to_owned();
+            if !status.lines().any(|l| l == "Seccomp:\t2") {
+                unfiltered.push(name);
+            }
+        }
+        eprintln!(
+            "VMM pid {pid} uid {uid}: {} threads, without seccomp: {unfiltered:?}",
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .count()
+        );
+        assert!(
+            unfiltered.is_empty(),
+            "threads without seccomp: {unfiltered:?}"
+        );
+    }
+    let st = vm
+        .wait_state("powered off", boot_timeout(), |s| {
+            s.phase == Phase::PoweredOff
+        })
+        .await;
+    assert_eq!(st.restarts, 0, "{st:?}");
+    let console = vm.console();
+    assert!(console.contains("GUEST-POWEROFF"), "{console}");
+    assert!(console.contains("GUEST-DISK vda sectors=8192"), "{console}");
+}

@@ -290,23 +290,31 @@ const X: u32 = 1;
 /// Whether `program` needs the system's libraries: a dynamically linked
 /// ELF (it names an interpreter) or a script.
 fn needs_system(program: &Path) -> bool {
-    let Ok(bytes) = std::fs::read(program) else {
+    use std::io::{Read, Seek, SeekFrom};
+    // Only the headers are read: the binary itself can be tens of MiB,
+    // and this runs at every start of the VMM.
+    let Ok(mut f) = std::fs::File::open(program) else {
         return true;
     };
-    if bytes.starts_with(b"#!") {
+    let mut head = [0u8; 64];
+    if f.read_exact(&mut head).is_err() {
+        // Shorter than an ELF header: a script, or nothing runnable.
         return true;
     }
-    if !bytes.starts_with(b"\x7fELF") || bytes.len() < 64 || bytes[4] != 2 {
+    if head.starts_with(b"#!") || !head.starts_with(b"\x7fELF") || head[4] != 2 {
         return true;
     }
-    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as usize;
-    let phoff = u64::from_le_bytes(bytes[0x20..0x28].try_into().unwrap_or_default()) as usize;
+    let u16_at = |o: usize| usize::from(u16::from_le_bytes([head[o], head[o + 1]]));
+    let phoff = u64::from_le_bytes(head[0x20..0x28].try_into().unwrap_or_default());
     let (size, count) = (u16_at(0x36), u16_at(0x38));
-    (0..count).any(|i| {
-        let at = phoff + i * size;
-        // PT_INTERP
-        bytes.get(at..at + 4) == Some(&3u32.to_le_bytes()[..])
-    })
+    let mut table = vec![0u8; (size * count).min(64 << 10)];
+    if size < 4 || f.seek(SeekFrom::Start(phoff)).is_err() || f.read_exact(&mut table).is_err() {
+        return true;
+    }
+    // PT_INTERP: it names a dynamic loader.
+    table
+        .chunks(size)
+        .any(|ph| ph.get(..4) == Some(&3u32.to_le_bytes()[..]))
 }
 
 /// The system's library directories as the host has them: links where

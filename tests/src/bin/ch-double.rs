@@ -26,11 +26,11 @@
 //! | `double.boot_fail=1` | the kernel cannot be loaded: error chain on stderr, exit 1 (API socket left behind, as v53) |
 //! | `double.crash_after_ms=N` | the guest dies after N ms: `VCPU generated error` on stderr, exit 0 (as v53) |
 //! | `double.crash_code=C` | with crash_after_ms: exit C instead, without the vCPU message |
-//! | `double.crash_while=PATH` | with crash_after_ms: only while PATH exists (a cause outside the guest that goes away) |
+//! | `double.crash_while=PATH` | with crash_after_ms: only while PATH reads `broken` (a cause outside the guest that goes away; a file of the VM's own, such as its initrd: a jailed VMM sees no other) |
 //! | `double.ignore_power_button=1` | the guest never reacts to the power button |
 //! | `double.flood_bps=N` | after GUEST-READY, print 64-byte lines `FLOOD <seq> b<boot id> x…` at N bytes/s (0: as fast as possible) |
 //! | `double.flood_bytes=N` | stop flooding after N bytes |
-//! | `double.exec_log=PATH` | append `<pid> <unix ns>` to PATH first thing (benchmarks time the exec) |
+//! | `double.exec_log=PATH` | append `<pid> <unix ns>` to PATH first thing (benchmarks time the exec); `stderr`: print `DOUBLE-EXEC <pid> <unix ns>` there (into the console log: a jailed VMM reaches no other file) |
 //! | `double.try_write=PATH[,PATH…]` | at boot the VMM process itself (not the guest) opens each PATH to append: `GUEST-WRITE PATH ok`, or `GUEST-WRITE PATH <error>` (what a guest that escaped into the VMM could do) |
 //! | `double.write_sector0=1` | at boot the guest writes sector 0 of each writable disk: `GUEST-SECTOR0 vdX written` (the bytes really land in the image), or the kernel's `I/O error, dev vdX, sector 0` where the VMM refuses it |
 //!
@@ -1279,7 +1279,9 @@ fn main() -> ExitCode {
         let ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        if let Ok(mut f) = std::fs::OpenOptions::new()
+        if path == "stderr" {
+            eprintln!("DOUBLE-EXEC {} {ns}", std::process::id());
+        } else if let Ok(mut f) = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
@@ -1496,7 +1498,7 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
         tokio::spawn(Arc::clone(&vmm).boot());
     }
     let crashes = match vmm.knobs.str("double.crash_while") {
-        Some(path) => std::path::Path::new(path).exists(),
+        Some(path) => std::fs::read(path).is_ok_and(|b| b.trim_ascii() == b"broken"),
         None => true,
     };
     if let Some(ms) = vmm.knobs.num("double.crash_after_ms").filter(|_| crashes) {
