@@ -31,6 +31,8 @@ pub struct Hardening {
     groups: Vec<libc::gid_t>,
     /// The VMM's jail: its mount view, entered before the change of user.
     view: Option<crate::jail::View>,
+    /// The VMM's system-call denylist, installed last.
+    seccomp: Option<seccompiler::BpfProgram>,
 }
 
 /// Where the web console server finds its descriptors.
@@ -95,6 +97,13 @@ impl Hardening {
             h.groups = v.groups.clone();
         }
         h.view = view;
+        h.seccomp = crate::denylist::program()
+            .map_err(|e| {
+                vmd_runtime::process::say(format!(
+                    "the VMM runs without vmd's seccomp denylist: {e}"
+                ))
+            })
+            .ok();
         h
     }
 
@@ -142,6 +151,7 @@ impl Hardening {
             user: None,
             groups: Vec::new(),
             view: None,
+            seccomp: None,
         }
     }
 
@@ -191,6 +201,9 @@ impl Hardening {
         }
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             return Err(err());
+        }
+        if let Some(prog) = &self.seccomp {
+            crate::denylist::install(prog)?;
         }
         for &(fd, target) in &self.pass {
             if fd == target {

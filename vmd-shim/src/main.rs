@@ -7,6 +7,7 @@
 //! * [`virtiofsd`] — one virtiofsd per share;
 //! * [`hygiene`] — how both are spawned (capabilities, `no_new_privs`, death signal);
 //! * [`jail`] — the VMM's own uid and mount view;
+//! * [`denylist`] — system calls no VMM may make, refused on every thread;
 //! * [`taps`] — the VM's taps, opened for the VMM;
 //! * [`pumps`] — the VMM's output, events and serial console into the console log;
 //! * [`lock`] — keeping a locked VM paused;
@@ -29,6 +30,7 @@ use vmd_runtime::RunDir;
 mod adopted;
 mod console;
 mod control;
+mod denylist;
 mod error;
 mod hygiene;
 mod jail;
