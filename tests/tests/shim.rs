@@ -821,11 +821,23 @@ async fn a_jailed_vm_with_a_disk_a_tap_and_a_share_boots_and_powers_off() {
         mac: "de:ad:be:ef:00:02".into(),
     });
     vm.spec.tap_netns = Some(ns.path());
-    vm.spec.shares.push(vmd_runtime::spec::Share {
-        tag: "data".into(),
-        socket: vm.run.share_socket(0),
-        source: share.clone(),
-    });
+    // A real v39 cannot talk to today's virtiofsd (1.14: `VhostUserGet
+    // ProtocolFeatures(InvalidMessage)`, by hand too, no vmd in the loop):
+    // no share there.
+    let old_real = real_ch()
+        && std::process::Command::new(vmd_tests::vm::ch_binary())
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).starts_with("cloud-hypervisor v39"));
+    if old_real {
+        eprintln!("v39: no share (it cannot talk to virtiofsd 1.14)");
+    } else {
+        vm.spec.shares.push(vmd_runtime::spec::Share {
+            tag: "data".into(),
+            socket: vm.run.share_socket(0),
+            source: share.clone(),
+        });
+    }
     vm.start(&z).await;
     let pid = vm.vmm_pid(boot_timeout()).await;
     let uid = vm_uid(pid);
@@ -844,7 +856,12 @@ async fn a_jailed_vm_with_a_disk_a_tap_and_a_share_boots_and_powers_off() {
     assert_eq!(proc_status(pid, "NoNewPrivs").as_deref(), Some("1"));
     let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
     assert!(!root.join("etc").exists());
-    assert!(root.join(disk.strip_prefix("/").unwrap()).exists());
+    assert!(
+        root.join(disk.strip_prefix("/").unwrap()).exists(),
+        "the disk is not in the VMM's view (alive: {}): {}",
+        alive(pid),
+        vm.console()
+    );
     if real_ch() {
         // cloud-hypervisor's own filters, on every thread it started.
         vm.wait_console("GUEST-HELLO", 1, boot_timeout()).await;

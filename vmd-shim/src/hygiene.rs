@@ -33,6 +33,8 @@ pub struct Hardening {
     view: Option<crate::jail::View>,
     /// The VMM's system-call denylist, installed last.
     seccomp: Option<seccompiler::BpfProgram>,
+    /// The network namespace to run in (its taps'), entered first.
+    netns: Option<std::os::fd::OwnedFd>,
 }
 
 /// Where the web console server finds its descriptors.
@@ -87,6 +89,7 @@ impl Hardening {
         event_fd: libc::c_int,
         taps: &[libc::c_int],
         view: Option<crate::jail::View>,
+        netns: Option<std::os::fd::OwnedFd>,
     ) -> Self {
         let keep: Vec<Capability> = needed_caps(spec).into_iter().map(|(c, _)| c).collect();
         let mut h = Hardening::keeping(&keep);
@@ -97,6 +100,7 @@ impl Hardening {
             h.groups = v.groups.clone();
         }
         h.view = view;
+        h.netns = netns;
         h.seccomp = crate::denylist::program()
             .map_err(|e| {
                 vmd_runtime::process::say(format!(
@@ -152,6 +156,7 @@ impl Hardening {
             groups: Vec::new(),
             view: None,
             seccomp: None,
+            netns: None,
         }
     }
 
@@ -159,6 +164,12 @@ impl Hardening {
     /// To be called only in the child between fork and exec.
     pub unsafe fn apply(&self) -> std::io::Result<()> {
         let err = std::io::Error::last_os_error;
+        if let Some(ns) = &self.netns {
+            use std::os::fd::AsRawFd;
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(err());
+            }
+        }
         for &cap in &self.drop {
             // EINVAL: a capability this kernel does not know; nothing to drop.
             if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0

@@ -313,6 +313,26 @@ fn tap_fds(v: &str) -> Result<usize, Vec<String>> {
                 ),
             ]);
         }
+        // Up to v51 the device asks the tap's MTU by its name, in the VMM's
+        // own network namespace (`Tap::mtu`, SIOCGIFMTU), and fails when
+        // the tap is not there; v52 goes on without it.
+        if release() <= 51 {
+            // SAFETY: a plain socket call; the result is checked.
+            let sock = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM, 0) };
+            // SAFETY: SIOCGIFMTU fills the ifreq, which lives across the call.
+            let r = unsafe { libc::ioctl(sock, libc::SIOCGIFMTU, &mut req) };
+            let e = std::io::Error::last_os_error();
+            // SAFETY: our own descriptor.
+            unsafe { libc::close(sock) };
+            if r < 0 {
+                return Err(vec![
+                    "Error booting VM".into(),
+                    "The VM could not boot".into(),
+                    "Cannot create virtio-net device".into(),
+                    format!("ioctl ({}) failed: {e}", libc::SIOCGIFMTU),
+                ]);
+            }
+        }
         n += 1;
     }
     Ok(n)
