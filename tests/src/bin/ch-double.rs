@@ -48,7 +48,9 @@
 //!
 //! Deviations: no real guest, nothing read from a `--serial pty`'s pty
 //! (no shell on it), counters are zeros, a
-//! `--fs` socket is connected to but no vhost-user message is exchanged,
+//! `--fs` socket is connected to but no vhost-user message is exchanged
+//! (so v39's failure with virtiofsd 1.14, `VhostUserGetProtocolFeatures(
+//! InvalidMessage)`, is not played),
 //! the v50+ serial socket buffer is drained at once rather than a byte
 //! per guest write, and a configuration error lacks the `Fatal error:
 //! <Debug of the error>` log line v47+ prints before the chain.
