@@ -123,6 +123,8 @@ impl TestVm {
             }
         };
         let initramfs = std::env::var_os("VMD_TEST_INITRD").map(PathBuf::from);
+        // vmd makes the API socket directory (`--api-socket-dir`).
+        std::fs::create_dir_all(root.join("api")).unwrap();
         let spec = VmSpec {
             version: SPEC_VERSION,
             name: name.into(),
@@ -151,8 +153,12 @@ impl TestVm {
             api_socket: Some(root.join("api").join(name)),
             go_config: None,
             adopted: None,
-            // Jailed as vmd jails it, where the test can (as root).
-            jail: nix::unistd::geteuid().is_root().then(|| JailSpec {
+            // Jailed as vmd jails it, where the test can (as root);
+            // `VMD_TEST_NO_JAIL=1` runs the VMM as before the jail (for
+            // experiments that take one difference away at a time).
+            jail: (nix::unistd::geteuid().is_root()
+                && std::env::var_os("VMD_TEST_NO_JAIL").is_none())
+            .then(|| JailSpec {
                 first_uid: TEST_FIRST_UID,
                 uids: 65536,
                 lock_dir: root.join("vmm-uids"),
