@@ -174,6 +174,31 @@ impl TestVm {
         }
     }
 
+    /// Adds a writable raw disk at `path`: `bytes` of zeroes, mode 0600
+    /// (root's: only a jailed VMM's own user can be given it).
+    pub fn add_private_disk(&mut self, path: &std::path::Path, bytes: usize) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, vec![0u8; bytes]).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        self.spec.disks.push(vmd_runtime::spec::Disk {
+            path: path.to_owned(),
+            readonly: false,
+            format: Some(vmd_runtime::vmm::ImageFormat::Raw),
+        });
+    }
+
+    /// Adds a tap named `<prefix><test pid>`, opened (so made) by the shim
+    /// in `ns`; returns its name.
+    pub fn add_tap(&mut self, ns: &crate::netns::NetNs, prefix: &str, mac: &str) -> String {
+        let tap = format!("{prefix}{}", std::process::id() % 100_000);
+        self.spec.nets.push(vmd_runtime::spec::Net {
+            tap: tap.clone(),
+            mac: mac.into(),
+        });
+        self.spec.tap_netns = Some(ns.path());
+        tap
+    }
+
     /// The VMM's API socket.
     pub fn api_socket(&self) -> PathBuf {
         self.spec.api_socket_in(&self.run)

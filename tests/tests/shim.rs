@@ -682,8 +682,6 @@ async fn a_jailed_vmm_writes_nothing_but_its_own_disk_and_gets_its_taps_open() {
     let secret = host.path().join("root-owned");
     std::fs::write(&secret, "host file").unwrap();
     let disk = host.path().join("disk.img");
-    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
-    std::fs::set_permissions(&disk, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let mut vm = TestVm::new(&z, "jailed", "gaction=wait");
     let kernel = vm.spec.kernel.clone();
     vm.spec.cmdline.push_str(&format!(
@@ -692,17 +690,8 @@ async fn a_jailed_vmm_writes_nothing_but_its_own_disk_and_gets_its_taps_open() {
         kernel.display(),
         disk.display()
     ));
-    vm.spec.disks.push(vmd_runtime::spec::Disk {
-        path: disk.clone(),
-        readonly: false,
-        format: Some(vmd_runtime::vmm::ImageFormat::Raw),
-    });
-    let tap = format!("vt{}", std::process::id() % 100_000);
-    vm.spec.nets.push(vmd_runtime::spec::Net {
-        tap: tap.clone(),
-        mac: "de:ad:be:ef:00:01".into(),
-    });
-    vm.spec.tap_netns = Some(ns.path());
+    vm.add_private_disk(&disk, 4096);
+    let tap = vm.add_tap(&ns, "vt", "de:ad:be:ef:00:01");
     let other = TestVm::new(&z, "neighbour", "gaction=wait");
     vm.start(&z).await;
     other.start(&z).await;
@@ -804,8 +793,6 @@ async fn a_jailed_vm_with_a_disk_a_tap_and_a_share_boots_and_powers_off() {
     let ns = vmd_tests::netns::NetNs::new(None).unwrap();
     let host = tempfile::tempdir().unwrap();
     let disk = host.path().join("data.img");
-    std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
-    std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600)).unwrap();
     let share = host.path().join("share");
     std::fs::create_dir(&share).unwrap();
     // Slow enough a boot (the double's knob) to look at the VMM first.
@@ -813,17 +800,8 @@ async fn a_jailed_vm_with_a_disk_a_tap_and_a_share_boots_and_powers_off() {
     vm.spec.keep_alive = false;
     vm.spec.virtiofsd = virtiofsd;
     vm.spec.memory_mib = 256;
-    vm.spec.disks.push(vmd_runtime::spec::Disk {
-        path: disk.clone(),
-        readonly: false,
-        format: Some(vmd_runtime::vmm::ImageFormat::Raw),
-    });
-    let tap = format!("vj{}", std::process::id() % 100_000);
-    vm.spec.nets.push(vmd_runtime::spec::Net {
-        tap: tap.clone(),
-        mac: "de:ad:be:ef:00:02".into(),
-    });
-    vm.spec.tap_netns = Some(ns.path());
+    vm.add_private_disk(&disk, 4 << 20);
+    vm.add_tap(&ns, "vj", "de:ad:be:ef:00:02");
     // A real v39 cannot talk to today's virtiofsd (1.14: `VhostUserGet
     // ProtocolFeatures(InvalidMessage)`, by hand too, no vmd in the loop;
     // 1.10.1 works): no share there unless one is given.

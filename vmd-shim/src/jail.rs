@@ -30,7 +30,7 @@
 use std::ffi::{CString, OsStr};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use vmd_runtime::process::say;
@@ -90,7 +90,7 @@ impl Lease {
                 .create(true)
                 .truncate(false)
                 .write(true)
-                .mode_0600()
+                .mode(0o600)
                 .open(jail.lock_dir.join(uid.to_string()))
                 .map_err(lock_err)?;
             // SAFETY: flock on a descriptor this process owns.
@@ -106,16 +106,6 @@ impl Lease {
             first: jail.first_uid,
             last: jail.first_uid + n - 1,
         })
-    }
-}
-
-trait Mode0600 {
-    fn mode_0600(&mut self) -> &mut Self;
-}
-
-impl Mode0600 for std::fs::OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
     }
 }
 
@@ -405,7 +395,7 @@ impl View {
             vmd_runtime::files::remove_file(&stale).map_err(prep(&stale))?;
         }
         vmd_runtime::files::create_dir(&api_dir, 0o700).map_err(prep(&api_dir))?;
-        vmd_runtime::files::remove_file(&api).map_err(prep(&api))?;
+        // `Vmm::start` removed what was at `api` before.
         std::os::unix::fs::symlink(own.join(file), &api).map_err(prep(&api))?;
         entries.push(Entry::Bind {
             path: api_dir.clone(),

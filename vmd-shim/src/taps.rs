@@ -39,39 +39,60 @@ pub enum TapError {
 /// (`net_util::vnet_hdr_len`).
 const VNET_HDR_LEN: libc::c_int = 12;
 
+/// The network namespace the taps are in, opened once per start: the
+/// taps are opened there, and the VMM runs there.
+pub struct TapNetns {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl TapNetns {
+    pub fn open(path: &Path) -> Result<TapNetns, TapError> {
+        let file = std::fs::File::open(path).map_err(|source| TapError::Netns {
+            netns: path.to_owned(),
+            source,
+        })?;
+        Ok(TapNetns {
+            path: path.to_owned(),
+            file,
+        })
+    }
+}
+
+impl From<TapNetns> for OwnedFd {
+    fn from(n: TapNetns) -> OwnedFd {
+        n.file.into()
+    }
+}
+
 /// Opens every tap of `nets`, in order, in network namespace `netns` (the
 /// shim's own when `None`).
-pub fn open(nets: &[Net], netns: Option<&Path>) -> Result<Vec<OwnedFd>, TapError> {
-    if nets.is_empty() {
-        return Ok(Vec::new());
-    }
-    let names: Vec<String> = nets.iter().map(|n| n.tap.clone()).collect();
-    let Some(netns) = netns else {
-        return names.iter().map(|n| open_one(n)).collect();
+pub fn open(nets: &[Net], netns: Option<&TapNetns>) -> Result<Vec<OwnedFd>, TapError> {
+    let open_all = || nets.iter().map(|n| open_one(&n.tap)).collect();
+    let Some(ns) = netns.filter(|_| !nets.is_empty()) else {
+        return open_all();
     };
     // A thread of its own enters the namespace (setns changes only the
     // calling thread), opens the taps there and ends; the fds work from
     // anywhere.
-    let netns = netns.to_owned();
-    std::thread::spawn(move || {
-        let ns = std::fs::File::open(&netns).map_err(|source| TapError::Netns {
-            netns: netns.clone(),
-            source,
-        })?;
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-            TapError::Netns {
-                netns: netns.clone(),
-                source: e.into(),
-            }
-        })?;
-        names.iter().map(|n| open_one(n)).collect()
-    })
-    .join()
-    .unwrap_or_else(|_| {
-        Err(TapError::Netns {
-            netns: PathBuf::new(),
-            source: std::io::Error::other("the thread opening the taps died"),
-        })
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(&ns.file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    TapError::Netns {
+                        netns: ns.path.clone(),
+                        source: e.into(),
+                    }
+                })?;
+                open_all()
+            })
+            .join()
+            .unwrap_or_else(|_| {
+                Err(TapError::Netns {
+                    netns: ns.path.clone(),
+                    source: std::io::Error::other("the thread opening the taps died"),
+                })
+            })
     })
 }
 

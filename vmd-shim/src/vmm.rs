@@ -86,7 +86,13 @@ impl Vmm {
         // Numbered above what the child gets them as, so that handing one
         // over never overwrites another.
         let ev_w = high_fd(ev_w.as_fd()).map_err(StartError::Descriptors)?;
-        let taps = crate::taps::open(&spec.nets, spec.tap_netns.as_deref())?
+        // The VMM runs where its taps are, as it would opening them by name
+        // (up to v51 it also asks a tap's MTU by name, in its namespace).
+        let netns = match &spec.tap_netns {
+            Some(p) => Some(crate::taps::TapNetns::open(p)?),
+            None => None,
+        };
+        let taps = crate::taps::open(&spec.nets, netns.as_ref())?
             .iter()
             .map(|t| high_fd(t.as_fd()))
             .collect::<Result<Vec<_>, _>>()
@@ -109,21 +115,14 @@ impl Vmm {
                 None
             }
         };
-        // The VMM runs where its taps are, as it would opening them by name
-        // (up to v51 it also asks a tap's MTU by name, in its namespace).
-        let netns = match &spec.tap_netns {
-            Some(p) => Some(
-                std::fs::File::open(p)
-                    .map(std::os::fd::OwnedFd::from)
-                    .map_err(|source| crate::taps::TapError::Netns {
-                        netns: p.clone(),
-                        source,
-                    })?,
-            ),
-            None => None,
-        };
-        let mut cmd =
-            Hardening::vmm(spec, ev_w.as_raw_fd(), &tap_fds, view, netns).command(&spec.hypervisor);
+        let mut cmd = Hardening::vmm(
+            spec,
+            ev_w.as_raw_fd(),
+            &tap_fds,
+            view,
+            netns.map(Into::into),
+        )
+        .command(&spec.hypervisor);
         // Named as the Go VM module names its VMMs (its `/proc` rule wants
         // argv[0] to be exactly this): a node rolled back to it adopts the
         // VM instead of killing it (docs/zero-os-node.md).

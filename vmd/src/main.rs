@@ -209,7 +209,7 @@ fn parse_uid_range(s: &str) -> Result<(u32, u32), String> {
     let (a, b) = (num(a)?, num(b)?);
     // The log groups follow: b + (b - a + 1) must stay below u32::MAX.
     let fits = b >= a && b.checked_add(b - a + 1).is_some_and(|top| top < u32::MAX);
-    if a == 0 || b < a || !fits {
+    if a == 0 || !fits {
         return Err(format!(
             "{s:?}: the range must be FIRST <= LAST, above 0, with as many ids after it below 4294967295"
         ));
