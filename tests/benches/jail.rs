@@ -13,6 +13,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vmd_tests::stack::Stack;
+use vmd_tests::vm::exec_time;
 use vmd_tests::{ms, pct};
 
 fn main() {
@@ -23,28 +24,6 @@ fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
-}
-
-/// When the VMM of the VM whose console log is `log` was exec'd.
-async fn exec_time(log: &std::path::Path) -> u128 {
-    let t0 = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(ns) = text
-            .lines()
-            .find_map(|l| l.split("DOUBLE-EXEC ").nth(1))
-            .and_then(|rest| rest.split_whitespace().nth(1))
-            .and_then(|n| n.parse().ok())
-        {
-            return ns;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no exec line in {}",
-            log.display()
-        );
-        tokio::time::sleep(Duration::from_micros(200)).await;
-    }
 }
 
 #[derive(Default)]

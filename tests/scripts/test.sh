@@ -26,6 +26,15 @@ if ((${#need_pkgs[@]})); then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
+# The OpenMetrics endpoint is scraped by a real Prometheus and linted by
+# its promtool; the package alone (its recommends are exporters and their
+# services, which the tests do not need).
+if ! command -v promtool >/dev/null; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    echo "installing: prometheus"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 # Debian starts a system Redis on install; the tests start their own on
 # private sockets and never touch it.
 if [ ! -x "$vfsd" ]; then

@@ -27,6 +27,10 @@ pub struct Stack {
     pub taps: Option<crate::netns::NetNs>,
 }
 
+/// A flag of [`Stack::start`]'s (not vmd's): vmd reads the real taps'
+/// counters, not those [`Stack::tap`] writes.
+pub const REAL_COUNTERS: &str = "--test-real-tap-counters";
+
 impl Stack {
     /// Starts everything; `extra` flags go to vmd. Returns once vmd answers.
     pub async fn start(extra: &[&str]) -> Stack {
@@ -49,7 +53,13 @@ impl Stack {
         let redis = RedisServer::start();
         let sys = tempfile::tempdir().unwrap();
         let sys_net = sys.path().join("net").to_string_lossy().into_owned();
+        let net_dev = sys.path().join("net-dev").to_string_lossy().into_owned();
         let mut flags = vec!["--sys-net", &sys_net];
+        // The counters of [`Stack::tap`], unless the test reads the real
+        // taps' (in the taps' namespace, vmd's default).
+        if !extra.contains(&REAL_COUNTERS) {
+            flags.extend(["--net-dev", net_dev.as_str()]);
+        }
         let taps = crate::netns::NetNs::new(None).ok();
         let taps_path = taps
             .as_ref()
@@ -57,7 +67,7 @@ impl Stack {
         if let Some(p) = &taps_path {
             flags.extend(["--tap-netns", p.as_str()]);
         }
-        flags.extend_from_slice(extra);
+        flags.extend(extra.iter().filter(|f| **f != REAL_COUNTERS));
         let vmd = VmdProcess::start_with(&redis, Some(&zinit), &flags);
         let stub = VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(90));
         vmd.wait_ready().await;
@@ -116,7 +126,8 @@ impl Stack {
         }
     }
 
-    /// A fake tap in the sysfs vmd looks at, with its counters.
+    /// A fake tap in the sysfs vmd looks at, with its counters (also in
+    /// the fake `/proc/net/dev` vmd reads them from).
     pub fn tap(&self, name: &str, c: [u64; 4]) {
         let dir = self.sys.path().join("net").join(name);
         std::fs::create_dir_all(dir.join("statistics")).unwrap();
@@ -127,6 +138,10 @@ impl Stack {
         {
             std::fs::write(dir.join("statistics").join(f), format!("{v}\n")).unwrap();
         }
+        write_net_dev(
+            &self.sys.path().join("net"),
+            &self.sys.path().join("net-dev"),
+        );
     }
 
     /// The VMM's API socket of `name` (what its argv names).
@@ -266,4 +281,36 @@ pub async fn assert_nothing_left(zinit: &Supervisor, runtime: &Path, root: &Path
             .unwrap_or_default();
         assert!(left.is_empty(), "{} not empty: {left:?}", dir.display());
     }
+}
+
+/// Writes `net_dev` in `/proc/net/dev`'s format from a fake sysfs `net`
+/// directory (`<tap>/statistics/{rx,tx}_{bytes,packets}`), atomically.
+pub fn write_net_dev(net: &std::path::Path, net_dev: &std::path::Path) {
+    let mut out = String::from(
+        "Inter-|   Receive                                                |  Transmit\n \
+         face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n",
+    );
+    let mut taps: Vec<_> = std::fs::read_dir(net)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    taps.sort();
+    for tap in taps {
+        let stat = |f: &str| -> u64 {
+            std::fs::read_to_string(net.join(&tap).join("statistics").join(f))
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        out.push_str(&format!(
+            "{:>6}: {} {} 0 0 0 0 0 0 {} {} 0 0 0 0 0 0\n",
+            tap.to_string_lossy(),
+            stat("rx_bytes"),
+            stat("rx_packets"),
+            stat("tx_bytes"),
+            stat("tx_packets")
+        ));
+    }
+    let tmp = net_dev.with_extension("tmp");
+    std::fs::write(&tmp, out).unwrap();
+    std::fs::rename(tmp, net_dev).unwrap();
 }

@@ -426,6 +426,30 @@ pub async fn settled_memory_kib(pid: i32) -> (u64, u64) {
     last
 }
 
+/// When the VMM of the VM whose console log is `log` was exec'd (Unix
+/// nanoseconds): the double's `DOUBLE-EXEC <pid> <ns>` line, which it
+/// prints first thing with `double.exec_log=stderr`.
+pub async fn exec_time(log: &std::path::Path) -> u128 {
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(ns) = text
+            .lines()
+            .find_map(|l| l.split("DOUBLE-EXEC ").nth(1))
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+        {
+            return ns;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no exec line in {}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,6 +39,7 @@ fn layout(t: &Path) -> Host {
         go_config_dir: Some(t.join("go-config")),
         jail: None,
         tap_netns: None,
+        net_dev: "/proc/thread-self/net/dev".into(),
         stream_uid: None,
     }
 }

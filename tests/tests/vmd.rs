@@ -58,8 +58,9 @@ async fn vmm_pid(env: &Env, name: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_full_lifecycle() {
-    let env = Env::start(&[]).await;
-    let s = &env.stub;
+    let mut env = Env::start(&[]).await;
+    let s = env.caller(Duration::from_secs(90));
+    let s = &s;
     env.tap("t-web", [1000, 10, 2000, 20]);
     env.tap("p-web", [3000, 30, 4000, 40]);
     let mut vm = env.vm("12-345-web", &[("gaction", "wait")]);
@@ -173,6 +174,18 @@ async fn the_full_lifecycle() {
     let m = &s.metrics().await.unwrap()["12-345-web"];
     assert_eq!(m.private.net_rx_bytes, 1600, "went backwards");
     assert_eq!(m.private.net_tx_packets, 27);
+    // What a caller was told survives a kill -9 of vmd, and a re-creation
+    // of the tap while vmd is down.
+    env.vmd.crash();
+    env.tap("t-web", [50, 1, 60, 1]);
+    env.vmd.restart();
+    env.vmd.wait_ready().await;
+    let m = &env.stub.metrics().await.unwrap()["12-345-web"];
+    assert_eq!(
+        (m.private.net_rx_bytes, m.private.net_tx_packets),
+        (1650, 28),
+        "went backwards across a vmd restart"
+    );
 
     let t0 = Instant::now();
     s.delete("12-345-web").await.unwrap();

@@ -94,6 +94,12 @@ impl HostPaths {
         self.streams_dir().join(format!("{id}.json"))
     }
 
+    /// The tap counters `Metrics` saw, by VM and tap (what keeps them from
+    /// going backwards for a caller across a tap's re-creation).
+    pub fn tap_counters(&self) -> PathBuf {
+        self.runtime.join("tap-counters.json")
+    }
+
     /// Where the workers save their progress: a directory of their own
     /// (they write it after dropping root), apart from the records.
     pub fn progress_dir(&self) -> PathBuf {
@@ -166,7 +172,8 @@ impl RunDir {
         self.dir.join("state.json")
     }
 
-    /// Tap counters seen by `Metrics`.
+    /// Tap counters seen by `Metrics`, as vmd kept them before
+    /// [`HostPaths::tap_counters`] (read once, for VMs of an older vmd).
     pub fn metrics(&self) -> PathBuf {
         self.dir.join("metrics.json")
     }

@@ -3,6 +3,7 @@
 //! * [`zbus`] — the RPC transport (Redis lists + Go-flavoured msgpack).
 //! * [`api`] — the wire types of the `VMModule` interface.
 //! * [`events`] — lifecycle events: pushed by the shims, published on the bus.
+//! * [`openmetrics`] — the Prometheus endpoint: the VMs and vmd itself.
 //! * [`module`] — the interface as a Rust trait and its dispatch table.
 //! * [`stub`] — a typed client, used by the operator CLI and the tests.
 //! * [`vm`] — the VM module itself: VMs as zinit services running vmd-shim.
@@ -11,6 +12,7 @@ pub mod api;
 pub mod events;
 pub mod module;
 pub mod network;
+pub mod openmetrics;
 pub mod provision;
 pub mod stub;
 pub mod vm;

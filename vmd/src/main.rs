@@ -194,6 +194,16 @@ struct DaemonArgs {
     /// taps are in, when it is not vmd's own.
     #[arg(long)]
     tap_netns: Option<PathBuf>,
+    /// The taps' counters for `Metrics`, in `/proc/net/dev`'s format: one
+    /// read for all of them (the same kernel counters as
+    /// `<sys-net>/<tap>/statistics`), in --tap-netns when it is given.
+    #[arg(long, default_value = "/proc/thread-self/net/dev")]
+    net_dev: PathBuf,
+    /// Serve OpenMetrics (`GET /metrics`, for Prometheus) on `IP:PORT` or
+    /// `unix:/PATH` (mode 0600). Off by default: an open port is for the
+    /// operator to choose, on the address of the network they scrape from.
+    #[arg(long)]
+    metrics_listen: Option<vmd::openmetrics::Listen>,
     /// Log filter (tracing syntax, e.g. `info`, `vmd=debug`); RUST_LOG wins.
     #[arg(long, default_value = "info")]
     log: String,
@@ -356,6 +366,7 @@ async fn daemon(
             }
         }),
         tap_netns: args.tap_netns.clone(),
+        net_dev: args.net_dev.clone(),
         stream_uid: nix::unistd::geteuid().is_root().then_some(args.stream_uid),
     };
     let settings = Settings {
@@ -397,6 +408,19 @@ async fn daemon(
     config.drain_timeout = Duration::from_secs(args.drain_secs);
     config.replay_max_age = Duration::from_secs(args.replay_max_age_secs);
     config.pool = Some(pool.clone());
+    if let Some(listen) = args.metrics_listen.clone() {
+        let exporter = vmd::openmetrics::Exporter::new(
+            Arc::clone(&manager),
+            config.stats.clone(),
+            pool.clone(),
+        );
+        // Bound now, so that a port in use stops vmd with a clear error.
+        let listener = exporter
+            .bind(&listen)
+            .await
+            .context("the OpenMetrics endpoint")?;
+        pool.spawn(exporter.serve(listener));
+    }
     let service = Arc::new(ModuleService(Arc::clone(&manager)));
     let mut server = Server::new(broker.clone(), config);
     server

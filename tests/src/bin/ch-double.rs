@@ -31,6 +31,7 @@
 //! | `double.flood_bps=N` | after GUEST-READY, print 64-byte lines `FLOOD <seq> b<boot id> x…` at N bytes/s (0: as fast as possible) |
 //! | `double.flood_bytes=N` | stop flooding after N bytes |
 //! | `double.exec_log=PATH` | append `<pid> <unix ns>` to PATH first thing (benchmarks time the exec); `stderr`: print `DOUBLE-EXEC <pid> <unix ns>` there (into the console log: a jailed VMM reaches no other file) |
+//! | `double.net_send=N` | at boot the guest sends N Ethernet frames of 100 bytes on each tap handed over (`fd=`), as a guest's traffic: the host counts them as the tap's `rx` |
 //! | `double.try_write=PATH[,PATH…]` | at boot the VMM process itself (not the guest) opens each PATH to append: `GUEST-WRITE PATH ok`, or `GUEST-WRITE PATH <error>` (what a guest that escaped into the VMM could do) |
 //! | `double.write_sector0=1` | at boot the guest writes sector 0 of each writable disk: `GUEST-SECTOR0 vdX written` (the bytes really land in the image), or the kernel's `I/O error, dev vdX, sector 0` where the VMM refuses it |
 //!
@@ -273,20 +274,20 @@ struct Config {
 #[derive(Debug, Clone)]
 struct NetConfig {
     tap: Option<String>,
-    /// How many fds were handed over (`vm.info` shows each as -1).
-    fds: Option<usize>,
+    /// The fds handed over (`vm.info` shows each as -1).
+    fds: Option<Vec<i32>>,
     mac: String,
 }
 
 /// `fd=N` or `fd=[N,M]`: checked as cloud-hypervisor checks them — above
 /// the standard streams (config validation), then each really a tap
 /// (`Tap::from_tap_fd`: `TUNGETIFF` at device creation).
-fn tap_fds(v: &str) -> Result<usize, Vec<String>> {
+fn tap_fds(v: &str) -> Result<Vec<i32>, Vec<String>> {
     let list: Vec<&str> = v
         .trim_matches(|c| c == '[' || c == ']')
         .split(',')
         .collect();
-    let mut n = 0;
+    let mut fds = Vec::new();
     for f in list {
         let fd: i32 = f.trim().parse().map_err(|_| {
             vec![
@@ -335,9 +336,29 @@ fn tap_fds(v: &str) -> Result<usize, Vec<String>> {
                 ]);
             }
         }
-        n += 1;
+        fds.push(fd);
     }
-    Ok(n)
+    Ok(fds)
+}
+
+/// Bytes of each frame `double.net_send` writes (what the tap counts).
+const FRAME: usize = 100;
+
+/// One broadcast Ethernet frame from `mac` into a tap opened with
+/// `IFF_VNET_HDR` (as the shim and cloud-hypervisor open it: a 12-byte
+/// virtio-net header first, all zero: no offloads).
+fn send_frame(fd: i32, mac: &str) -> bool {
+    let mut buf = [0u8; 12 + FRAME];
+    let frame = &mut buf[12..];
+    frame[..6].fill(0xff);
+    for (i, b) in mac.split(':').take(6).enumerate() {
+        frame[6 + i] = u8::from_str_radix(b, 16).unwrap_or(2);
+    }
+    // IEEE 802 local experimental EtherType: nothing on the host takes it.
+    frame[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+    // SAFETY: writes from a buffer that lives across the call.
+    let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+    n == buf.len() as isize
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -659,6 +680,14 @@ impl Vmm {
             self.config.vcpus.saturating_sub(1)
         ))
         .await;
+        let frames = self.knobs.num("double.net_send").unwrap_or(0);
+        for net in &self.config.nets {
+            for fd in net.fds.iter().flatten() {
+                let sent = (0..frames).filter(|_| send_frame(*fd, &net.mac)).count();
+                self.print(&format!("GUEST-NET-SENT fd={fd} frames={sent}"))
+                    .await;
+            }
+        }
         let tries = self.knobs.str("double.try_write").unwrap_or("").to_owned();
         for p in tries.split(',').filter(|p| !p.is_empty()) {
             let said = match std::fs::OpenOptions::new().append(true).open(p) {
@@ -890,7 +919,7 @@ async fn api(vmm: &Arc<Vmm>, method: &str, path: &str) -> Vec<u8> {
                     "serial": serial,
                     "console": {"mode": "Off"},
                     "disks": c.disks.iter().map(|d| serde_json::json!({"path": d.path, "readonly": d.readonly})).collect::<Vec<_>>(),
-                    "net": c.nets.iter().map(|n| serde_json::json!({"tap": n.tap, "fds": n.fds.map(|k| vec![-1; k]), "mac": n.mac})).collect::<Vec<_>>(),
+                    "net": c.nets.iter().map(|n| serde_json::json!({"tap": n.tap, "fds": n.fds.as_ref().map(|k| vec![-1; k.len()]), "mac": n.mac})).collect::<Vec<_>>(),
                 },
                 "state": state_name,
                 "memory_actual_size": c.memory,

@@ -35,6 +35,9 @@ pub struct Host {
     pub jail: Option<vmd_runtime::spec::JailSpec>,
     /// Where the VMs' taps are, when not in vmd's own network namespace.
     pub tap_netns: Option<PathBuf>,
+    /// Every interface's counters, in `/proc/net/dev`'s format, read in
+    /// the taps' namespace (`/proc/thread-self/net/dev`).
+    pub net_dev: PathBuf,
     /// The uid stream workers drop to; `None`: they keep vmd's.
     pub stream_uid: Option<u32>,
 }

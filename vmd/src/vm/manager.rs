@@ -37,6 +37,8 @@ pub struct Manager {
     network: Option<crate::network::Networker>,
     /// What every VM's shim pushes, and what vmd publishes.
     events: crate::events::Events,
+    /// The VMs' counters, shared by every reader.
+    collector: super::metrics::Collector,
 }
 
 /// The zinit service of a VM.
@@ -102,6 +104,7 @@ impl Manager {
             versions: VersionCache::new(),
             network: None,
             events,
+            collector: Default::default(),
         })
     }
 
@@ -113,6 +116,10 @@ impl Manager {
 
     pub fn network(&self) -> Option<&crate::network::Networker> {
         self.network.as_ref()
+    }
+
+    pub fn collector(&self) -> &super::metrics::Collector {
+        &self.collector
     }
 
     pub fn events(&self) -> &crate::events::Events {

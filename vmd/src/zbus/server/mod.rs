@@ -52,13 +52,14 @@ mod applied;
 mod inflight;
 mod pop;
 mod reply;
+mod stats;
 mod status;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_bytes::ByteBuf;
 use tokio::sync::{watch, Semaphore};
@@ -72,6 +73,7 @@ use applied::Applied;
 use inflight::Takes;
 use pop::pop_loop;
 use reply::Replier;
+pub use stats::{CallStats, Outcome};
 pub use status::status_reply;
 use status::{status_response, Running};
 
@@ -143,6 +145,8 @@ pub struct ServerConfig {
     /// Requests an earlier run left in flight are served if younger than
     /// this; older ones are dropped (their callers gave up).
     pub replay_max_age: Duration,
+    /// Where the calls answered are counted (the OpenMetrics endpoint).
+    pub stats: CallStats,
 }
 
 impl ServerConfig {
@@ -153,6 +157,7 @@ impl ServerConfig {
             drain_timeout: Duration::from_secs(40),
             pool: None,
             replay_max_age: Duration::from_secs(REPLY_TTL_SECS),
+            stats: CallStats::default(),
         }
     }
 }
@@ -187,6 +192,7 @@ struct Shared {
     takes: Takes,
     replay_max_age: Duration,
     applied: Applied,
+    stats: CallStats,
 }
 
 impl Shared {
@@ -261,6 +267,7 @@ impl Server {
             services: self.services,
             takes: Takes::new(),
             replay_max_age: self.config.replay_max_age,
+            stats: self.config.stats.clone(),
             applied: Applied::new(
                 self.broker.clone(),
                 &self.config.module,
@@ -348,21 +355,62 @@ async fn serve(
     if object == ObjectId::status() {
         return status_response(shared, id);
     }
+    let t0 = Instant::now();
     let Some(service) = shared.services.get(&object) else {
         debug!(object = %Clipped(&object.to_string()), "request for an unknown object");
+        shared
+            .stats
+            .record(None, Outcome::ProtocolError, t0.elapsed().as_secs_f64());
         return Response::protocol_error(id, "unknown object");
     };
     let dispatch = match service.dispatch(&method, inputs) {
         Ok(d) => d,
-        // It may quote the caller's arguments: a prefix of them only.
-        Err(e) => return Response::protocol_error(id, Clipped(&e).to_string()),
+        Err(e) => {
+            shared
+                .stats
+                .record(None, Outcome::ProtocolError, t0.elapsed().as_secs_f64());
+            // It may quote the caller's arguments: a prefix of them only.
+            return Response::protocol_error(id, Clipped(&e).to_string());
+        }
     };
+    let (response, refused) = answer(
+        shared,
+        service.as_ref(),
+        object,
+        &method,
+        dispatch,
+        id,
+        replay,
+    )
+    .await;
+    let outcome = if refused {
+        Outcome::Refused
+    } else {
+        Outcome::of(&response)
+    };
+    shared
+        .stats
+        .record(Some(&method), outcome, t0.elapsed().as_secs_f64());
+    response
+}
+
+/// A well-formed call's response, and whether it was refused unrun.
+async fn answer(
+    shared: &Shared,
+    service: &dyn Service,
+    object: ObjectId,
+    method: &str,
+    dispatch: Dispatch,
+    id: &str,
+    replay: bool,
+) -> (Response, bool) {
+    let method = method.to_owned();
     let result = match dispatch.access {
         Access::Quick => {
             let _running = shared.running.enter(object, method);
             dispatch.call.await
         }
-        Access::Read => on_pool(shared, service.as_ref(), object, method, dispatch.call).await,
+        Access::Read => on_pool(shared, service, object, method, dispatch.call).await,
         Access::Change(keys) => {
             let Ok(_slot) = Arc::clone(&shared.changes).try_acquire_owned() else {
                 warn!(id = %Clipped(id), method = %method, max = shared.max_changes, "too many changes in flight; refused");
@@ -370,26 +418,30 @@ async fn serve(
                     "vmd is busy: {} changes are in flight already; try again later",
                     shared.max_changes
                 );
-                return Response::from_call(id, Ok(service.refuse(&method, msg)));
+                return (
+                    Response::from_call(id, Ok(service.refuse(&method, msg))),
+                    true,
+                );
             };
+            let _counted = shared.stats.change_started();
             let _held = shared.locks.lock_all(keys).await;
             // An earlier run may have applied it and died before its reply
             // went out: that reply, not a second application.
             if replay {
                 if let Some(recorded) = shared.applied.recorded(id).await {
                     info!(id = %Clipped(id), method = %method, "answering a replay with the reply it had");
-                    return recorded;
+                    return (recorded, false);
                 }
             }
-            let result = on_pool(shared, service.as_ref(), object, method, dispatch.call).await;
+            let result = on_pool(shared, service, object, method, dispatch.call).await;
             let response = Response::from_call(id, result);
             // Before the keys are let go: the next change of these VMs
             // starts after this one is on record.
             shared.applied.record(&response).await;
-            return response;
+            return (response, false);
         }
     };
-    Response::from_call(id, result)
+    (Response::from_call(id, result), false)
 }
 
 /// Runs `call` on the pool, shown as running, and waits for it. A call that

@@ -1,0 +1,272 @@
+//! The OpenMetrics endpoint scraped by a real Prometheus (Debian's
+//! `prometheus`, which `tests/scripts/test.sh` installs): the series a VM
+//! leaves are what the VM did — its restarts, the frames its guest sent, its
+//! state — asked of Prometheus' own HTTP API; `promtool check metrics`
+//! passes on a scrape.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmd::api::VmIface;
+use vmd_tests::stack::{Stack, REAL_COUNTERS};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` over HTTP/1.0: the status code and the body.
+fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    get_as(addr, path, "*/*").map(|(code, _, body)| (code, body))
+}
+
+/// `GET path` accepting `accept`: the status, the head and the body.
+fn get_as(addr: SocketAddr, path: &str, accept: &str) -> std::io::Result<(u16, String, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, head.to_owned(), body.to_owned()))
+}
+
+fn urlencode(q: &str) -> String {
+    q.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn tool(name: &str) -> String {
+    let p = format!("/usr/bin/{name}");
+    assert!(
+        Path::new(&p).exists(),
+        "{p} is missing: install Debian's prometheus package (tests/scripts/test.sh does)"
+    );
+    p
+}
+
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target: SocketAddr) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: vmd\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new(tool("prometheus"))
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus");
+        Prometheus {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// The value of the instant query `q`'s only series, if it has one.
+    fn value(&self, q: &str) -> Option<f64> {
+        let (code, body) = get(self.addr, &format!("/api/v1/query?query={}", urlencode(q))).ok()?;
+        if code != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let result = v["data"]["result"].as_array()?;
+        if result.len() != 1 {
+            return None;
+        }
+        result[0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// Waits until `q` is `want` in Prometheus (scraped every second).
+    async fn wait_for(&self, q: &str, want: f64) {
+        let t0 = Instant::now();
+        loop {
+            let got = self.value(q);
+            if got == Some(want) {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "Prometheus: {q} is {got:?}, expected {want}; log:\n{}",
+                std::fs::read_to_string(self._dir.path().join("prometheus.log"))
+                    .unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn running_vmm(env: &Stack, name: &str, restarts: u64) -> i64 {
+    let t0 = Instant::now();
+    loop {
+        let i = env.stub.inspect(name).await.unwrap();
+        if i.restarts == Some(restarts) && i.state.as_deref() == Some("running") {
+            if let Some(pid) = i.pid {
+                return pid;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{name} not running after {restarts} restarts: {i:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_sees_what_a_vm_did() {
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let listen_s = listen.to_string();
+    let env = Stack::start(&["--metrics-listen", &listen_s, REAL_COUNTERS]).await;
+    let Some(ns) = env.taps.as_ref() else {
+        panic!("this test needs root: the taps are made in a namespace of their own");
+    };
+    // A persistent tap, as the network module makes them on a node.
+    env.tap("t-om", [0; 4]);
+    let made = ns
+        .command("ip")
+        .args(["tuntap", "add", "t-om", "mode", "tap", "vnet_hdr"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let mut vm = env.vm("om", &[("double.net_send", "5")]);
+    vm.network.ifaces.push(VmIface {
+        tap: "t-om".into(),
+        mac: "02:00:00:00:0a:01".into(),
+        ..Default::default()
+    });
+    env.stub.run(&vm).await.unwrap();
+    // Restarted twice: each boot sends 5 frames.
+    for restarts in 0..2 {
+        let pid = running_vmm(&env, "om", restarts).await;
+        env.wait_logs_since("om", "GUEST-NET-SENT", 0).await;
+        // SAFETY: kill has no memory effects.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    running_vmm(&env, "om", 2).await;
+    let t0 = Instant::now();
+    while std::fs::read_to_string(env.log("om"))
+        .unwrap_or_default()
+        .matches("GUEST-NET-SENT fd=4 frames=5")
+        .count()
+        < 3
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the third boot sent nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // What vmd serves is valid, by Prometheus' own linter.
+    let (code, text) = get(listen, "/metrics").unwrap();
+    assert_eq!(code, 200, "{text}");
+    let mut lint = Command::new(tool("promtool"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    lint.stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let linted = lint.wait_with_output().unwrap();
+    assert!(
+        linted.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&linted.stdout),
+        String::from_utf8_lossy(&linted.stderr)
+    );
+    assert_eq!(get(listen, "/other").unwrap().0, 404);
+    // What Prometheus asks for: OpenMetrics, ended as the format says.
+    let (code, head, om) = get_as(
+        listen,
+        "/metrics",
+        "application/openmetrics-text;version=1.0.0,*/*;q=0.1",
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    assert!(om.ends_with("# EOF\n"), "{om}");
+
+    let prom = Prometheus::start(listen);
+    prom.wait_for(r#"up{job="vmd"}"#, 1.0).await;
+    prom.wait_for(r#"vmd_vm_restarts_total{vm="om"}"#, 2.0)
+        .await;
+    prom.wait_for(r#"vmd_vm_state{vm="om",state="running"}"#, 1.0)
+        .await;
+    prom.wait_for(
+        r#"vmd_vm_network_receive_packets_total{vm="om",interface="t-om",network="private"}"#,
+        15.0,
+    )
+    .await;
+    prom.wait_for(r#"vmd_vm_network_receive_bytes_total{vm="om"}"#, 1500.0)
+        .await;
+    let cpu = prom.value(r#"vmd_vm_cpu_seconds_total{vm="om"}"#);
+    assert!(cpu.is_some_and(|c| c >= 0.0), "no CPU time: {cpu:?}");
+    let rss = prom.value(r#"vmd_vm_memory_rss_bytes{vm="om"}"#);
+    assert!(rss.is_some_and(|r| r > 0.0), "no memory: {rss:?}");
+    // vmd's own calls: the Runs and Inspects above, by outcome.
+    prom.wait_for(r#"vmd_zbus_calls_total{method="Run",outcome="ok"}"#, 1.0)
+        .await;
+    let inspects = prom.value(r#"vmd_zbus_calls_total{method="Inspect",outcome="ok"}"#);
+    assert!(inspects.is_some_and(|n| n >= 3.0), "{inspects:?}");
+    // The zbus Metrics says the same as the endpoint.
+    let m = &env.stub.metrics().await.unwrap()["om"];
+    assert_eq!(
+        (m.private.net_rx_packets, m.private.net_rx_bytes),
+        (15, 1500)
+    );
+    assert_eq!(m.restarts, Some(2));
+}
