@@ -27,14 +27,25 @@ pub struct Stack {
     pub taps: Option<crate::netns::NetNs>,
 }
 
-/// A flag of [`Stack::start`]'s (not vmd's): vmd reads the real taps'
-/// counters, not those [`Stack::tap`] writes.
-pub const REAL_COUNTERS: &str = "--test-real-tap-counters";
+/// Where vmd reads the taps' counters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Counters {
+    /// Those [`Stack::tap`] writes.
+    Fake,
+    /// The real taps', in their namespace (vmd's default).
+    Real,
+}
 
 impl Stack {
     /// Starts everything; `extra` flags go to vmd. Returns once vmd answers.
     pub async fn start(extra: &[&str]) -> Stack {
-        Self::start_with(Supervisor::start(), extra).await
+        Self::start_with(Supervisor::start(), extra, Counters::Fake).await
+    }
+
+    /// [`Stack::start`], with vmd reading the real taps' counters (made by
+    /// the test in [`Stack::taps`]) instead of those [`Stack::tap`] writes.
+    pub async fn start_with_real_tap_counters(extra: &[&str]) -> Stack {
+        Self::start_with(Supervisor::start(), extra, Counters::Real).await
     }
 
     /// As on a Zero-OS node, whose root file system is in RAM: zinit's
@@ -46,18 +57,16 @@ impl Stack {
         let run = run.to_string_lossy().into_owned();
         let mut flags = vec!["--runtime-dir", run.as_str()];
         flags.extend_from_slice(extra);
-        Self::start_with(zinit, &flags).await
+        Self::start_with(zinit, &flags, Counters::Fake).await
     }
 
-    async fn start_with(zinit: Supervisor, extra: &[&str]) -> Stack {
+    async fn start_with(zinit: Supervisor, extra: &[&str], counters: Counters) -> Stack {
         let redis = RedisServer::start();
         let sys = tempfile::tempdir().unwrap();
         let sys_net = sys.path().join("net").to_string_lossy().into_owned();
         let net_dev = sys.path().join("net-dev").to_string_lossy().into_owned();
         let mut flags = vec!["--sys-net", &sys_net];
-        // The counters of [`Stack::tap`], unless the test reads the real
-        // taps' (in the taps' namespace, vmd's default).
-        if !extra.contains(&REAL_COUNTERS) {
+        if counters == Counters::Fake {
             flags.extend(["--net-dev", net_dev.as_str()]);
         }
         let taps = crate::netns::NetNs::new(None).ok();
@@ -67,7 +76,7 @@ impl Stack {
         if let Some(p) = &taps_path {
             flags.extend(["--tap-netns", p.as_str()]);
         }
-        flags.extend(extra.iter().filter(|f| **f != REAL_COUNTERS));
+        flags.extend_from_slice(extra);
         let vmd = VmdProcess::start_with(&redis, Some(&zinit), &flags);
         let stub = VmdStub::new(redis.broker()).with_timeout(Duration::from_secs(90));
         vmd.wait_ready().await;

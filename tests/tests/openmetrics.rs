@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vmd::api::VmIface;
-use vmd_tests::stack::{Stack, REAL_COUNTERS};
+use vmd_tests::stack::Stack;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -161,7 +161,7 @@ async fn running_vmm(env: &Stack, name: &str, restarts: u64) -> i64 {
 async fn a_real_prometheus_sees_what_a_vm_did() {
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let listen_s = listen.to_string();
-    let env = Stack::start(&["--metrics-listen", &listen_s, REAL_COUNTERS]).await;
+    let env = Stack::start_with_real_tap_counters(&["--metrics-listen", &listen_s]).await;
     let Some(ns) = env.taps.as_ref() else {
         panic!("this test needs root: the taps are made in a namespace of their own");
     };

@@ -409,16 +409,10 @@ async fn daemon(
     config.replay_max_age = Duration::from_secs(args.replay_max_age_secs);
     config.pool = Some(pool.clone());
     if let Some(listen) = args.metrics_listen.clone() {
-        let exporter = vmd::openmetrics::Exporter::new(
-            Arc::clone(&manager),
-            config.stats.clone(),
-            pool.clone(),
-        );
-        // Bound now, so that a port in use stops vmd with a clear error.
-        let listener = exporter
-            .bind(&listen)
-            .await
-            .context("the OpenMetrics endpoint")?;
+        let exporter = vmd::openmetrics::Exporter::new(Arc::clone(&manager), config.stats.clone());
+        // Bound now, so that a port in use stops vmd with a clear error;
+        // served on the pool, off the thread that answers zbus calls.
+        let listener = exporter.bind(&listen).context("the OpenMetrics endpoint")?;
         pool.spawn(exporter.serve(listener));
     }
     let service = Arc::new(ModuleService(Arc::clone(&manager)));

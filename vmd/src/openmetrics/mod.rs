@@ -2,8 +2,8 @@
 //! itself, the way Prometheus scrapes every peer's (`GET /metrics`).
 //!
 //! Each scrape collects the VMs anew through the same collector as the zbus
-//! `Metrics` (so both show the same counters), on the pool: never on the
-//! thread that answers zbus calls. One scrape at a time; a connection that
+//! `Metrics` (so both show the same counters), on the runtime that serves
+//! the endpoint (vmd's pool): never on the thread that answers zbus calls. One scrape at a time; a connection that
 //! sends nothing gets dropped after [`IDLE`].
 //!
 //! Names and units follow Prometheus' conventions: `vmd_` first, base units
@@ -14,9 +14,10 @@
 
 mod families;
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -24,6 +25,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::sync::Mutex;
+
+use vmd_runtime::events::now_ms;
 
 use crate::vm::manager::Manager;
 use crate::zbus::server::CallStats;
@@ -109,16 +112,14 @@ pub enum ListenError {
 pub struct Exporter {
     manager: Arc<Manager>,
     calls: CallStats,
-    pool: tokio::runtime::Handle,
     one_at_a_time: Arc<Mutex<()>>,
 }
 
 impl Exporter {
-    pub fn new(manager: Arc<Manager>, calls: CallStats, pool: tokio::runtime::Handle) -> Self {
+    pub fn new(manager: Arc<Manager>, calls: CallStats) -> Self {
         Exporter {
             manager,
             calls,
-            pool,
             one_at_a_time: Arc::default(),
         }
     }
@@ -127,17 +128,12 @@ impl Exporter {
     pub async fn scrape(&self) -> String {
         let _one = self.one_at_a_time.lock().await;
         let t0 = Instant::now();
-        let manager = Arc::clone(&self.manager);
-        let vms = self
-            .pool
-            .spawn(async move { manager.collect().await })
-            .await
-            .unwrap_or_default();
+        let vms = self.manager.collect().await;
         let mut registry = Registry::default();
         self.calls.register(&mut registry);
         registry.register_collector(Box::new(Vms {
             vms,
-            now: unix_now(),
+            now: now_ms() / 1000,
             collect_secs: t0.elapsed().as_secs_f64(),
         }));
         let mut out = String::with_capacity(64 << 10);
@@ -148,7 +144,7 @@ impl Exporter {
 
     /// Binds `listen` (a plain socket: it is served on whichever runtime
     /// runs [`Exporter::serve`]).
-    pub async fn bind(&self, listen: &Listen) -> Result<Bound, ListenError> {
+    pub fn bind(&self, listen: &Listen) -> Result<Bound, ListenError> {
         let bound = match listen {
             Listen::Tcp(addr) => std::net::TcpListener::bind(addr).map(Bound::Tcp),
             Listen::Unix(path) => bind_unix(path).map(Bound::Unix),
@@ -165,54 +161,55 @@ impl Exporter {
         Ok(bound)
     }
 
-    /// Serves `GET /metrics` until the process ends.
+    /// Serves `GET /metrics` until the process ends, on the runtime that
+    /// runs it.
     pub async fn serve(self, bound: Bound) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
         match bound {
             Bound::Tcp(l) => {
-                let Ok(l) = tokio::net::TcpListener::from_std(l) else {
-                    return;
-                };
-                loop {
-                    if let Ok((conn, _)) = l.accept().await {
-                        self.spawn_connection(conn, &slots).await;
-                    }
+                if let Ok(l) = tokio::net::TcpListener::from_std(l) {
+                    self.accept_all(|| async { l.accept().await.map(|(c, _)| c) })
+                        .await;
                 }
             }
             Bound::Unix(l) => {
-                let Ok(l) = tokio::net::UnixListener::from_std(l) else {
-                    return;
-                };
-                loop {
-                    if let Ok((conn, _)) = l.accept().await {
-                        self.spawn_connection(conn, &slots).await;
-                    }
+                if let Ok(l) = tokio::net::UnixListener::from_std(l) {
+                    self.accept_all(|| async { l.accept().await.map(|(c, _)| c) })
+                        .await;
                 }
             }
         }
     }
 
-    async fn spawn_connection<C>(&self, conn: C, slots: &Arc<tokio::sync::Semaphore>)
+    /// Serves every connection `accept` gives, [`CONNECTIONS`] at a time.
+    async fn accept_all<C, A, F>(&self, mut accept: A)
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        A: FnMut() -> F,
+        F: Future<Output = std::io::Result<C>>,
     {
-        let Ok(slot) = Arc::clone(slots).acquire_owned().await else {
-            return;
-        };
-        let me = self.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let service = hyper::service::service_fn(move |req| {
-                let me = me.clone();
-                async move { Ok::<_, std::convert::Infallible>(me.answer(req).await) }
+        let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
+        loop {
+            let Ok(conn) = accept().await else {
+                continue;
+            };
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                return;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                let service = hyper::service::service_fn(move |req| {
+                    let me = me.clone();
+                    async move { Ok::<_, std::convert::Infallible>(me.answer(req).await) }
+                });
+                let serving = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(conn), service);
+                // A scrape is answered in well under IDLE; a connection kept
+                // open longer is a client that forgot it.
+                let _ = tokio::time::timeout(IDLE, serving).await;
             });
-            let serving = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(conn), service);
-            // A scrape is answered in well under IDLE; a connection kept
-            // open longer is a client that forgot it.
-            let _ = tokio::time::timeout(IDLE, serving).await;
-        });
+        }
     }
 
     async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -279,12 +276,6 @@ fn bind_unix(path: &std::path::Path) -> std::io::Result<std::os::unix::net::Unix
     let l = l?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

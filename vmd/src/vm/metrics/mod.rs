@@ -44,7 +44,7 @@ use kernel::{read_net_dev, vmm_usage, Dirs, Stamp};
 /// rx_bytes, rx_packets, tx_bytes, tx_packets.
 pub type Counters = [u64; 4];
 
-#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize, Deserialize)]
 struct Seen {
     last: Counters,
     offset: Counters,
@@ -306,7 +306,7 @@ impl Collector {
                 .iter()
                 .map(|t| {
                     let s = vm_seen.entry(t.clone()).or_default();
-                    let was = s.clone();
+                    let was = *s;
                     let v = s.advance(net.get(t).copied());
                     changed |= *s != was;
                     (t.clone(), v)
