@@ -5,9 +5,11 @@
 
 pub mod browser;
 pub mod fixture;
+pub mod flood;
 pub mod go_server;
 pub mod gomodule;
 pub mod guest;
+pub mod loki;
 pub mod netns;
 pub mod network_double;
 pub mod provision_double;
@@ -15,6 +17,7 @@ pub mod redis_server;
 pub mod stack;
 pub mod supervisor;
 pub mod terminal;
+pub mod tls;
 pub mod vm;
 pub mod vmd_process;
 pub mod web;

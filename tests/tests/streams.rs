@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use vmd::api::Stream;
 use vmd::zbus::client::ClientError;
+use vmd_tests::flood::{self, seqs};
 use vmd_tests::stack::Stack;
 use vmd_tests::vm::real_ch;
 use vmd_tests::{gunzip, until, RedisServer};
@@ -39,35 +40,12 @@ impl Env {
 
     /// A VM that starts printing `FLOOD` bytes `delay_ms` after it booted.
     async fn flooding_vm(&self, name: &str, delay_ms: u64, bps: u64) {
-        let (delay, bps, bytes) = (delay_ms.to_string(), bps.to_string(), FLOOD.to_string());
-        let vm = self.vm(
-            name,
-            &[
-                ("double.boot_ms", &delay),
-                ("double.flood_bps", &bps),
-                ("double.flood_bytes", &bytes),
-            ],
-        );
-        self.stub.run(&vm).await.unwrap();
+        flood::run_flooding(self, name, delay_ms, bps, FLOOD).await
     }
 
-    /// What the console log of `name` holds.
-    fn console(&self, name: &str) -> Vec<u8> {
-        std::fs::read(self.log(name)).unwrap_or_default()
-    }
-
-    /// Waits until the VM printed all of its flood (its last line is in
-    /// the log), and returns the log.
+    /// Waits until the VM printed all of its flood, and returns the log.
     async fn wait_flood_done(&self, name: &str) -> Vec<u8> {
-        // 64-byte lines, numbered from 1: the last one ends the flood.
-        let last = format!("FLOOD {:012} ", FLOOD.div_ceil(64));
-        let last = last.as_bytes();
-        until(Duration::from_secs(60), "the end of the flood", || {
-            let log = self.console(name);
-            std::future::ready(log.windows(last.len()).any(|w| w == last))
-        })
-        .await;
-        self.console(name)
+        flood::wait_done(self, name, FLOOD).await
     }
 }
 
@@ -253,28 +231,8 @@ async fn ten_megabytes_over_wss_with_a_private_ca() {
     if skip() {
         return;
     }
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    // A CA, and a server certificate it signs for 127.0.0.1.
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    let server = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-        )
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-
+    let (ca_file, acceptor) = vmd_tests::tls::private_ca(dir.path());
     let env = Env::start(&["--stream-ca-file", ca_file.to_str().unwrap()]).await;
     let (port, received, _) = ws_server(Some(acceptor), None).await;
     env.flooding_vm("svm", 1500, 20_000_000).await;
@@ -291,18 +249,6 @@ async fn ten_megabytes_over_wss_with_a_private_ca() {
         .unwrap();
     let printed = env.wait_flood_done("svm").await;
     assert_received(&received, &printed).await;
-}
-
-/// FLOOD sequence numbers in `bytes`, in order.
-fn seqs(bytes: &[u8]) -> Vec<u64> {
-    String::from_utf8_lossy(bytes)
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix("FLOOD ")
-                .and_then(|r| r.get(..12))
-                .and_then(|n| n.parse().ok())
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,7 +381,7 @@ async fn bad_streams_are_refused_and_nothing_is_left_behind() {
             s("ok", "redis://h:99999/c", ""),
             "invalid stream output",
         ),
-        ("svm", s("ok", "http://h/x", ""), "unsupported scheme"),
+        ("svm", s("ok", "ftp://h/x", ""), "unsupported scheme"),
         ("svm", s("ok", "not a url", ""), "invalid stream output"),
         (
             "svm",

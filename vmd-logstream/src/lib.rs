@@ -3,6 +3,7 @@
 //!
 //! * [`follow`] — following the rotated console log in absolute offsets;
 //! * [`sink`] — Redis PUBLISH, WebSocket binary messages, stdout;
+//! * [`loki`] — Grafana Loki's push API, one entry per line;
 //! * [`Gzip`] — one gzip member per chunk;
 //! * [`user`] — dropping root once the worker has what needs it.
 //!
@@ -10,6 +11,7 @@
 //! contract with vmd: `vmd_runtime::{output, progress}`.
 
 pub mod follow;
+pub mod loki;
 pub mod sink;
 pub mod user;
 

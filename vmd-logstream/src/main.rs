@@ -1,6 +1,6 @@
 //! `vmd-logstream --log <console log> (--output <url> | --output-from <record>)
 //! [--namespace <netns>] --state <file>`: ships a VM's console to one
-//! receiver, as zinit service `stream:<id>`. Lifecycle lines on stdout
+//! receiver (Redis, WebSocket, Loki), as zinit service `stream:<id>`. Lifecycle lines on stdout
 //! (zinit's ring), the receiver shown without credentials.
 
 use std::collections::VecDeque;
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use vmd_logstream::follow::{Follower, Start};
+use vmd_logstream::loki::{Cut, Framed, Framer, InFlight, PushError, Pushing};
 use vmd_logstream::sink::{tls_config, Sink, SinkError};
 use vmd_runtime::output::Output;
 use vmd_runtime::process::{current_thread_runtime, say};
@@ -31,7 +32,8 @@ struct Cli {
     /// The VM's console log (written by vmd-shim).
     #[arg(long)]
     log: PathBuf,
-    /// redis://[user][:pass@]host[:port]/<channel>, ws://…, wss://…, console://
+    /// redis://[user][:pass@]host[:port]/<channel>, ws://…, wss://…,
+    /// http(s)://[user:pass@]host[:port][/prefix][?tenant_id=…] (Loki), console://
     /// (visible to anyone who can list processes: see --output-from).
     #[arg(
         long,
@@ -48,7 +50,9 @@ struct Cli {
     namespace: Option<String>,
     #[arg(long, default_value = "/var/run/netns")]
     netns_dir: PathBuf,
-    /// Progress file: the worker resumes where it left off.
+    /// Progress file: the worker resumes where it left off. A Loki stream
+    /// also keeps its pushes under way beside it (`<state>` with the
+    /// extension `inflight`).
     #[arg(long)]
     state: PathBuf,
     /// On a first start, begin with this many bytes of the existing log.
@@ -59,7 +63,7 @@ struct Cli {
     /// Console bytes held in memory while the receiver is slow or away.
     #[arg(long, default_value_t = 4 << 20)]
     buffer_bytes: usize,
-    /// Extra CA certificates (PEM) for wss, besides the system's.
+    /// Extra CA certificates (PEM) for wss and https, besides the system's.
     #[arg(long)]
     ca_file: Option<PathBuf>,
     /// Once set up, go on as this uid, in the console log's group alone
@@ -163,10 +167,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    // The system's roots cost memory: only wss needs them. Read while the
-    // worker may still read any CA file.
-    let tls = match &output {
-        Output::WebSocket { tls: true, .. } => match tls_config(cli.ca_file.as_deref()) {
+    // The system's roots cost memory: only wss and https need them. Read
+    // while the worker may still read any CA file.
+    let wants_tls = match &output {
+        Output::WebSocket { tls, .. } => *tls,
+        Output::Loki(l) => l.tls,
+        _ => false,
+    };
+    let tls = match wants_tls {
+        true => match tls_config(cli.ca_file.as_deref()) {
             Ok(t) => Some(t),
             Err(e) => {
                 say(format!("cannot set up TLS: {e}"));
@@ -243,8 +252,29 @@ async fn run(
     _dirs: Vec<std::fs::File>,
 ) -> ExitCode {
     let saved = Progress::load(&cli.state);
+    // A Loki stream's push under way, to be made again identically.
+    let inflight = match &output {
+        Output::Loki(_) => match InFlight::open(&cli.state.with_extension("inflight")) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                say(format!(
+                    "cannot open the in-flight file beside {}: {e}",
+                    cli.state.display()
+                ));
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    // A stream made anew has no progress yet: nothing recorded is its own.
+    let pushing = inflight
+        .as_ref()
+        .filter(|_| saved.is_some())
+        .and_then(InFlight::load)
+        .unwrap_or_default();
     let start = match &saved {
-        Some(p) => Start::At(p.pos),
+        // Everything before the push under way was acknowledged.
+        Some(p) => Start::At(p.pos.max(pushing.start)),
         None => Start::Tail(cli.tail),
     };
     let mut said = false;
@@ -267,7 +297,12 @@ async fn run(
         output,
         follower.position()
     ));
+    let framer = inflight
+        .is_some()
+        .then(|| Framer::new(follower.position(), pushing.cuts));
     let mut worker = Worker {
+        framer,
+        inflight,
         progress: saved.unwrap_or_default(),
         reported_drop: follower.dropped,
         follower,
@@ -298,6 +333,8 @@ const IDLE_POLL: Duration = Duration::from_millis(20);
 struct Chunk {
     /// Absolute offset just past its last byte.
     end: u64,
+    /// Loki: its first entry's timestamp (recorded before a push).
+    ts: u64,
     /// Console bytes in it (before compression).
     raw: usize,
     wire: Vec<u8>,
@@ -310,6 +347,9 @@ struct Worker {
     output: Output,
     tls: Option<Arc<rustls::ClientConfig>>,
     follower: Follower,
+    /// Loki: the console cut into lines, and the pushes under way.
+    framer: Option<Framer>,
+    inflight: Option<InFlight>,
     progress: Progress,
     /// Read, not yet sent; at most `--buffer-bytes` of console bytes: the
     /// rotated log is the buffer beyond that.
@@ -343,6 +383,9 @@ impl Worker {
 
     /// Reads what the bound allows into the queue.
     fn fill(&mut self, buf: &mut [u8]) {
+        if self.framer.is_some() {
+            return self.fill_lines(buf);
+        }
         while self.queued < self.cli.buffer_bytes {
             let n = match self.follower.read(buf) {
                 Ok(n) => n,
@@ -361,8 +404,52 @@ impl Worker {
             self.queued += n;
             self.queue.push_back(Chunk {
                 end: self.follower.position(),
+                ts: 0,
                 raw: n,
                 wire,
+            });
+        }
+    }
+
+    /// [`Worker::fill`] for Loki: chunks of whole lines.
+    fn fill_lines(&mut self, buf: &mut [u8]) {
+        let mut framed = Vec::new();
+        let Some(framer) = self.framer.as_mut() else {
+            return;
+        };
+        while self.queued < self.cli.buffer_bytes {
+            let n = match self.follower.read(buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    say(format!("cannot read the console log: {e}"));
+                    0
+                }
+            };
+            // After a rotation past unread bytes the position jumps: the
+            // framer sees the hole.
+            let at = self.follower.position() - n as u64;
+            framer.push(at, &buf[..n], &mut framed);
+            for Framed { cut, raw, entries } in framed.drain(..) {
+                self.queued += raw;
+                self.queue.push_back(Chunk {
+                    end: cut.end,
+                    ts: cut.ts,
+                    raw,
+                    wire: entries,
+                });
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        framer.flush_idle(&mut framed);
+        for Framed { cut, raw, entries } in framed {
+            self.queued += raw;
+            self.queue.push_back(Chunk {
+                end: cut.end,
+                ts: cut.ts,
+                raw,
+                wire: entries,
             });
         }
     }
@@ -381,6 +468,11 @@ impl Worker {
 
     /// Whether a sink is there, connecting when the back-off allows.
     async fn connected(&mut self) -> bool {
+        if self.sink.as_ref().is_some_and(Sink::is_closed) {
+            // The receiver ended an idle connection: a new one, at once.
+            self.sink = None;
+            self.retry_at = Instant::now();
+        }
         if self.sink.is_some() {
             return true;
         }
@@ -388,7 +480,8 @@ impl Worker {
             tokio::time::sleep(IDLE_POLL).await;
             return false;
         }
-        match Sink::connect(&self.output, self.tls.as_ref()).await {
+        let gzip = self.cli.compression == Compression::Gzip;
+        match Sink::connect(&self.output, self.tls.as_ref(), gzip).await {
             Ok(s) => {
                 say(format!("connected to {}", self.output));
                 self.sink = Some(s);
@@ -434,12 +527,47 @@ impl Worker {
             .take(batch)
             .map(|c| c.wire.as_slice())
             .collect();
+        if let Some(f) = self.inflight.as_mut() {
+            // Recorded with the position before it: a worker killed from
+            // here on pushes these same entries again, which Loki keeps once.
+            let pushing = Pushing {
+                start: self.progress.pos,
+                cuts: self
+                    .queue
+                    .iter()
+                    .take(batch)
+                    .map(|c| Cut {
+                        end: c.end,
+                        ts: c.ts,
+                    })
+                    .collect(),
+            };
+            if let Err(e) = f.record(&pushing) {
+                say(format!("cannot record the push under way: {e}"));
+            }
+        }
         match sink.send(&chunks).await {
             Ok(heard) => {
                 for h in heard {
                     self.sent(h == Some(0));
                 }
                 self.save_if_older(Duration::from_millis(200));
+            }
+            Err(SinkError::Loki(PushError::Rejected { status, message })) => {
+                // Never to be taken: dropped, counted, said; the stream goes on.
+                let mut bytes = 0;
+                for _ in 0..batch {
+                    if let Some(c) = self.queue.front() {
+                        bytes += c.raw as u64;
+                    }
+                    self.sent(false);
+                }
+                self.progress.rejected_bytes += bytes;
+                say(format!(
+                    "{} rejected {bytes} console bytes ({status}: {message}); {} in all",
+                    self.output, self.progress.rejected_bytes
+                ));
+                self.save();
             }
             Err(e) => {
                 say(format!("lost {}: {e}; reconnecting", self.output));

@@ -1,5 +1,5 @@
 //! Where chunks go: one Redis PUBLISH, one binary WebSocket message, or
-//! stdout, per chunk.
+//! stdout, per chunk; or one Loki push for many.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,7 @@ type Ws =
 pub enum Sink {
     Redis(redis::aio::MultiplexedConnection, String),
     WebSocket(Box<Ws>),
+    Loki(Box<crate::loki::LokiSink>),
     Console(tokio::io::Stdout),
 }
 
@@ -46,13 +47,15 @@ pub enum SinkError {
     WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
     #[error("{0}")]
     Io(#[from] io::Error),
+    #[error("{0}")]
+    Loki(#[from] crate::loki::PushError),
     #[error("connection timed out")]
     ConnectTimeout,
     #[error("send timed out")]
     SendTimeout,
 }
 
-/// TLS for wss: the system's roots, plus an extra CA if given.
+/// TLS for wss and https: the system's roots, plus an extra CA if given.
 pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
@@ -78,11 +81,21 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, T
 }
 
 impl Sink {
+    /// `gzip`: compress what goes (Loki: the request body, as its
+    /// `Content-Encoding`; the others compress each chunk before).
     pub async fn connect(
         output: &Output,
         tls: Option<&Arc<rustls::ClientConfig>>,
+        gzip: bool,
     ) -> Result<Sink, SinkError> {
         match output {
+            Output::Loki(loki) => {
+                let connect = crate::loki::LokiSink::connect(loki, tls, gzip);
+                let sink = tokio::time::timeout(std::time::Duration::from_secs(10), connect)
+                    .await
+                    .map_err(|_| SinkError::ConnectTimeout)??;
+                Ok(Sink::Loki(Box::new(sink)))
+            }
             Output::Console => Ok(Sink::Console(tokio::io::stdout())),
             Output::Redis {
                 host,
@@ -125,8 +138,15 @@ impl Sink {
         }
     }
 
+    /// Whether the link is known to be gone already (a Loki server closes
+    /// idle keep-alive connections): then it is re-made before a send.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, Sink::Loki(l) if l.is_closed())
+    }
+
     /// Sends chunks, one message each, in one round trip where the
-    /// protocol allows (pipelined PUBLISHes; WebSocket frames flushed once).
+    /// protocol allows (pipelined PUBLISHes; WebSocket frames flushed once;
+    /// Loki's entries in one push).
     /// For Redis, returns how many subscribers got each chunk.
     pub async fn send(&mut self, chunks: &[&[u8]]) -> Result<Vec<Option<u64>>, SinkError> {
         let limit = std::time::Duration::from_secs(30);
@@ -148,6 +168,12 @@ impl Sink {
                     .await
                     .map_err(timed_out)??;
                 Ok(heard.into_iter().map(Some).collect())
+            }
+            Sink::Loki(loki) => {
+                tokio::time::timeout(limit, loki.push(chunks))
+                    .await
+                    .map_err(timed_out)??;
+                Ok(vec![None; chunks.len()])
             }
             Sink::WebSocket(ws) => {
                 let send = async {

@@ -110,6 +110,12 @@ impl HostPaths {
     pub fn stream_progress(&self, id: &StreamId) -> PathBuf {
         self.progress_dir().join(format!("{id}.progress"))
     }
+
+    /// A Loki worker's pushes under way (`vmd_logstream::loki::InFlight`),
+    /// beside its progress: the worker derives this name from that one.
+    pub fn stream_inflight(&self, id: &StreamId) -> PathBuf {
+        self.progress_dir().join(format!("{id}.inflight"))
+    }
 }
 
 /// The run directory of one VM: the files vmd and its shim share.

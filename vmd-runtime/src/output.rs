@@ -1,6 +1,7 @@
 //! Stream outputs as Zero-OS receivers expect them (`shared/spec/logstream.md`):
 //! `redis://[user][:password@]host[:port]/<channel>`, `ws://…`, `wss://…`,
-//! `console://`. IPv6 hosts in brackets.
+//! `http(s)://[user:password@]host[:port][/prefix][?tenant_id=…&job=…]`
+//! (Grafana Loki's push API), `console://`. IPv6 hosts in brackets.
 
 use std::fmt;
 use std::str::FromStr;
@@ -19,8 +20,38 @@ pub enum Output {
         url: String,
         tls: bool,
     },
+    /// Grafana Loki's push API, one entry per console line.
+    Loki(Loki),
     Console,
 }
+
+/// Where and how a Loki stream pushes (`http://` or `https://`, as Zero-OS'
+/// tailstream takes them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loki {
+    /// The URL as given, for [`fmt::Display`] (shown redacted).
+    pub given: String,
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path and query of the push request: the URL's path as a prefix of
+    /// `/loki/api/v1/push` (a reverse proxy's), or the push path itself;
+    /// query parameters other than ours passed on (a proxy's token).
+    pub target: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// `?tenant_id=` (or tailstream's `?tenant=`): sent as `X-Scope-OrgID`.
+    pub tenant: Option<String>,
+    /// `?job=`: the `job` label of every entry; `tailstream` by default, so
+    /// that queries written for a Zero-OS node find a vmd node's logs.
+    pub job: String,
+}
+
+/// The push path of Loki's HTTP API.
+pub const LOKI_PUSH_PATH: &str = "/loki/api/v1/push";
+
+/// The `job` label when the URL names none (what tailstream sends).
+pub const LOKI_DEFAULT_JOB: &str = "tailstream";
 
 /// An invalid output. Its text shows the URL without credentials: it is
 /// logged, and a receiver's password is no one else's business.
@@ -107,11 +138,79 @@ impl FromStr for Output {
                     url: u.to_string(),
                 })
             }
+            "http" | "https" => loki(&u, s).map_err(|why| bad(&why)),
             other => Err(bad(&format!(
-                "unsupported scheme {other:?} (use redis, ws or wss)"
+                "unsupported scheme {other:?} (use redis, ws, wss, http or https)"
             ))),
         }
     }
+}
+
+fn percent_decoded(v: &str) -> String {
+    url::form_urlencoded::parse(format!("v={v}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+fn loki(u: &url::Url, given: &str) -> Result<Output, String> {
+    let host = u
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or("missing host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let tls = u.scheme() == "https";
+    let prefix = u.path().trim_end_matches('/');
+    let path = if prefix.ends_with(LOKI_PUSH_PATH) {
+        prefix.to_owned()
+    } else {
+        format!("{prefix}{LOKI_PUSH_PATH}")
+    };
+    let (mut tenant, mut job) = (None, None);
+    let mut passed = url::form_urlencoded::Serializer::new(String::new());
+    let mut any = false;
+    for (k, v) in u.query_pairs() {
+        match &*k {
+            "tenant_id" | "tenant" => tenant = Some(v.into_owned()),
+            "job" => job = Some(v.into_owned()),
+            _ => {
+                passed.append_pair(&k, &v);
+                any = true;
+            }
+        }
+    }
+    // A header value must be visible ASCII; Loki takes any such tenant.
+    if let Some(t) = &tenant {
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("tenant_id must be printable ASCII without spaces".into());
+        }
+    }
+    let job = job.unwrap_or_else(|| LOKI_DEFAULT_JOB.to_owned());
+    if job.is_empty() || job.len() > 1024 {
+        return Err("job must be 1 to 1024 bytes".into());
+    }
+    let target = if any {
+        format!("{path}?{}", passed.finish())
+    } else {
+        path
+    };
+    Ok(Output::Loki(Loki {
+        given: given.to_owned(),
+        tls,
+        port: u
+            .port_or_known_default()
+            .unwrap_or(if tls { 443 } else { 80 }),
+        host,
+        target,
+        username: Some(u.username())
+            .filter(|x| !x.is_empty())
+            .map(percent_decoded),
+        password: u.password().map(percent_decoded),
+        tenant,
+        job,
+    }))
 }
 
 /// Shown without credentials (see [`redact_url`]): this is what logs,
@@ -138,6 +237,7 @@ impl fmt::Display for Output {
                 }
             }
             Output::WebSocket { url, .. } => f.write_str(&redact_url(url)),
+            Output::Loki(l) => f.write_str(&redact_url(&l.given)),
             Output::Console => f.write_str("console://"),
         }
     }
@@ -216,6 +316,52 @@ mod tests {
     }
 
     #[test]
+    fn loki_urls_as_tailstream_takes_them() {
+        let Output::Loki(l) = "http://u:p%40ss@10.1.1.1:3100?tenant_id=t1"
+            .parse::<Output>()
+            .unwrap()
+        else {
+            panic!("not loki")
+        };
+        assert_eq!((l.host.as_str(), l.port, l.tls), ("10.1.1.1", 3100, false));
+        assert_eq!(l.target, "/loki/api/v1/push");
+        assert_eq!(l.username.as_deref(), Some("u"));
+        assert_eq!(l.password.as_deref(), Some("p@ss"));
+        assert_eq!(l.tenant.as_deref(), Some("t1"));
+        assert_eq!(l.job, "tailstream");
+        for (url, host, port, target) in [
+            (
+                "https://logs.example",
+                "logs.example",
+                443,
+                "/loki/api/v1/push",
+            ),
+            (
+                "https://[2a02::1]/loki/api/v1/push/?tenant=x&job=vms",
+                "2a02::1",
+                443,
+                "/loki/api/v1/push",
+            ),
+            (
+                "http://h/proxy/?token=a%26b&tenant_id=t",
+                "h",
+                80,
+                "/proxy/loki/api/v1/push?token=a%26b",
+            ),
+        ] {
+            let Output::Loki(l) = url.parse::<Output>().unwrap() else {
+                panic!("{url}: not loki")
+            };
+            assert_eq!(
+                (l.host.as_str(), l.port, l.target.as_str()),
+                (host, port, target)
+            );
+        }
+        let shown = "https://u:pw@h/?tenant_id=t".parse::<Output>().unwrap();
+        assert_eq!(shown.to_string(), "https://***@h/?***");
+    }
+
+    #[test]
     fn refuses_the_rest() {
         for bad in [
             "redis://host:6379",
@@ -223,7 +369,9 @@ mod tests {
             "redis:///ch",
             "redis://h:99999/c",
             "redis://h:abc/c",
-            "http://h/x",
+            "http://",
+            "https://h/?tenant_id=a%20b",
+            "http://h/?job=",
             "ftp://h",
             "ws://",
             "nonsense",

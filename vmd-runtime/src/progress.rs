@@ -18,6 +18,10 @@ pub struct Progress {
     /// WebSocket receiver acknowledges nothing, so its losses cannot be seen).
     #[serde(default)]
     pub unheard_bytes: u64,
+    /// Console bytes the receiver refused for good (Loki's 400: lines too
+    /// old or too long for its limits): dropped, and counted here.
+    #[serde(default)]
+    pub rejected_bytes: u64,
     pub connected: bool,
     #[serde(default)]
     pub last_error: Option<String>,

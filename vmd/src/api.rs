@@ -216,6 +216,9 @@ pub struct StreamStatus {
     /// Console bytes published to Redis while no subscriber listened.
     #[serde(rename = "UnheardBytes", deserialize_with = "nil_default")]
     pub unheard_bytes: u64,
+    /// Console bytes the receiver refused for good (Loki's 400).
+    #[serde(rename = "RejectedBytes", deserialize_with = "nil_default")]
+    pub rejected_bytes: u64,
 }
 
 /// Key: VM name. Sorted, so the same metrics always encode the same way.

@@ -366,13 +366,18 @@ async fn op(stub: &VmdStub, args: &CtlArgs) -> Result<ExitCode, ClientError> {
                 print_json(&streams)?;
             } else {
                 println!(
-                    "{:<20} {:<9} {:>12} {:>12} OUTPUT",
-                    "ID", "CONNECTED", "SENT B", "DROPPED B"
+                    "{:<20} {:<9} {:>12} {:>12} {:>12} OUTPUT",
+                    "ID", "CONNECTED", "SENT B", "DROPPED B", "REJECTED B"
                 );
                 for s in streams {
                     println!(
-                        "{:<20} {:<9} {:>12} {:>12} {}",
-                        s.id, s.connected, s.sent_bytes, s.dropped_bytes, s.output
+                        "{:<20} {:<9} {:>12} {:>12} {:>12} {}",
+                        s.id,
+                        s.connected,
+                        s.sent_bytes,
+                        s.dropped_bytes,
+                        s.rejected_bytes,
+                        s.output
                     );
                 }
             }

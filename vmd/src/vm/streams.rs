@@ -239,6 +239,7 @@ impl Manager {
         // The worker is gone (zinit waited for it): what it was writing too.
         for p in [
             self.paths().stream_progress(id),
+            self.paths().stream_inflight(id),
             self.paths().stream_spec(id),
         ] {
             files::remove_state(&p).what(|| format!("cannot remove {}", p.display()))?;
@@ -284,6 +285,7 @@ impl Manager {
                     sent_bytes: p.sent_bytes,
                     dropped_bytes: p.dropped_bytes,
                     unheard_bytes: p.unheard_bytes,
+                    rejected_bytes: p.rejected_bytes,
                 }
             })
             .collect()
