@@ -2,8 +2,10 @@
 //!
 //! A console log of `VMD_BENCH_MB` MB (default 64) of 64-byte lines is
 //! written first; a worker started with `--tail` covering all of it ships it
-//! as fast as it can to a local Redis (a subscriber counts the bytes) and to
-//! a local WebSocket server, gzip per chunk. Baseline, same run: gzip alone
+//! as fast as it can to a local Redis (a subscriber counts the bytes), to
+//! a local WebSocket server, gzip per chunk, and to a local Loki push
+//! endpoint (one entry per line, Loki's snappy protobuf per push; the
+//! receiver decodes every push and counts the lines' bytes). Baseline, same run: gzip alone
 //! over the same data in 8 KiB chunks (the CPU floor of the job). Also the
 //! worker's RSS and CPU per MB.
 
@@ -24,6 +26,36 @@ fn gunzip_len(b: &[u8]) -> u64 {
         .read_to_end(&mut out)
         .unwrap();
     out.len() as u64
+}
+
+/// The console bytes a Loki push carries (a protobuf `PushRequest`,
+/// `pkg/push/push.proto`): each entry's line and the newline the worker
+/// took off.
+fn loki_line_bytes(message: Vec<u8>) -> u64 {
+    use prost::Message;
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct PushRequest {
+        #[prost(message, repeated, tag = "1")]
+        streams: Vec<StreamAdapter>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct StreamAdapter {
+        #[prost(string, tag = "1")]
+        labels: String,
+        #[prost(message, repeated, tag = "2")]
+        entries: Vec<EntryAdapter>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct EntryAdapter {
+        #[prost(bytes = "bytes", tag = "2")]
+        line: bytes::Bytes,
+    }
+    let push = PushRequest::decode(bytes::Bytes::from(message)).unwrap();
+    push.streams
+        .iter()
+        .flat_map(|s| &s.entries)
+        .map(|e| e.line.len() as u64 + 1)
+        .sum()
 }
 
 fn worker(log: &std::path::Path, output: &str, state: &std::path::Path, tail: u64) -> Child {
@@ -152,6 +184,44 @@ async fn bench(total: u64) {
     )
     .await;
 
+    // To a Loki push endpoint.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got = Arc::new(AtomicU64::new(0));
+    let g = got.clone();
+    let receiver_ns = Arc::new(AtomicU64::new(0));
+    let busy = receiver_ns.clone();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let (g, busy) = (g.clone(), busy.clone());
+            async move {
+                use http_body_util::BodyExt;
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let t0 = Instant::now();
+                let raw = snap::raw::Decoder::new().decompress_vec(&body).unwrap();
+                g.fetch_add(loki_line_bytes(raw), Ordering::Relaxed);
+                busy.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                Ok::<_, std::convert::Infallible>(
+                    hyper::Response::builder()
+                        .status(204)
+                        .body(http_body_util::Full::new(bytes::Bytes::new()))
+                        .unwrap(),
+                )
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+            .await;
+    });
+    let out = format!("http://127.0.0.1:{port}");
+    let loki_run = measure(
+        worker(&log, &out, &dir.path().join("l.state"), total),
+        got,
+        total,
+    )
+    .await;
+
     let mbs = |secs: f64| total as f64 / 1e6 / secs;
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!("vmd-logstream benchmark — {cpus} CPUs, release; {} MB of console (64-byte lines), gzip per 8 KiB chunk (ratio {:.1}:1)", total / 1_000_000, total as f64 / compressed as f64);
@@ -172,25 +242,43 @@ async fn bench(total: u64) {
         mbs(ws_run.secs) / mbs(gzip_secs)
     );
     println!(
-        "| worker CPU per MB (gzip) | {:.2} ms/MB (Redis), {:.2} ms/MB (WS) | {:.2} ms/MB (gzip alone) | {:.2}× | |",
-        redis_run.cpu_ms / (total as f64 / 1e6),
-        ws_run.cpu_ms / (total as f64 / 1e6),
-        gzip_secs * 1000.0 / (total as f64 / 1e6),
-        (redis_run.cpu_ms / (total as f64 / 1e6)) / (gzip_secs * 1000.0 / (total as f64 / 1e6))
+        "| throughput to a local Loki | {:.0} MB/s | {:.0} MB/s (gzip alone) | {:.2}× | ≥ 0.8× |",
+        mbs(loki_run.secs),
+        mbs(gzip_secs),
+        mbs(loki_run.secs) / mbs(gzip_secs)
+    );
+    let per_mb = |ms: f64| ms / (total as f64 / 1e6);
+    println!(
+        "| Loki receiver's decoding (snappy, protobuf), in the bench | {:.2} ms/MB | | | |",
+        per_mb(receiver_ns.load(Ordering::Relaxed) as f64 / 1e6)
+    );
+    let gzip_ms_mb = gzip_secs * 1000.0 / (total as f64 / 1e6);
+    println!(
+        "| worker CPU per MB (gzip) | {:.2} ms/MB (Redis), {:.2} ms/MB (WS), {:.2} ms/MB (Loki) | {:.2} ms/MB (gzip alone) | {:.2}× (Redis), {:.2}× (Loki) | |",
+        per_mb(redis_run.cpu_ms),
+        per_mb(ws_run.cpu_ms),
+        per_mb(loki_run.cpu_ms),
+        gzip_ms_mb,
+        per_mb(redis_run.cpu_ms) / gzip_ms_mb,
+        per_mb(loki_run.cpu_ms) / gzip_ms_mb,
+    );
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!(
+        "| worker RSS, idle after catching up | {:.2} MiB (Redis), {:.2} MiB (WS), {:.2} MiB (Loki) | | | ≤ 4 MiB |",
+        mib(redis_run.idle_rss_kib),
+        mib(ws_run.idle_rss_kib),
+        mib(loki_run.idle_rss_kib)
     );
     println!(
-        "| worker RSS, idle after catching up | {:.2} MiB (Redis), {:.2} MiB (WS) | | | ≤ 4 MiB |",
-        redis_run.idle_rss_kib as f64 / 1024.0,
-        ws_run.idle_rss_kib as f64 / 1024.0
+        "| worker peak RSS while streaming | {:.2} MiB (Redis), {:.2} MiB (WS), {:.2} MiB (Loki) | | | |",
+        mib(redis_run.rss_kib),
+        mib(ws_run.rss_kib),
+        mib(loki_run.rss_kib)
     );
     println!(
-        "| worker peak RSS while streaming | {:.2} MiB (Redis), {:.2} MiB (WS) | | | |",
-        redis_run.rss_kib as f64 / 1024.0,
-        ws_run.rss_kib as f64 / 1024.0
-    );
-    println!(
-        "| worker peak private dirty memory | {:.2} MiB (Redis), {:.2} MiB (WS) | | | |",
-        redis_run.private_kib as f64 / 1024.0,
-        ws_run.private_kib as f64 / 1024.0
+        "| worker peak private dirty memory | {:.2} MiB (Redis), {:.2} MiB (WS), {:.2} MiB (Loki) | | | |",
+        mib(redis_run.private_kib),
+        mib(ws_run.private_kib),
+        mib(loki_run.private_kib)
     );
 }

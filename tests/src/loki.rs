@@ -6,11 +6,13 @@
 //! * basic auth when set (401 with `WWW-Authenticate`, as nginx answers);
 //! * `X-Scope-OrgID` required when multi-tenant (401 "no org id");
 //! * `Content-Encoding` empty, `gzip` or `deflate`, anything else 400;
-//! * `Content-Type: application/json`, else the body is taken as snappy
-//!   protobuf, which this receiver does not decode: 400;
-//! * the v1 JSON body: streams with at least one valid label, values of
-//!   `[ "<ns>", "<line>" ]` (a third element, structured metadata,
-//!   allowed); anything else 400;
+//! * `Content-Type: application/json`: the v1 JSON body, streams with at
+//!   least one valid label, values of `[ "<ns>", "<line>" ]` (a third
+//!   element, structured metadata, allowed);
+//! * any other type (or none): a snappy-compressed (raw block) protobuf
+//!   `PushRequest` (`pkg/push/push.proto`), its labels a selector
+//!   `{name="value", …}`;
+//! * anything else 400;
 //! * 204 on success;
 //! * entries kept once per (tenant, labels, timestamp, line): Loki's head
 //!   block and its queriers de-duplicate exactly these.
@@ -42,6 +44,7 @@ pub struct PushSeen {
     pub authorization: Option<String>,
     pub tenant: Option<String>,
     pub content_encoding: Option<String>,
+    pub content_type: String,
     pub entries: usize,
 }
 
@@ -232,7 +235,8 @@ impl LokiReceiver {
         };
         let mut body = Vec::new();
         let decoded = match encoding.as_deref().unwrap_or("") {
-            "" => {
+            // "snappy" is passed on: the protobuf path decodes it.
+            "" | "snappy" => {
                 body = raw.to_vec();
                 Ok(0)
             }
@@ -243,13 +247,13 @@ impl LokiReceiver {
         if let Err(e) = decoded {
             return answer(400, &e.to_string());
         }
-        if content_type.split(';').next().map(str::trim) != Some("application/json") {
-            return answer(
-                400,
-                "snappy: corrupt input (a protobuf body; this receiver reads JSON)",
-            );
-        }
-        let entries = match parse(&body, tenant.clone().unwrap_or_else(|| "fake".into())) {
+        let tenant_or_fake = tenant.clone().unwrap_or_else(|| "fake".into());
+        let json = content_type.split(';').next().map(str::trim) == Some("application/json");
+        let parsed = match json {
+            true => parse(&body, tenant_or_fake),
+            false => parse_proto(&body, tenant_or_fake),
+        };
+        let entries = match parsed {
             Ok(e) => e,
             Err(why) => return answer(400, &why),
         };
@@ -259,6 +263,7 @@ impl LokiReceiver {
                 authorization,
                 tenant,
                 content_encoding: encoding,
+                content_type,
                 entries: entries.len(),
             });
             if let Some(status) = (!s.fail_next.is_empty()).then(|| s.fail_next.remove(0)) {
@@ -298,6 +303,118 @@ fn valid_label(name: &str) -> bool {
     c.next()
         .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
         && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+}
+
+// Loki's messages, from `pkg/push/push.proto`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct PushRequest {
+    #[prost(message, repeated, tag = "1")]
+    streams: Vec<StreamAdapter>,
+    #[prost(string, tag = "2")]
+    format: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+struct StreamAdapter {
+    #[prost(string, tag = "1")]
+    labels: String,
+    #[prost(message, repeated, tag = "2")]
+    entries: Vec<EntryAdapter>,
+    #[prost(uint64, tag = "3")]
+    hash: u64,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+struct LabelPairAdapter {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(string, tag = "2")]
+    value: String,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+struct EntryAdapter {
+    #[prost(message, optional, tag = "1")]
+    timestamp: Option<Timestamp>,
+    #[prost(string, tag = "2")]
+    line: String,
+    #[prost(message, repeated, tag = "3")]
+    structured_metadata: Vec<LabelPairAdapter>,
+}
+#[derive(Clone, PartialEq, prost::Message)]
+struct Timestamp {
+    #[prost(int64, tag = "1")]
+    seconds: i64,
+    #[prost(int32, tag = "2")]
+    nanos: i32,
+}
+
+/// A stream selector as Loki's `syntax.ParseLabels` reads it:
+/// `{name="value", …}`, values with Go's escapes.
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let bad = || format!("couldn't parse labels: {s:?}");
+    let inner = s
+        .trim()
+        .strip_prefix('{')
+        .and_then(|r| r.strip_suffix('}'))
+        .ok_or_else(bad)?;
+    let mut out = BTreeMap::new();
+    let mut chars = inner.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace() || *c == ',') {
+            chars.next();
+        }
+        if chars.peek().is_none() {
+            return Ok(out);
+        }
+        let name: String =
+            std::iter::from_fn(|| chars.next_if(|c| c.is_alphanumeric() || *c == '_')).collect();
+        if !valid_label(&name) || chars.next() != Some('=') || chars.next() != Some('"') {
+            return Err(bad());
+        }
+        let mut value = String::new();
+        loop {
+            match chars.next().ok_or_else(bad)? {
+                '"' => break,
+                '\\' => value.push(match chars.next().ok_or_else(bad)? {
+                    'n' => '\n',
+                    't' => '\t',
+                    c @ ('\\' | '"') => c,
+                    _ => return Err(bad()),
+                }),
+                c => value.push(c),
+            }
+        }
+        out.insert(name, value);
+    }
+}
+
+/// Loki's default push body: raw-snappy protobuf.
+fn parse_proto(body: &[u8], tenant: String) -> Result<Vec<Entry>, String> {
+    use prost::Message;
+    let raw = snap::raw::Decoder::new()
+        .decompress_vec(body)
+        .map_err(|e| format!("snappy: {e}"))?;
+    let push = PushRequest::decode(&raw[..]).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for s in push.streams {
+        let labels = parse_labels(&s.labels)?;
+        if labels.is_empty() {
+            return Err("error at least one label pair is required per stream".into());
+        }
+        let labels = labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        for e in s.entries {
+            let t = e.timestamp.unwrap_or_default();
+            out.push(Entry {
+                tenant: tenant.clone(),
+                labels: labels.clone(),
+                ts: t.seconds * 1_000_000_000 + i64::from(t.nanos),
+                line: e.line,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Loki's v1 JSON push body.

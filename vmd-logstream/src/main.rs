@@ -328,6 +328,11 @@ async fn run(
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const IDLE_POLL: Duration = Duration::from_millis(20);
+/// [`Worker::bound`] of a Loki stream.
+const LOKI_BUFFER: usize = 1 << 20;
+/// A batch: chunks and bytes sent in one round trip.
+const BATCH_CHUNKS: usize = 32;
+const BATCH_WIRE: usize = 256 << 10;
 
 /// A chunk read but not yet heard by the receiver.
 struct Chunk {
@@ -366,6 +371,8 @@ struct Worker {
 
 impl Worker {
     async fn run(mut self) -> ExitCode {
+        // A chunk per read. For Loki too: small steps keep reading and
+        // the receiver's work overlapped (64 KiB reads measured slower).
         let mut buf = vec![0u8; 8192];
         loop {
             self.fill(&mut buf);
@@ -376,73 +383,69 @@ impl Worker {
                 continue;
             }
             if self.connected().await {
-                self.send_batch().await;
+                self.send_batch(&mut buf).await;
             }
         }
     }
 
-    /// Reads what the bound allows into the queue.
+    /// Console bytes held at most. A Loki chunk stays uncompressed until
+    /// its push (its entries are joined then): a smaller bound keeps its
+    /// memory near the others'.
+    fn bound(&self) -> usize {
+        match self.framer {
+            Some(_) => self.cli.buffer_bytes.min(LOKI_BUFFER),
+            None => self.cli.buffer_bytes,
+        }
+    }
+
+    /// Reads into the queue what one batch takes (more is read while the
+    /// batch is on its way: the receiver works meanwhile).
     fn fill(&mut self, buf: &mut [u8]) {
-        if self.framer.is_some() {
-            return self.fill_lines(buf);
+        while self.queue.len() < BATCH_CHUNKS && self.queued < self.bound() && self.fill_step(buf) {
         }
-        while self.queued < self.cli.buffer_bytes {
-            let n = match self.follower.read(buf) {
-                Ok(n) => n,
-                Err(e) => {
-                    say(format!("cannot read the console log: {e}"));
-                    0
-                }
-            };
-            if n == 0 {
-                return;
-            }
-            let wire = match self.cli.compression {
-                Compression::Gzip => self.gzip.member(&buf[..n]),
-                Compression::None => buf[..n].to_vec(),
-            };
-            self.queued += n;
-            self.queue.push_back(Chunk {
-                end: self.follower.position(),
-                ts: 0,
-                raw: n,
-                wire,
-            });
+        let mut framed = Vec::new();
+        if let Some(framer) = self.framer.as_mut() {
+            framer.flush_idle(&mut framed);
         }
+        self.queue_framed(framed);
     }
 
-    /// [`Worker::fill`] for Loki: chunks of whole lines.
-    fn fill_lines(&mut self, buf: &mut [u8]) {
-        let mut framed = Vec::new();
-        let Some(framer) = self.framer.as_mut() else {
-            return;
+    /// One read into the queue; whether there was anything to read.
+    fn fill_step(&mut self, buf: &mut [u8]) -> bool {
+        let n = match self.follower.read(buf) {
+            Ok(n) => n,
+            Err(e) => {
+                say(format!("cannot read the console log: {e}"));
+                0
+            }
         };
-        while self.queued < self.cli.buffer_bytes {
-            let n = match self.follower.read(buf) {
-                Ok(n) => n,
-                Err(e) => {
-                    say(format!("cannot read the console log: {e}"));
-                    0
-                }
-            };
+        if let Some(framer) = self.framer.as_mut() {
             // After a rotation past unread bytes the position jumps: the
             // framer sees the hole.
             let at = self.follower.position() - n as u64;
+            let mut framed = Vec::new();
             framer.push(at, &buf[..n], &mut framed);
-            for Framed { cut, raw, entries } in framed.drain(..) {
-                self.queued += raw;
-                self.queue.push_back(Chunk {
-                    end: cut.end,
-                    ts: cut.ts,
-                    raw,
-                    wire: entries,
-                });
-            }
-            if n == 0 {
-                break;
-            }
+            self.queue_framed(framed);
+            return n > 0;
         }
-        framer.flush_idle(&mut framed);
+        if n == 0 {
+            return false;
+        }
+        let wire = match self.cli.compression {
+            Compression::Gzip => self.gzip.member(&buf[..n]),
+            Compression::None => buf[..n].to_vec(),
+        };
+        self.queued += n;
+        self.queue.push_back(Chunk {
+            end: self.follower.position(),
+            ts: 0,
+            raw: n,
+            wire,
+        });
+        true
+    }
+
+    fn queue_framed(&mut self, framed: Vec<Framed>) {
         for Framed { cut, raw, entries } in framed {
             self.queued += raw;
             self.queue.push_back(Chunk {
@@ -480,8 +483,7 @@ impl Worker {
             tokio::time::sleep(IDLE_POLL).await;
             return false;
         }
-        let gzip = self.cli.compression == Compression::Gzip;
-        match Sink::connect(&self.output, self.tls.as_ref(), gzip).await {
+        match Sink::connect(&self.output, self.tls.as_ref()).await {
             Ok(s) => {
                 say(format!("connected to {}", self.output));
                 self.sink = Some(s);
@@ -510,32 +512,28 @@ impl Worker {
         self.retry_at = Instant::now() + self.backoff;
     }
 
-    /// Sends up to 32 chunks or 256 KiB in one round trip.
-    async fn send_batch(&mut self) {
-        let Some(sink) = self.sink.as_mut() else {
+    /// Sends up to 32 chunks or 256 KiB in one round trip, reading on
+    /// while the receiver works on them.
+    async fn send_batch(&mut self, buf: &mut [u8]) {
+        let Some(mut sink) = self.sink.take() else {
             return;
         };
-        let mut batch = 0;
+        let mut n = 0;
         let mut wire = 0;
-        while batch < self.queue.len() && batch < 32 && wire < 256 << 10 {
-            wire += self.queue[batch].wire.len();
-            batch += 1;
+        while n < self.queue.len() && n < BATCH_CHUNKS && wire < BATCH_WIRE {
+            wire += self.queue[n].wire.len();
+            n += 1;
         }
-        let chunks: Vec<&[u8]> = self
-            .queue
-            .iter()
-            .take(batch)
-            .map(|c| c.wire.as_slice())
-            .collect();
+        // Out of the queue while it is sent, so that reading can go on;
+        // still counted in `queued`, so the bound holds.
+        let batch: Vec<Chunk> = self.queue.drain(..n).collect();
         if let Some(f) = self.inflight.as_mut() {
-            // Recorded with the position before it: a worker killed from
-            // here on pushes these same entries again, which Loki keeps once.
+            // Recorded with where it starts: a worker killed from here on
+            // pushes these same entries again, which Loki keeps once.
             let pushing = Pushing {
                 start: self.progress.pos,
-                cuts: self
-                    .queue
+                cuts: batch
                     .iter()
-                    .take(batch)
                     .map(|c| Cut {
                         end: c.end,
                         ts: c.ts,
@@ -546,21 +544,35 @@ impl Worker {
                 say(format!("cannot record the push under way: {e}"));
             }
         }
-        match sink.send(&chunks).await {
+        let result = {
+            let chunks: Vec<&[u8]> = batch.iter().map(|c| c.wire.as_slice()).collect();
+            let send = sink.send(&chunks);
+            tokio::pin!(send);
+            loop {
+                if self.queued >= self.bound() || !self.fill_step(buf) {
+                    break send.await;
+                }
+                if let std::task::Poll::Ready(r) = futures_util::poll!(&mut send) {
+                    break r;
+                }
+                // Lets the connection's own task move the bytes.
+                tokio::task::yield_now().await;
+            }
+        };
+        match result {
             Ok(heard) => {
-                for h in heard {
-                    self.sent(h == Some(0));
+                self.sink = Some(sink);
+                for (c, h) in batch.into_iter().zip(heard) {
+                    self.sent(c, h == Some(0));
                 }
                 self.save_if_older(Duration::from_millis(200));
             }
             Err(SinkError::Loki(PushError::Rejected { status, message })) => {
                 // Never to be taken: dropped, counted, said; the stream goes on.
-                let mut bytes = 0;
-                for _ in 0..batch {
-                    if let Some(c) = self.queue.front() {
-                        bytes += c.raw as u64;
-                    }
-                    self.sent(false);
+                self.sink = Some(sink);
+                let bytes: u64 = batch.iter().map(|c| c.raw as u64).sum();
+                for c in batch {
+                    self.sent(c, false);
                 }
                 self.progress.rejected_bytes += bytes;
                 say(format!(
@@ -570,17 +582,18 @@ impl Worker {
                 self.save();
             }
             Err(e) => {
+                // Sent again, first, once the receiver is back.
+                for c in batch.into_iter().rev() {
+                    self.queue.push_front(c);
+                }
                 say(format!("lost {}: {e}; reconnecting", self.output));
                 self.lost(&e);
             }
         }
     }
 
-    /// The oldest chunk was delivered (`unheard`: published to nobody).
-    fn sent(&mut self, unheard: bool) {
-        let Some(c) = self.queue.pop_front() else {
-            return;
-        };
+    /// A chunk was delivered (`unheard`: published to nobody).
+    fn sent(&mut self, c: Chunk, unheard: bool) {
         self.queued -= c.raw;
         self.progress.pos = c.end;
         self.progress.sent_bytes += c.raw as u64;

@@ -81,16 +81,13 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, T
 }
 
 impl Sink {
-    /// `gzip`: compress what goes (Loki: the request body, as its
-    /// `Content-Encoding`; the others compress each chunk before).
     pub async fn connect(
         output: &Output,
         tls: Option<&Arc<rustls::ClientConfig>>,
-        gzip: bool,
     ) -> Result<Sink, SinkError> {
         match output {
             Output::Loki(loki) => {
-                let connect = crate::loki::LokiSink::connect(loki, tls, gzip);
+                let connect = crate::loki::LokiSink::connect(loki, tls);
                 let sink = tokio::time::timeout(std::time::Duration::from_secs(10), connect)
                     .await
                     .map_err(|_| SinkError::ConnectTimeout)??;

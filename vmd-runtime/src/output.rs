@@ -188,8 +188,8 @@ fn loki(u: &url::Url, given: &str) -> Result<Output, String> {
         }
     }
     let job = job.unwrap_or_else(|| LOKI_DEFAULT_JOB.to_owned());
-    if job.is_empty() || job.len() > 1024 {
-        return Err("job must be 1 to 1024 bytes".into());
+    if job.is_empty() || job.len() > 1024 || job.chars().any(char::is_control) {
+        return Err("job must be 1 to 1024 bytes of text".into());
     }
     let target = if any {
         format!("{path}?{}", passed.finish())
@@ -372,6 +372,7 @@ mod tests {
             "http://",
             "https://h/?tenant_id=a%20b",
             "http://h/?job=",
+            "http://h/?job=a%0Ab",
             "ftp://h",
             "ws://",
             "nonsense",
