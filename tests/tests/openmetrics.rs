@@ -269,4 +269,29 @@ async fn a_real_prometheus_sees_what_a_vm_did() {
         (15, 1500)
     );
     assert_eq!(m.restarts, Some(2));
+
+    // And `vmd ctl` shows it to a person: totals, then rates like top.
+    let (code, out, err) = env.vmd.ctl(&["metrics"]);
+    assert_eq!(code, 0, "{err}");
+    let row: Vec<&str> = out
+        .lines()
+        .find(|l| l.starts_with("om "))
+        .unwrap_or_else(|| panic!("no row for om:\n{out}"))
+        .split_whitespace()
+        .collect();
+    // NAME RST CPU MEM DISK RD DISK WR PRIV RX …
+    assert_eq!((row[1], row[6]), ("2", "1.5K"), "{out}");
+    assert!(row[2].parse::<f64>().is_ok() && row[3] != "-", "{out}");
+    let (code, out, err) = env.vmd.ctl(&["top", "-n", "2", "-d", "0.2", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let om = &lines[1][0];
+    assert_eq!(om["name"], "om");
+    assert!(om["cpu_percent"].as_f64().is_some_and(|c| c >= 0.0), "{om}");
+    assert!(om["memory_rss"].as_u64().is_some_and(|b| b > 0), "{om}");
+    assert_eq!(om["net_rx_per_sec"], 0.0);
 }

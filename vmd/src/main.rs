@@ -283,11 +283,28 @@ fn init_tracing(default: &str) {
         .init();
 }
 
+/// Raises the soft limit of open files to the hard one, as Go's runtime
+/// does for the module vmd replaces: the metrics collector keeps two
+/// `/proc` files open per VM within it (`vm::metrics`), and a node runs
+/// hundreds of VMs.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
+    }
+}
+
 async fn daemon(
     broker: Broker,
     args: DaemonArgs,
     pool: tokio::runtime::Handle,
 ) -> anyhow::Result<()> {
+    raise_open_files_limit();
     info!(
         root = %args.root.display(),
         runtime_dir = %args.runtime_dir.display(),

@@ -3,8 +3,12 @@
 //! directory descriptor, a file's stamp to tell whether it changed.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
@@ -79,29 +83,111 @@ impl Dirs {
         })
     }
 
-    /// The text of `/proc/<pid>/<file>`.
-    fn proc_file(&self, pid: i32, file: &str, into: &mut String) -> Option<()> {
-        use std::io::Read;
-        into.clear();
+    /// `/proc/<pid>/<file>`, opened.
+    fn open_proc(&self, pid: i32, file: &str) -> Option<File> {
         let rel = format!("{pid}/{file}");
-        let fd = match &self.proc {
+        match &self.proc {
             Some(proc) => nix::fcntl::openat(
                 proc,
                 rel.as_str(),
                 OFlag::O_RDONLY | OFlag::O_CLOEXEC,
                 Mode::empty(),
             )
-            .ok()?,
-            None => {
-                return std::fs::File::open(format!("/proc/{rel}"))
-                    .ok()?
-                    .read_to_string(into)
-                    .ok()
-                    .map(drop)
-            }
-        };
-        std::fs::File::from(fd).read_to_string(into).ok().map(drop)
+            .ok()
+            .map(File::from),
+            None => File::open(format!("/proc/{rel}")).ok(),
+        }
     }
+}
+
+/// The whole text of a `/proc` file from its start (the kernel makes it
+/// anew at offset 0).
+fn pread_all(f: &File, into: &mut String) -> Option<()> {
+    let mut buf = [0u8; 4096];
+    let n = f.read_at(&mut buf, 0).ok()?;
+    into.clear();
+    into.push_str(std::str::from_utf8(&buf[..n]).ok()?);
+    Some(())
+}
+
+/// How many `/proc` files the collector may keep open, and how many it
+/// does: within `RLIMIT_NOFILE`, leaving room for everything else vmd
+/// opens.
+#[derive(Debug, Clone)]
+pub struct ProcBudget {
+    open: Arc<AtomicUsize>,
+    most: usize,
+}
+
+impl ProcBudget {
+    /// Half of what the descriptor limit leaves above 512.
+    pub fn from_limit() -> Self {
+        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft);
+        let soft = usize::try_from(soft).unwrap_or(usize::MAX);
+        ProcBudget {
+            open: Arc::default(),
+            most: soft.saturating_sub(512) / 2,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn of(most: usize) -> Self {
+        ProcBudget {
+            open: Arc::default(),
+            most,
+        }
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    fn take(&self, n: usize) -> Option<Taken> {
+        let mut now = self.open.load(Ordering::Relaxed);
+        loop {
+            if now + n > self.most {
+                return None;
+            }
+            match self
+                .open
+                .compare_exchange(now, now + n, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    return Some(Taken {
+                        budget: self.open.clone(),
+                        n,
+                    })
+                }
+                Err(v) => now = v,
+            }
+        }
+    }
+}
+
+/// Descriptors counted against a [`ProcBudget`] while held.
+#[derive(Debug)]
+struct Taken {
+    budget: Arc<AtomicUsize>,
+    n: usize,
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        self.budget.fetch_sub(self.n, Ordering::Relaxed);
+    }
+}
+
+/// A VMM's `/proc/<pid>/stat` and `io`, kept open between collections:
+/// reading them again is one `pread` each, where opening them each time
+/// cost most of a collection at a thousand VMs.
+#[derive(Debug)]
+pub(super) struct ProcFiles {
+    pid: i32,
+    start_ticks: u64,
+    stat: File,
+    io: Option<File>,
+    _taken: Taken,
 }
 
 /// Every interface's counters from a file in `/proc/net/dev`'s format, read
@@ -160,14 +246,43 @@ fn page_size() -> u64 {
 }
 
 /// CPU, memory and storage I/O of the VMM `pid`, if it is still the process
-/// that started at `start_ticks` (not a pid reused since).
+/// that started at `start_ticks` (not a pid reused since). Its files are
+/// kept in `kept` while the budget allows.
 pub(super) fn vmm_usage(
     dirs: &Dirs,
+    budget: &ProcBudget,
+    kept: &mut Option<ProcFiles>,
     buf: &mut String,
     pid: i32,
     start_ticks: u64,
 ) -> Option<VmmUsage> {
-    dirs.proc_file(pid, "stat", buf)?;
+    if kept
+        .as_ref()
+        .is_some_and(|k| (k.pid, k.start_ticks) != (pid, start_ticks))
+    {
+        *kept = None;
+    }
+    if kept.is_none() {
+        if let Some(taken) = budget.take(2) {
+            *kept = dirs.open_proc(pid, "stat").map(|stat| ProcFiles {
+                pid,
+                start_ticks,
+                stat,
+                io: dirs.open_proc(pid, "io"),
+                _taken: taken,
+            });
+        }
+    }
+    let read = match kept.as_ref() {
+        Some(k) => pread_all(&k.stat, buf),
+        None => dirs.open_proc(pid, "stat").and_then(|f| pread_all(&f, buf)),
+    };
+    if read.is_none() {
+        // Gone (a kept file of an exited process reads as an error): its
+        // files go too.
+        *kept = None;
+        return None;
+    }
     let mut u = {
         // The command name may hold spaces and parentheses: skip past the last ')'.
         let mut f = buf.rsplit_once(") ")?.1.split(' ');
@@ -175,6 +290,7 @@ pub(super) fn vmm_usage(
         let mut nth = |skip: usize| f.nth(skip).and_then(|v| v.parse::<u64>().ok());
         let (utime, stime) = (nth(11)?, nth(0)?);
         if nth(6)? != start_ticks {
+            *kept = None;
             return None;
         }
         let rss_pages = nth(1);
@@ -184,7 +300,11 @@ pub(super) fn vmm_usage(
             ..Default::default()
         }
     };
-    if dirs.proc_file(pid, "io", buf).is_some() {
+    let io_read = match kept.as_ref().and_then(|k| k.io.as_ref()) {
+        Some(f) => pread_all(f, buf),
+        None => dirs.open_proc(pid, "io").and_then(|f| pread_all(&f, buf)),
+    };
+    if io_read.is_some() {
         let field = |k: &str| {
             buf.lines()
                 .find_map(|l| l.strip_prefix(k))
@@ -219,8 +339,58 @@ broken: 1 2 x\n";
         let id = vmd_runtime::state::ProcessIdentity::of(me).unwrap();
         let dirs = Dirs::open(&HostPaths::new("/nonexistent", "/nonexistent"));
         let mut buf = String::new();
-        let u = vmm_usage(&dirs, &mut buf, me, id.start_ticks).unwrap();
+        let budget = ProcBudget::of(10);
+        let mut kept = None;
+        let u = vmm_usage(&dirs, &budget, &mut kept, &mut buf, me, id.start_ticks).unwrap();
         assert!(u.cpu_ms.is_some() && u.rss_bytes.unwrap() > 0 && u.read_bytes.is_some());
-        assert!(vmm_usage(&dirs, &mut buf, me, id.start_ticks + 1).is_none());
+        let t = id.start_ticks + 1;
+        assert!(vmm_usage(&dirs, &budget, &mut kept, &mut buf, me, t).is_none());
+        assert!(kept.is_none());
+        assert_eq!(budget.open(), 0);
+    }
+
+    #[test]
+    fn files_are_kept_within_the_budget_and_dropped_with_their_process() {
+        let dirs = Dirs::open(&HostPaths::new("/nonexistent", "/nonexistent"));
+        let mut buf = String::new();
+        let budget = ProcBudget::of(3);
+        let mut a = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let mut b = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let id = |c: &std::process::Child| {
+            let pid = c.id() as i32;
+            (
+                pid,
+                vmd_runtime::state::ProcessIdentity::of(pid)
+                    .unwrap()
+                    .start_ticks,
+            )
+        };
+        let ((pa, ta), (pb, tb)) = (id(&a), id(&b));
+        let (mut ka, mut kb) = (None, None);
+        assert!(vmm_usage(&dirs, &budget, &mut ka, &mut buf, pa, ta).is_some());
+        assert!(ka.is_some());
+        assert_eq!(budget.open(), 2);
+        // No room for two more: read all the same, opened for the call.
+        assert!(vmm_usage(&dirs, &budget, &mut kb, &mut buf, pb, tb).is_some());
+        assert!(kb.is_none());
+        // Read again through the kept files: the same process, alive.
+        let u = vmm_usage(&dirs, &budget, &mut ka, &mut buf, pa, ta).unwrap();
+        assert!(u.cpu_ms.is_some() && u.rss_bytes.is_some());
+        a.kill().unwrap();
+        a.wait().unwrap();
+        assert!(vmm_usage(&dirs, &budget, &mut ka, &mut buf, pa, ta).is_none());
+        assert!(ka.is_none());
+        assert_eq!(budget.open(), 0);
+        // The room is free again.
+        assert!(vmm_usage(&dirs, &budget, &mut kb, &mut buf, pb, tb).is_some());
+        assert!(kb.is_some());
+        b.kill().unwrap();
+        b.wait().unwrap();
     }
 }

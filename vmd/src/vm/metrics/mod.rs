@@ -39,7 +39,7 @@ use vmd_runtime::{HostPaths, VmName};
 use super::manager::Manager;
 use crate::api::{MachineMetric, MachineMetrics, NetMetric};
 pub use kernel::{parse_net_dev, VmmUsage};
-use kernel::{read_net_dev, vmm_usage, Dirs, Stamp};
+use kernel::{read_net_dev, vmm_usage, Dirs, ProcBudget, ProcFiles, Stamp};
 
 /// rx_bytes, rx_packets, tx_bytes, tx_packets.
 pub type Counters = [u64; 4];
@@ -146,6 +146,8 @@ struct Known {
     state: Option<Brief>,
     /// Whether this VM was seen by an earlier call of this vmd.
     met: bool,
+    /// Its VMM's `/proc` files, kept open.
+    proc: Option<ProcFiles>,
 }
 
 impl Known {
@@ -186,12 +188,23 @@ struct Brief {
 
 /// The collector's memory: what each VM's files said, and the tap counters
 /// seen (as saved in `<runtime>/tap-counters.json`).
-#[derive(Default)]
 struct Cache {
     loaded: bool,
     known: HashMap<VmName, Known>,
     /// By VM, by tap.
     seen: BTreeMap<String, BTreeMap<String, Seen>>,
+    budget: ProcBudget,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Cache {
+            loaded: false,
+            known: HashMap::new(),
+            seen: BTreeMap::new(),
+            budget: ProcBudget::from_limit(),
+        }
+    }
 }
 
 /// The metrics of a host's VMs, from one collector so that every reader
@@ -262,16 +275,22 @@ impl Collector {
                 .map(|n| (n.clone(), cache.known.remove(n).unwrap_or_default()))
                 .collect();
             let paths = src.paths.clone();
+            let budget = cache.budget.clone();
             parts.push(tokio::task::spawn_blocking(move || {
                 let dirs = Dirs::open(&paths);
                 let mut buf = String::with_capacity(1024);
                 work.into_iter()
                     .map(|(name, mut known)| {
                         known.refresh(&dirs, &paths.run_dir(&name));
-                        let usage = known
-                            .state
-                            .and_then(|st| st.vmm)
-                            .and_then(|(pid, start)| vmm_usage(&dirs, &mut buf, pid, start));
+                        let usage = match known.state.and_then(|st| st.vmm) {
+                            Some((pid, start)) => {
+                                vmm_usage(&dirs, &budget, &mut known.proc, &mut buf, pid, start)
+                            }
+                            None => {
+                                known.proc = None;
+                                None
+                            }
+                        };
                         (name, known, usage)
                     })
                     .collect::<Vec<_>>()

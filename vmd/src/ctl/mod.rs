@@ -14,6 +14,8 @@ use vmd::zbus::broker::Broker;
 use vmd::zbus::client::ClientError;
 use vmd::zbus::wire::ObjectId;
 
+mod usage;
+
 #[derive(Args)]
 pub struct CtlArgs {
     /// Print JSON instead of text.
@@ -46,8 +48,19 @@ enum Op {
         #[arg(short = 'f', long)]
         follow: bool,
     },
-    /// Network counters of every VM.
+    /// What every VM used since its VMM started: restarts, CPU seconds,
+    /// memory, disk and network bytes.
     Metrics,
+    /// What every VM uses now, refreshed like `top`: CPU, memory, disk and
+    /// network per second, the busiest first.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(short = 'd', long, default_value_t = 2.0)]
+        delay: f64,
+        /// Refreshes before exiting (0: until Ctrl-C).
+        #[arg(short = 'n', long, default_value_t = 0)]
+        iterations: u64,
+    },
     /// Start a VM described by a JSON file (the wire field names of `VM`).
     Run { file: PathBuf },
     /// Stop and remove a VM.
@@ -310,21 +323,14 @@ async fn op(stub: &VmdStub, args: &CtlArgs) -> Result<ExitCode, ClientError> {
             if json {
                 print_json(&m)?;
             } else {
-                println!(
-                    "{:<24} {:>14} {:>14} {:>14} {:>14}",
-                    "NAME", "PRIV RX B", "PRIV TX B", "PUB RX B", "PUB TX B"
-                );
-                for (name, v) in m {
-                    println!(
-                        "{:<24} {:>14} {:>14} {:>14} {:>14}",
-                        name,
-                        v.private.net_rx_bytes,
-                        v.private.net_tx_bytes,
-                        v.public.net_rx_bytes,
-                        v.public.net_tx_bytes
-                    );
-                }
+                usage::print_totals(&m);
             }
+        }
+        Op::Top { delay, iterations } => {
+            if !delay.is_finite() || *delay < 0.1 {
+                return Err(ClientError::Method("--delay must be at least 0.1 s".into()));
+            }
+            usage::top(stub, Duration::from_secs_f64(*delay), *iterations, json).await?;
         }
         Op::Run { file } => {
             let text = std::fs::read_to_string(file)
