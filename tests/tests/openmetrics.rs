@@ -202,6 +202,63 @@ async fn a_real_prometheus_sees_what_a_vm_did() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // A log stream to Loki, for the stream and service series.
+    let loki = vmd_tests::loki::LokiReceiver::start(Default::default()).await;
+    env.stub
+        .stream_create(
+            "om",
+            &vmd::api::Stream {
+                id: "om-logs".into(),
+                namespace: String::new(),
+                output: format!("http://127.0.0.1:{}", loki.port),
+            },
+        )
+        .await
+        .unwrap();
+    vmd_tests::until(Duration::from_secs(20), "the console in Loki", || {
+        std::future::ready(
+            loki.entries()
+                .iter()
+                .any(|e| e.line.contains("GUEST-NET-SENT")),
+        )
+    })
+    .await;
+    let series = |text: &str, name: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    // The worker records its progress within half a second of its last
+    // send: then the stream has caught up with the console.
+    let text = vmd_tests::until_some(Duration::from_secs(10), "the stream's progress", || {
+        let text = get(listen, "/metrics").unwrap().1;
+        let lag = series(&text, r#"vmd_stream_lag_bytes{stream="om-logs",vm="om"}"#);
+        std::future::ready((lag == Some(0.0)).then_some(text))
+    })
+    .await;
+    let sent = series(
+        &text,
+        r#"vmd_stream_sent_bytes_total{stream="om-logs",vm="om"}"#,
+    );
+    let written = series(&text, r#"vmd_vm_console_written_bytes_total{vm="om"}"#);
+    assert!(sent.is_some_and(|s| s > 0.0), "{text}");
+    assert!(written.is_some_and(|w| w >= sent.unwrap()), "{text}");
+    assert_eq!(
+        series(&text, r#"vmd_stream_connected{stream="om-logs",vm="om"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        series(&text, r#"vmd_services{kind="vm",state="up"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        series(&text, r#"vmd_services{kind="stream",state="up"}"#),
+        Some(1.0),
+        "{text}"
+    );
+
     // What vmd serves is valid, by Prometheus' own linter.
     let (code, text) = get(listen, "/metrics").unwrap();
     assert_eq!(code, 200, "{text}");

@@ -13,6 +13,7 @@
 //! of the VMs.
 
 mod families;
+mod services;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -124,6 +125,40 @@ impl Exporter {
         }
     }
 
+    /// Consoles, streams, and zinit's view of vmd's services (one `list`,
+    /// bounded: a scrape never waits long on zinit).
+    async fn services(&self) -> services::Services {
+        let m = &self.manager;
+        let listed = tokio::time::timeout(Duration::from_secs(2), m.zinit().list()).await;
+        let zinit = match listed {
+            Ok(Ok(list)) => {
+                let mut by_kind =
+                    std::collections::BTreeMap::from([("vm", (0, 0)), ("stream", (0, 0))]);
+                for (name, state) in list {
+                    let kind = match name.split_once(':') {
+                        Some(("vm", _)) => "vm",
+                        Some(("stream", _)) => "stream",
+                        _ => continue,
+                    };
+                    if let Some((up, down)) = by_kind.get_mut(kind) {
+                        if matches!(state, zinit::State::Running) {
+                            *up += 1;
+                        } else {
+                            *down += 1;
+                        }
+                    }
+                }
+                Some(by_kind)
+            }
+            _ => None,
+        };
+        services::Services {
+            console: m.console_written(),
+            streams: m.stream_samples(),
+            zinit,
+        }
+    }
+
     /// The text of one scrape.
     pub async fn scrape(&self) -> String {
         let _one = self.one_at_a_time.lock().await;
@@ -136,6 +171,7 @@ impl Exporter {
             now: now_ms() / 1000,
             collect_secs: t0.elapsed().as_secs_f64(),
         }));
+        registry.register_collector(Box::new(self.services().await));
         let mut out = String::with_capacity(64 << 10);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);

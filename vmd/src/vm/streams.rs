@@ -22,6 +22,17 @@ use crate::zbus::keyed::KeyedLocks;
 /// default `--tail`, which receivers of Zero-OS's helper expect).
 const STREAM_TAIL: u64 = 8192;
 
+/// One stream as the metrics endpoint shows it.
+#[derive(Debug, Clone)]
+pub struct StreamSample {
+    pub id: String,
+    pub vm: String,
+    pub progress: Progress,
+    /// Console bytes printed and not yet sent (unknown while the log is
+    /// being rotated).
+    pub lag_bytes: Option<u64>,
+}
+
 /// A stream as its caller asked for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamSpec {
@@ -52,6 +63,38 @@ impl Manager {
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
+    }
+
+    /// Every stream's delivery, for the metrics endpoint: its worker's
+    /// progress, and how far it is behind its VM's console.
+    pub fn stream_samples(&self) -> Vec<StreamSample> {
+        self.stream_specs()
+            .into_iter()
+            .filter_map(|s| {
+                let id = StreamId::new(&s.id).ok()?;
+                let vm = VmName::new(&s.vm).ok()?;
+                let progress =
+                    Progress::load(&self.paths().stream_progress(&id)).unwrap_or_default();
+                let end = console::extent(&self.paths().log(&vm)).map(|(_, end)| end);
+                Some(StreamSample {
+                    lag_bytes: end.map(|e| e.saturating_sub(progress.pos)),
+                    id: id.to_string(),
+                    vm: vm.to_string(),
+                    progress,
+                })
+            })
+            .collect()
+    }
+
+    /// Each VM's console bytes written so far (the absolute end of its log).
+    pub fn console_written(&self) -> Vec<(String, u64)> {
+        self.names()
+            .into_iter()
+            .filter_map(|n| {
+                let (_, end) = console::extent(&self.paths().log(&n))?;
+                Some((n.to_string(), end))
+            })
+            .collect()
     }
 
     fn check_namespace(&self, ns: &str) -> Result<(), VmError> {
