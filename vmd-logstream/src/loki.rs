@@ -275,6 +275,13 @@ pub fn body(job: &str, chunks: &[&[u8]]) -> Vec<u8> {
     out
 }
 
+/// The body of a push of `chunks`, snappy-compressed as Loki reads it.
+pub fn compressed(job: &str, chunks: &[&[u8]]) -> io::Result<Vec<u8>> {
+    snap::raw::Encoder::new()
+        .compress_vec(&body(job, chunks))
+        .map_err(|e| io::Error::other(e.to_string()))
+}
+
 /// What the in-flight file holds: the push under way.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pushing {
@@ -354,7 +361,6 @@ pub struct LokiSink {
     loki: Loki,
     authority: String,
     authorization: Option<String>,
-    snappy: snap::raw::Encoder,
 }
 
 impl LokiSink {
@@ -402,7 +408,6 @@ impl LokiSink {
             loki: loki.clone(),
             authority,
             authorization,
-            snappy: snap::raw::Encoder::new(),
         })
     }
 
@@ -415,11 +420,13 @@ impl LokiSink {
     /// (what Promtail and Alloy send), a snappy-compressed protobuf
     /// `PushRequest`. Snappy costs a fraction of gzip's CPU per byte.
     pub async fn push(&mut self, chunks: &[&[u8]]) -> Result<(), PushError> {
-        let message = body(&self.loki.job, chunks);
-        let data = self
-            .snappy
-            .compress_vec(&message)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let data = compressed(&self.loki.job, chunks)?;
+        self.push_compressed(data).await
+    }
+
+    /// Pushes a body made by [`compressed`] (made ahead, while the previous
+    /// push was out).
+    pub async fn push_compressed(&mut self, data: Vec<u8>) -> Result<(), PushError> {
         let mut req = hyper::Request::post(self.loki.target.as_str())
             .header(hyper::header::HOST, self.authority.as_str())
             .header(hyper::header::CONTENT_TYPE, "application/x-protobuf")

@@ -303,6 +303,7 @@ async fn run(
     let mut worker = Worker {
         framer,
         inflight,
+        prepared: None,
         progress: saved.unwrap_or_default(),
         reported_drop: follower.dropped,
         follower,
@@ -355,6 +356,9 @@ struct Worker {
     /// Loki: the console cut into lines, and the pushes under way.
     framer: Option<Framer>,
     inflight: Option<InFlight>,
+    /// Loki: the next push's body, made while the previous one was out:
+    /// for the first `n` chunks of the queue, the last ending at `end`.
+    prepared: Option<(usize, u64, Vec<u8>)>,
     progress: Progress,
     /// Read, not yet sent; at most `--buffer-bytes` of console bytes: the
     /// rotated log is the buffer beyond that.
@@ -518,12 +522,15 @@ impl Worker {
         let Some(mut sink) = self.sink.take() else {
             return;
         };
-        let mut n = 0;
-        let mut wire = 0;
-        while n < self.queue.len() && n < BATCH_CHUNKS && wire < BATCH_WIRE {
-            wire += self.queue[n].wire.len();
-            n += 1;
-        }
+        // What was made ahead is for the queue's first chunks, still there.
+        let (n, prepared) = match self.prepared.take() {
+            Some((pn, end, data))
+                if pn > 0 && self.queue.get(pn - 1).is_some_and(|c| c.end == end) =>
+            {
+                (pn, Some(data))
+            }
+            _ => (self.batch_len(), None),
+        };
         // Out of the queue while it is sent, so that reading can go on;
         // still counted in `queued`, so the bound holds.
         let batch: Vec<Chunk> = self.queue.drain(..n).collect();
@@ -546,10 +553,11 @@ impl Worker {
         }
         let result = {
             let chunks: Vec<&[u8]> = batch.iter().map(|c| c.wire.as_slice()).collect();
-            let send = sink.send(&chunks);
+            let send = sink.send_prepared(&chunks, prepared);
             tokio::pin!(send);
             loop {
                 if self.queued >= self.bound() || !self.fill_step(buf) {
+                    self.prepare_next();
                     break send.await;
                 }
                 if let std::task::Poll::Ready(r) = futures_util::poll!(&mut send) {
@@ -582,13 +590,47 @@ impl Worker {
                 self.save();
             }
             Err(e) => {
-                // Sent again, first, once the receiver is back.
+                // Sent again, first, once the receiver is back (what was
+                // made ahead was for the chunks after these).
+                self.prepared = None;
                 for c in batch.into_iter().rev() {
                     self.queue.push_front(c);
                 }
                 say(format!("lost {}: {e}; reconnecting", self.output));
                 self.lost(&e);
             }
+        }
+    }
+
+    /// How many chunks of the queue the next batch takes.
+    fn batch_len(&self) -> usize {
+        let mut n = 0;
+        let mut wire = 0;
+        while n < self.queue.len() && n < BATCH_CHUNKS && wire < BATCH_WIRE {
+            wire += self.queue[n].wire.len();
+            n += 1;
+        }
+        n
+    }
+
+    /// Loki: makes the next push's body now, while Loki works on the one
+    /// out (the two overlap instead of taking turns).
+    fn prepare_next(&mut self) {
+        let Output::Loki(loki) = &self.output else {
+            return;
+        };
+        let n = self.batch_len();
+        if self.prepared.is_some() || n == 0 {
+            return;
+        }
+        let chunks: Vec<&[u8]> = self
+            .queue
+            .iter()
+            .take(n)
+            .map(|c| c.wire.as_slice())
+            .collect();
+        if let Ok(data) = vmd_logstream::loki::compressed(&loki.job, &chunks) {
+            self.prepared = Some((n, self.queue[n - 1].end, data));
         }
     }
 

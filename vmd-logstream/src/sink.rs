@@ -146,6 +146,15 @@ impl Sink {
     /// Loki's entries in one push).
     /// For Redis, returns how many subscribers got each chunk.
     pub async fn send(&mut self, chunks: &[&[u8]]) -> Result<Vec<Option<u64>>, SinkError> {
+        self.send_prepared(chunks, None).await
+    }
+
+    /// [`Sink::send`], with a Loki body made ahead for these chunks.
+    pub async fn send_prepared(
+        &mut self,
+        chunks: &[&[u8]],
+        prepared: Option<Vec<u8>>,
+    ) -> Result<Vec<Option<u64>>, SinkError> {
         let limit = std::time::Duration::from_secs(30);
         let timed_out = |_| SinkError::SendTimeout;
         match self {
@@ -167,7 +176,13 @@ impl Sink {
                 Ok(heard.into_iter().map(Some).collect())
             }
             Sink::Loki(loki) => {
-                tokio::time::timeout(limit, loki.push(chunks))
+                let push = async {
+                    match prepared {
+                        Some(data) => loki.push_compressed(data).await,
+                        None => loki.push(chunks).await,
+                    }
+                };
+                tokio::time::timeout(limit, push)
                     .await
                     .map_err(timed_out)??;
                 Ok(vec![None; chunks.len()])
