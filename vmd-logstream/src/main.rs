@@ -58,6 +58,8 @@ struct Cli {
     /// On a first start, begin with this many bytes of the existing log.
     #[arg(long, default_value_t = 8192)]
     tail: u64,
+    /// Of each chunk sent to Redis and WebSocket receivers. A Loki push is
+    /// always Loki's own snappy-compressed protobuf.
     #[arg(long, value_enum, default_value = "gzip")]
     compression: Compression,
     /// Console bytes held in memory while the receiver is slow or away.
@@ -553,7 +555,7 @@ impl Worker {
         }
         let result = {
             let chunks: Vec<&[u8]> = batch.iter().map(|c| c.wire.as_slice()).collect();
-            let send = sink.send_prepared(&chunks, prepared);
+            let send = sink.send(&chunks, prepared);
             tokio::pin!(send);
             loop {
                 if self.queued >= self.bound() || !self.fill_step(buf) {

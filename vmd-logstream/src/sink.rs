@@ -145,12 +145,8 @@ impl Sink {
     /// protocol allows (pipelined PUBLISHes; WebSocket frames flushed once;
     /// Loki's entries in one push).
     /// For Redis, returns how many subscribers got each chunk.
-    pub async fn send(&mut self, chunks: &[&[u8]]) -> Result<Vec<Option<u64>>, SinkError> {
-        self.send_prepared(chunks, None).await
-    }
-
-    /// [`Sink::send`], with a Loki body made ahead for these chunks.
-    pub async fn send_prepared(
+    /// `prepared`: a Loki body made ahead for these chunks.
+    pub async fn send(
         &mut self,
         chunks: &[&[u8]],
         prepared: Option<Vec<u8>>,

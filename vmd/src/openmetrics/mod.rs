@@ -30,6 +30,7 @@ use tokio::sync::Mutex;
 use vmd_runtime::events::now_ms;
 
 use crate::vm::manager::Manager;
+use crate::vm::metrics::VmSample;
 use crate::zbus::server::CallStats;
 use families::Vms;
 
@@ -127,7 +128,7 @@ impl Exporter {
 
     /// Consoles, streams, and zinit's view of vmd's services (one `list`,
     /// bounded: a scrape never waits long on zinit).
-    async fn services(&self) -> services::Services {
+    async fn services(&self, vms: &[VmSample]) -> services::Services {
         let m = &self.manager;
         let listed = tokio::time::timeout(Duration::from_secs(2), m.zinit().list()).await;
         let zinit = match listed {
@@ -153,7 +154,8 @@ impl Exporter {
             _ => None,
         };
         services::Services {
-            console: m.console_written(),
+            // The VMs this scrape collected: `present/` is not read again.
+            console: m.console_written(vms.iter().map(|v| v.name.as_str())),
             streams: m.stream_samples(),
             zinit,
         }
@@ -164,14 +166,16 @@ impl Exporter {
         let _one = self.one_at_a_time.lock().await;
         let t0 = Instant::now();
         let vms = self.manager.collect().await;
+        let collect_secs = t0.elapsed().as_secs_f64();
+        let services = self.services(&vms).await;
         let mut registry = Registry::default();
         self.calls.register(&mut registry);
         registry.register_collector(Box::new(Vms {
             vms,
             now: now_ms() / 1000,
-            collect_secs: t0.elapsed().as_secs_f64(),
+            collect_secs,
         }));
-        registry.register_collector(Box::new(self.services().await));
+        registry.register_collector(Box::new(services));
         let mut out = String::with_capacity(64 << 10);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);

@@ -86,13 +86,14 @@ impl Manager {
             .collect()
     }
 
-    /// Each VM's console bytes written so far (the absolute end of its log).
-    pub fn console_written(&self) -> Vec<(String, u64)> {
-        self.names()
-            .into_iter()
+    /// The console bytes each of `names` wrote so far (the absolute end of
+    /// its log).
+    pub fn console_written<'n>(&self, names: impl Iterator<Item = &'n str>) -> Vec<(String, u64)> {
+        names
             .filter_map(|n| {
-                let (_, end) = console::extent(&self.paths().log(&n))?;
-                Some((n.to_string(), end))
+                let vm = VmName::new(n).ok()?;
+                let (_, end) = console::extent(&self.paths().log(&vm))?;
+                Some((n.to_owned(), end))
             })
             .collect()
     }
