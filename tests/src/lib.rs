@@ -14,6 +14,7 @@ pub mod netns;
 pub mod network_double;
 pub mod provision_double;
 pub mod redis_server;
+pub mod scrape;
 pub mod stack;
 pub mod supervisor;
 pub mod terminal;

@@ -4,46 +4,15 @@
 //! state — asked of Prometheus' own HTTP API; `promtool check metrics`
 //! passes on a scrape.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vmd::api::VmIface;
+use vmd_tests::scrape::{free_port, get, get_as};
 use vmd_tests::stack::Stack;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET path` over HTTP/1.0: the status code and the body.
-fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    get_as(addr, path, "*/*").map(|(code, _, body)| (code, body))
-}
-
-/// `GET path` accepting `accept`: the status, the head and the body.
-fn get_as(addr: SocketAddr, path: &str, accept: &str) -> std::io::Result<(u16, String, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n"
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((code, head.to_owned(), body.to_owned()))
-}
 
 fn urlencode(q: &str) -> String {
     q.bytes()

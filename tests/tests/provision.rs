@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use vmd_tests::provision_double::{ProvisionDouble, Workloads};
+use vmd_tests::scrape::{free_port, scrape_sample};
 use vmd_tests::stack::Stack;
 use vmd_tests::until;
 
@@ -17,6 +18,26 @@ const FLAGS: &[&str] = &[
     "--grace-secs",
     "5",
 ];
+
+/// An address for `--metrics-listen`.
+fn metrics_listen() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// [`FLAGS`] with the OpenMetrics endpoint on `listen`.
+fn with_metrics(listen: &str) -> Vec<&str> {
+    let mut f = FLAGS.to_vec();
+    f.extend(["--metrics-listen", listen]);
+    f
+}
+
+/// Until the sample `series` of the endpoint at `addr` satisfies `ok`.
+async fn until_sample(addr: std::net::SocketAddr, series: &str, ok: impl Fn(f64) -> bool) {
+    until(Duration::from_secs(20), series, || async {
+        scrape_sample(addr, series).is_some_and(&ok)
+    })
+    .await;
+}
 
 async fn exists(env: &Stack, name: &str) -> bool {
     env.caller(Duration::from_secs(5))
@@ -106,7 +127,8 @@ async fn vms_of_deleted_workloads_are_deleted_and_nothing_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workload_deleted_while_vmd_was_down_is_reaped_at_start() {
-    let mut env = Stack::start(FLAGS).await;
+    let listen = metrics_listen();
+    let mut env = Stack::start(&with_metrics(&listen)).await;
     let mut w = Workloads::default();
     w.states.insert("8-1-a".into(), "ok".into());
     w.states.insert("8-2-b".into(), "ok".into());
@@ -119,11 +141,32 @@ async fn a_workload_deleted_while_vmd_was_down_is_reaped_at_start() {
     env.vmd.wait_ready().await;
     until_gone(&env, "8-1-a").await;
     assert!(exists(&env, "8-2-b").await);
+    // What the restarted vmd did, as its endpoint shows it: both VMs found
+    // under zinit at its start, one reaped since.
+    let addr = listen.parse().unwrap();
+    until_sample(
+        addr,
+        r#"vmd_workload_actions_total{action="reaped"}"#,
+        |v| v == 1.0,
+    )
+    .await;
+    until_sample(
+        addr,
+        r#"vmd_reconcile_actions_total{action="adopted"}"#,
+        |v| v == 2.0,
+    )
+    .await;
+    assert_eq!(scrape_sample(addr, "vmd_reconcile_pending_vms"), Some(0.0));
+    // Asked about each (counted since this vmd started).
+    let status_ok =
+        r#"vmd_peer_calls_total{module="provision",method="GetWorkloadStatus",outcome="ok"}"#;
+    until_sample(addr, status_ok, |v| v >= 2.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_provisiond_costs_callers_nothing_and_is_asked_again_when_back() {
-    let env = Stack::start(FLAGS).await;
+    let listen = metrics_listen();
+    let env = Stack::start(&with_metrics(&listen)).await;
     let mut w = Workloads::default();
     w.states.insert("9-1-a".into(), "ok".into());
     let mut prov = ProvisionDouble::start(&env.redis.broker(), "provision", w).await;
@@ -144,6 +187,35 @@ async fn a_dead_provisiond_costs_callers_nothing_and_is_asked_again_when_back() 
     // Back: what waited in its queue is answered, the VM goes.
     prov.resume(&env.redis.broker(), "provision").await;
     until_gone(&env, "9-1-a").await;
+    // The endpoint tells the calls that timed out from those answered, and
+    // the passes that stopped at a dead provisiond.
+    let addr = listen.parse().unwrap();
+    let status = |outcome: &str| {
+        format!(
+            r#"vmd_peer_calls_total{{module="provision",method="GetWorkloadStatus",outcome="{outcome}"}}"#
+        )
+    };
+    until_sample(
+        addr,
+        r#"vmd_workload_actions_total{action="reaped"}"#,
+        |v| v == 1.0,
+    )
+    .await;
+    assert!(scrape_sample(addr, &status("timeout")) >= Some(1.0));
+    assert!(scrape_sample(addr, &status("ok")) >= Some(2.0));
+    assert!(
+        scrape_sample(addr, r#"vmd_workload_passes_total{outcome="unreachable"}"#) >= Some(1.0)
+    );
+    assert!(scrape_sample(addr, r#"vmd_workload_passes_total{outcome="done"}"#) >= Some(1.0));
+    // Each timed-out call waited for its whole deadline (1 s).
+    let slow = r#"vmd_peer_call_duration_seconds_bucket{le="0.5",module="provision",method="GetWorkloadStatus"}"#;
+    let all =
+        r#"vmd_peer_call_duration_seconds_count{module="provision",method="GetWorkloadStatus"}"#;
+    let (fast, total) = (
+        scrape_sample(addr, slow).unwrap(),
+        scrape_sample(addr, all).unwrap(),
+    );
+    assert!(total - fast >= scrape_sample(addr, &status("timeout")).unwrap());
 }
 
 /// [`FLAGS`] and a crash-loop policy that gives up after two exits.

@@ -483,7 +483,12 @@ async fn the_provisiond_client_and_double_match_go() {
             }
         })
     };
-    let p = Provision::new(redis.broker(), "provision", Duration::from_secs(5));
+    let p = Provision::new(
+        redis.broker(),
+        "provision",
+        Duration::from_secs(5),
+        Default::default(),
+    );
     let next = |name: &'static str| replies.lock().unwrap().push(name);
     let status = |state: &str, exists| WorkloadStatus {
         state: state.into(),

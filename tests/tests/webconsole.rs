@@ -9,6 +9,7 @@ use vmd::zbus::client::ClientError;
 use vmd_runtime::spec::VmSpec;
 use vmd_tests::browser::{Browser, Page};
 use vmd_tests::network_double::{NetworkDouble, Subnets};
+use vmd_tests::scrape::{free_port, get, sample, scrape_sample};
 use vmd_tests::vm::boot_timeout;
 use vmd_tests::web::{console_server, iface, shell_prompted, with_ifaces, Web};
 
@@ -28,7 +29,16 @@ fn spec(env: &Stack, name: &str) -> VmSpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_network_module_places_the_console_by_the_zero_os_rule() {
-    let env = Stack::start(&["--network-module", "net1", "--netns-dir", "/run/test-netns"]).await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let env = Stack::start(&[
+        "--network-module",
+        "net1",
+        "--netns-dir",
+        "/run/test-netns",
+        "--metrics-listen",
+        &listen,
+    ])
+    .await;
     let mut subnets = Subnets {
         ip16: true, // what the real module sends
         ..Default::default()
@@ -77,11 +87,38 @@ async fn the_network_module_places_the_console_by_the_zero_os_rule() {
     );
     env.assert_gone("12-1-c").await;
     assert!(!env.stub.exists("12-1-c").await.unwrap());
+
+    // The endpoint counts each call to the module by its outcome.
+    let (_, text) = get(listen.parse().unwrap(), "/metrics").unwrap();
+    let calls = |method: &str, outcome: &str| {
+        sample(
+            &text,
+            &format!(
+                r#"vmd_peer_calls_total{{module="net1",method="{method}",outcome="{outcome}"}}"#
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    // (A namespace is a name for any network; the unknown one fails at
+    // its subnet.)
+    assert_eq!(calls("Namespace", "ok"), 2.0, "{text}");
+    assert_eq!(calls("GetSubnet", "ok"), 1.0, "{text}");
+    assert_eq!(calls("GetSubnet", "error"), 1.0, "{text}");
+    assert_eq!(calls("Namespace", "error"), 0.0, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_network_module_is_a_clear_error_within_its_budget() {
-    let env = Stack::start(&["--network-module", "nobody", "--network-timeout-secs", "2"]).await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let env = Stack::start(&[
+        "--network-module",
+        "nobody",
+        "--network-timeout-secs",
+        "2",
+        "--metrics-listen",
+        &listen,
+    ])
+    .await;
     let vm = with_ifaces(
         &env,
         "12-2-a",
@@ -99,6 +136,8 @@ async fn a_dead_network_module_is_a_clear_error_within_its_budget() {
     // One call's budget (2 s), not a hang; the caller's deadline is 90 s.
     assert!(took < Duration::from_secs(30), "took {took:?}");
     env.assert_gone("12-2-a").await;
+    let timeouts = r#"vmd_peer_calls_total{module="nobody",method="Namespace",outcome="timeout"}"#;
+    assert_eq!(scrape_sample(listen.parse().unwrap(), timeouts), Some(1.0));
 
     // `none`: no network module, no web console, Run works.
     drop(env);

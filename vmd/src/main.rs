@@ -410,11 +410,13 @@ async fn daemon(
     let mut manager =
         Manager::new(host, settings, events).context("cannot prepare vmd's directories")?;
     if args.network_module != "none" {
-        manager = manager.with_network(vmd::network::Networker::new(
+        let networker = vmd::network::Networker::new(
             broker.clone(),
             &args.network_module,
             Duration::from_secs(args.network_timeout_secs.max(1)),
-        ));
+            manager.telemetry().peers.clone(),
+        );
+        manager = manager.with_network(networker);
     }
     let manager = Arc::new(manager);
     // Whether log streams deliver, as their workers save their progress.
@@ -460,6 +462,7 @@ async fn daemon(
             broker.clone(),
             &args.provision_module,
             Duration::from_secs(args.provision_timeout_secs.max(1)),
+            manager.telemetry().peers.clone(),
         );
         vmd::vm::workloads::spawn(
             &pool,

@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use crate::api::IpNet;
+use crate::telemetry::PeerCalls;
 use crate::zbus::broker::Broker;
 use crate::zbus::client::{arg, value, Client, ClientError};
 use crate::zbus::wire::ObjectId;
@@ -27,9 +28,11 @@ pub struct Networker {
 impl Networker {
     /// The module named `module` (Zero-OS: `network`) on `broker`, each
     /// call bounded by `timeout`.
-    pub fn new(broker: Broker, module: &str, timeout: Duration) -> Self {
+    pub fn new(broker: Broker, module: &str, timeout: Duration, stats: PeerCalls) -> Self {
         Networker {
-            client: Client::new(broker, module).with_timeout(timeout),
+            client: Client::new(broker, module)
+                .with_timeout(timeout)
+                .with_stats(stats),
             object: ObjectId::new(OBJECT, VERSION),
         }
     }

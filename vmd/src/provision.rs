@@ -14,6 +14,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::telemetry::PeerCalls;
 use crate::zbus::broker::Broker;
 use crate::zbus::client::{arg, unit, value, Client, ClientError};
 use crate::zbus::wire::ObjectId;
@@ -162,9 +163,11 @@ pub struct Provision {
 impl Provision {
     /// The module named `module` (Zero-OS: `provision`) on `broker`, each
     /// call bounded by `timeout`.
-    pub fn new(broker: Broker, module: &str, timeout: Duration) -> Self {
+    pub fn new(broker: Broker, module: &str, timeout: Duration, stats: PeerCalls) -> Self {
         Provision {
-            client: Client::new(broker, module).with_timeout(timeout),
+            client: Client::new(broker, module)
+                .with_timeout(timeout)
+                .with_stats(stats),
             object: ObjectId::new(OBJECT, VERSION),
             lacks_since: Mutex::new(None),
         }

@@ -170,6 +170,7 @@ impl Exporter {
         let services = self.services(&vms).await;
         let mut registry = Registry::default();
         self.calls.register(&mut registry);
+        self.manager.telemetry().register(&mut registry);
         registry.register_collector(Box::new(Vms {
             vms,
             now: now_ms() / 1000,

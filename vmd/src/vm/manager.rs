@@ -39,6 +39,8 @@ pub struct Manager {
     events: crate::events::Events,
     /// The VMs' counters, shared by every reader.
     collector: super::metrics::Collector,
+    /// What vmd counts of its calls to peers and its reconciliations.
+    telemetry: crate::telemetry::Telemetry,
 }
 
 /// The zinit service of a VM.
@@ -105,6 +107,7 @@ impl Manager {
             network: None,
             events,
             collector: Default::default(),
+            telemetry: Default::default(),
         })
     }
 
@@ -116,6 +119,10 @@ impl Manager {
 
     pub fn network(&self) -> Option<&crate::network::Networker> {
         self.network.as_ref()
+    }
+
+    pub fn telemetry(&self) -> &crate::telemetry::Telemetry {
+        &self.telemetry
     }
 
     pub fn collector(&self) -> &super::metrics::Collector {

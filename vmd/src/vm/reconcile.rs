@@ -20,6 +20,7 @@ use tokio::task::JoinSet;
 use vmd_runtime::VmName;
 
 use super::manager::{service_of, Manager};
+use crate::telemetry::{Reconciled, Work};
 use crate::zbus::keyed::{KeyGuard, KeyedLocks};
 
 /// What reconciliation did, logged when it is over.
@@ -32,6 +33,22 @@ pub struct Report {
     pub remonitored: Vec<String>,
     /// Steps that failed; each was logged with its VM and cause.
     pub failed: Vec<String>,
+}
+
+impl Report {
+    /// Adds what was done to the endpoint's counters.
+    fn count(&self, work: &Work) {
+        for (action, done) in [
+            (Reconciled::Adopted, &self.adopted),
+            (Reconciled::CompletedDelete, &self.completed_deletes),
+            (Reconciled::RolledBack, &self.rolled_back),
+            (Reconciled::OrphanRemoved, &self.orphans_removed),
+            (Reconciled::Remonitored, &self.remonitored),
+            (Reconciled::Failed, &self.failed),
+        ] {
+            work.reconciled(action, done.len());
+        }
+    }
 }
 
 /// What a VM directory found at start-up needs.
@@ -128,7 +145,9 @@ pub fn spawn(
 ) -> tokio::task::JoinHandle<Report> {
     runtime.spawn(async move {
         let t0 = std::time::Instant::now();
+        m.telemetry().work.pending().set(plan.pending() as i64);
         let report = run(&m, &locks, plan).await;
+        report.count(&m.telemetry().work);
         tracing::info!(
             took = ?t0.elapsed(),
             adopted = report.adopted.len(),
@@ -268,6 +287,7 @@ async fn run(m: &Arc<Manager>, locks: &Arc<KeyedLocks>, plan: Plan) -> Report {
             tracing::error!("a reconciliation task panicked");
             continue;
         };
+        m.telemetry().work.pending().dec();
         let n = name.as_str().to_owned();
         if !ok {
             r.failed.push(n.clone());

@@ -12,6 +12,7 @@ use serde_bytes::ByteBuf;
 use super::broker::{Broker, BrokerError};
 use super::codec::{self, DecodeError, EncodeError};
 use super::wire::{ObjectId, Output, RequestRef, Response, Status};
+use crate::telemetry::{PeerCalls, PeerOutcome};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -43,6 +44,8 @@ pub struct Client {
     // Each call blocks its connection in BLPOP until the reply arrives, so
     // concurrent calls need a connection each; idle ones are kept here.
     idle: Mutex<Vec<MultiplexedConnection>>,
+    /// Where calls are counted (vmd's calls to peer modules).
+    stats: Option<PeerCalls>,
 }
 
 const MAX_IDLE: usize = 64;
@@ -57,7 +60,14 @@ impl Client {
             module: module.into(),
             timeout: Duration::from_secs(30),
             idle: Mutex::new(Vec::new()),
+            stats: None,
         }
+    }
+
+    /// Counts every call by method and outcome in `stats`.
+    pub fn with_stats(mut self, stats: PeerCalls) -> Self {
+        self.stats = Some(stats);
+        self
     }
 
     /// Deadline of each call.
@@ -153,7 +163,14 @@ impl Client {
         method: &str,
         inputs: Vec<Vec<u8>>,
     ) -> Result<Output, ClientError> {
-        let resp = self.request(object, method, inputs).await?;
+        let t0 = std::time::Instant::now();
+        let resp = self.request(object, method, inputs).await;
+        if let Some(stats) = &self.stats {
+            if let Some(outcome) = PeerOutcome::of(&resp) {
+                stats.record(&self.module, method, outcome, t0.elapsed());
+            }
+        }
+        let resp = resp?;
         match resp.error {
             Some(e) if !e.is_empty() => Err(ClientError::Protocol(e)),
             _ => Ok(resp.output),

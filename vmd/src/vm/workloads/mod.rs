@@ -31,6 +31,7 @@ use vmd_runtime::VmName;
 
 use super::manager::Manager;
 use crate::provision::{Provision, ProvisionError, WorkloadId};
+use crate::telemetry::WorkloadAction;
 use crate::zbus::keyed::{KeyGuard, KeyedLocks};
 use report::Due;
 
@@ -73,6 +74,8 @@ pub fn spawn(
         loop {
             let started = Instant::now();
             let reached = pass(&manager, &locks, &provision, period, retry_after).await;
+            let work = &manager.telemetry().work;
+            work.pass(reached, started.elapsed());
             let pause = if reached {
                 backoff = Duration::ZERO;
                 period.saturating_sub(started.elapsed())
@@ -183,6 +186,7 @@ async fn tell(
             };
             tracing::warn!(vm = %name, how = ?record.how, message = %record.message,
                            "told provisiond that the VM failed");
+            m.telemetry().work.workload(WorkloadAction::ReportedFailed);
             if let Some(_key) = same_vm(m, locks, name, asked).await {
                 if let Err(e) = vmd_runtime::files::write_json(&reported, &record, 0o600) {
                     tracing::error!(vm = %name, error = %e, "cannot record the report; it will be sent again");
@@ -194,7 +198,8 @@ async fn tell(
                 let shim = vmd_runtime::control::ShimClient::new(&m.run_dir(name));
                 match shim.retry(Duration::from_secs(5)).await {
                     Ok(()) => {
-                        tracing::warn!(vm = %name, "starting the failed VM again after its cooldown")
+                        tracing::warn!(vm = %name, "starting the failed VM again after its cooldown");
+                        m.telemetry().work.workload(WorkloadAction::Retried);
                     }
                     Err(e) => {
                         tracing::warn!(vm = %name, error = %e, "cannot start the failed VM again; trying next pass")
@@ -207,6 +212,7 @@ async fn tell(
                 return Ok(());
             }
             tracing::info!(vm = %name, "told provisiond that the VM runs again");
+            m.telemetry().work.workload(WorkloadAction::ReportedOk);
             if let Some(_key) = same_vm(m, locks, name, asked).await {
                 if let Err(e) = vmd_runtime::files::remove_state(&reported) {
                     tracing::error!(vm = %name, error = %e, "cannot remove the report record");
@@ -229,7 +235,10 @@ async fn reap(
         return;
     };
     tracing::warn!(vm = %name, reason = %why, "deleting the VM of a gone workload");
-    if let Err(e) = m.delete(name.as_str()).await {
-        tracing::error!(vm = %name, error = %e, "cannot delete the VM of a deleted workload; trying again next pass");
+    match m.delete(name.as_str()).await {
+        Ok(()) => m.telemetry().work.workload(WorkloadAction::Reaped),
+        Err(e) => {
+            tracing::error!(vm = %name, error = %e, "cannot delete the VM of a deleted workload; trying again next pass")
+        }
     }
 }
