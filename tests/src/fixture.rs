@@ -156,6 +156,10 @@ impl VmModule for Fixture {
         self.record("Metrics()".into());
         Ok(Fixture::metrics_two())
     }
+    async fn usage(&self) -> MethodResult<MachineMetrics> {
+        self.record("Usage()".into());
+        Ok(Fixture::metrics_two())
+    }
     async fn lock(&self, name: String, lock: bool) -> MethodResult<()> {
         self.record(format!("Lock({name}, {lock})"));
         if !self.vms.contains(&name) {

@@ -86,6 +86,9 @@ impl VmModule for Echo {
     async fn metrics(&self) -> MethodResult<MachineMetrics> {
         Ok(MachineMetrics::new())
     }
+    async fn usage(&self) -> MethodResult<MachineMetrics> {
+        Ok(MachineMetrics::new())
+    }
     async fn lock(&self, name: String, lock: bool) -> MethodResult<()> {
         if lock && name.is_empty() {
             return Err(MethodError::new("nothing to lock"));
@@ -119,7 +122,7 @@ fn signature(method: &str) -> Option<&'static [Arg]> {
     Some(match method {
         "Run" => &[Arg::Vm],
         "Inspect" | "Delete" | "Exists" | "Logs" | "LogsFull" | "StreamDelete" => &[Arg::Str],
-        "List" | "Metrics" => &[],
+        "List" | "Metrics" | "Usage" => &[],
         "Lock" => &[Arg::Str, Arg::Bool],
         "StreamCreate" => &[Arg::Str, Arg::Stream],
         _ => return None,
@@ -323,7 +326,7 @@ proptest! {
             "Inspect" => prop_assert!(codec::decode::<VmInfo>(data.unwrap_or_default()).is_ok()),
             "Logs" | "LogsFull" => prop_assert!(codec::decode::<String>(data.unwrap_or_default()).is_ok()),
             "List" => prop_assert!(codec::decode::<Vec<String>>(data.unwrap_or_default()).is_ok()),
-            "Metrics" => prop_assert!(codec::decode::<MachineMetrics>(data.unwrap_or_default()).is_ok()),
+            "Metrics" | "Usage" => prop_assert!(codec::decode::<MachineMetrics>(data.unwrap_or_default()).is_ok()),
             _ => prop_assert!(data.is_none(), "{} returns only an error but got Data", method),
         }
         if let Some(e) = &resp.output.error {

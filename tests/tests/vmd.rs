@@ -153,15 +153,23 @@ async fn the_full_lifecycle() {
         Some("running")
     );
 
-    // Metrics: taps summed by kind, extras present, never going backwards.
+    // Metrics: taps summed by kind, restarts, never going backwards; what
+    // the VMM uses only from `Usage`, with the same counters.
     let m = &s.metrics().await.unwrap()["12-345-web"];
     assert_eq!(
         (m.private.net_rx_bytes, m.private.net_tx_packets),
         (1000, 20)
     );
     assert_eq!((m.public.net_rx_bytes, m.public.net_tx_bytes), (3000, 4000));
-    assert!(m.memory_rss.unwrap() > 0);
     assert_eq!(m.restarts, Some(0));
+    assert_eq!((m.memory_rss, m.cpu_time_ms), (None, None));
+    let u = &s.usage().await.unwrap()["12-345-web"];
+    assert!(u.memory_rss.unwrap() > 0);
+    assert!(u.cpu_time_ms.is_some() && u.disk_read_bytes.is_some());
+    assert_eq!(
+        (&u.private, &u.public, u.restarts),
+        (&m.private, &m.public, m.restarts)
+    );
     env.tap("t-web", [1500, 15, 2500, 25]);
     assert_eq!(
         s.metrics().await.unwrap()["12-345-web"]

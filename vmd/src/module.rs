@@ -340,6 +340,12 @@ interface! {
     StreamDelete => stream_delete(id: String as "string") -> MethodResult<()>,
         access { Access::Change(vec![stream_key(id)]) },
         serve |m| { Ok(m.stream_delete(&id).await?) };
+    /// vmd's own, not in the Go interface: `Metrics` and what each VM's
+    /// VMM uses (CPU time, memory, disk I/O), for `vmd ctl metrics` and
+    /// `top`. Kept out of `Metrics`, whose Go callers cannot see it.
+    Usage => usage() -> MethodResult<MachineMetrics>,
+        access { Access::Read },
+        serve |m| { Ok(m.usage().await) };
 }
 
 /// The wire names of the methods, in the order of the Go interface.

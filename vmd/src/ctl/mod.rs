@@ -319,7 +319,7 @@ async fn op(stub: &VmdStub, args: &CtlArgs) -> Result<ExitCode, ClientError> {
             }
         }
         Op::Metrics => {
-            let m = stub.metrics().await?;
+            let m = stub.usage().await?;
             if json {
                 print_json(&m)?;
             } else {

@@ -1,6 +1,7 @@
 //! What the VMs use, for a person: `vmd ctl metrics` (totals since each
 //! VM's VMM started, and its network counters) and `vmd ctl top` (rates
-//! between two `Metrics` calls, refreshed like `top`).
+//! between two `Usage` calls, refreshed like `top`). `Usage` is vmd's
+//! `Metrics` with what each VMM uses.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -168,7 +169,7 @@ pub async fn top(
     // The first snapshot only starts the first interval.
     let mut first = true;
     loop {
-        let now = stub.metrics().await?;
+        let now = stub.usage().await?;
         let secs = at.elapsed().as_secs_f64();
         at = Instant::now();
         if !first {

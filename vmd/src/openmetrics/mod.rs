@@ -30,7 +30,7 @@ use tokio::sync::Mutex;
 use vmd_runtime::events::now_ms;
 
 use crate::vm::manager::Manager;
-use crate::vm::metrics::VmSample;
+use crate::vm::metrics::{Reading, VmSample};
 use crate::zbus::server::CallStats;
 use families::Vms;
 
@@ -165,7 +165,7 @@ impl Exporter {
     pub async fn scrape(&self) -> String {
         let _one = self.one_at_a_time.lock().await;
         let t0 = Instant::now();
-        let vms = self.manager.collect().await;
+        let vms = self.manager.collect(Reading::Usage).await;
         let collect_secs = t0.elapsed().as_secs_f64();
         let services = self.services(&vms).await;
         let mut registry = Registry::default();

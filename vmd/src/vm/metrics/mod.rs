@@ -1,6 +1,7 @@
 //! `Metrics`: the host-side counters of each VM's taps, summed into
-//! `Private` (every tap but `p-*`) and `Public` (`p-*`), plus vmd's extras
-//! (the VMM's CPU time, memory and disk I/O, the VM's restarts).
+//! `Private` (every tap but `p-*`) and `Public` (`p-*`), and the VM's
+//! restarts; vmd's `Usage` adds the VMM's CPU time, memory and disk I/O
+//! (which `Metrics`' Go callers would only throw away).
 //!
 //! Counters must never go backwards for a caller: a tap re-created under
 //! the same name starts from zero, so the last values seen are kept per tap
@@ -14,7 +15,8 @@
 //!   which the Go module reads four files a tap at a time);
 //! * a VM's spec and its shim's state are parsed again only when its state
 //!   file is a new one (one `fstatat` otherwise);
-//! * the VMM's `/proc/<pid>/stat` and `/io` are read on every core.
+//! * the VMM's `/proc/<pid>/stat` and `/io` are read on every core, and
+//!   only for `Usage` and scrapes.
 //!
 //! Nothing comes from the VMM's API: a slow or dead VM cannot stall the
 //! call, and a thousand VMMs are not woken up to answer it.
@@ -222,9 +224,30 @@ struct Sources {
     tap_netns: Option<PathBuf>,
 }
 
+/// What a collection reads of each VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// Its taps' counters and its shim's state: what the Go type of
+    /// `Metrics` holds (and its restarts). Billing asks for these, on every
+    /// node, for every VM: they cost no `/proc` read.
+    Counters,
+    /// Also its VMM's CPU time, memory and disk I/O from `/proc`.
+    Usage,
+}
+
 impl Manager {
+    /// The zbus `Metrics`: each VM's network counters and restarts.
     pub async fn metrics(&self) -> MachineMetrics {
-        self.collect()
+        self.machine_metrics(Reading::Counters).await
+    }
+
+    /// vmd's `Usage`: [`Manager::metrics`] and what the VMM uses.
+    pub async fn usage(&self) -> MachineMetrics {
+        self.machine_metrics(Reading::Usage).await
+    }
+
+    async fn machine_metrics(&self, reading: Reading) -> MachineMetrics {
+        self.collect(reading)
             .await
             .into_iter()
             .map(|s| {
@@ -235,18 +258,20 @@ impl Manager {
     }
 
     /// Every VM present, sorted by name.
-    pub async fn collect(&self) -> Vec<VmSample> {
+    pub async fn collect(&self, reading: Reading) -> Vec<VmSample> {
         let sources = Sources {
             paths: self.paths().clone(),
             net_dev: self.host().net_dev.clone(),
             tap_netns: self.host().tap_netns.clone(),
         };
-        self.collector().collect(sources, self.names()).await
+        self.collector()
+            .collect(sources, self.names(), reading)
+            .await
     }
 }
 
 impl Collector {
-    async fn collect(&self, src: Sources, names: Vec<VmName>) -> Vec<VmSample> {
+    async fn collect(&self, src: Sources, names: Vec<VmName>, reading: Reading) -> Vec<VmSample> {
         // One collection at a time: the counters seen advance in order.
         let mut cache = self.cache.lock().await;
         if !cache.loaded {
@@ -283,6 +308,9 @@ impl Collector {
                     .map(|(name, mut known)| {
                         known.refresh(&dirs, &paths.run_dir(&name));
                         let usage = match known.state.and_then(|st| st.vmm) {
+                            // Its files stay open for the next reading
+                            // that wants them.
+                            Some(_) if reading == Reading::Counters => None,
                             Some((pid, start)) => {
                                 vmm_usage(&dirs, &budget, &mut known.proc, &mut buf, pid, start)
                             }
