@@ -51,8 +51,8 @@ pub struct Framed {
     pub cut: Cut,
     /// Console bytes in it.
     pub raw: usize,
-    /// Its entries, `["<ns>","<line>"]` joined by commas (empty if the
-    /// chunk held only empty lines).
+    /// Its entries, each an `EntryAdapter` as a `StreamAdapter` field
+    /// (protobuf), back to back (empty if the chunk held only empty lines).
     pub entries: Vec<u8>,
 }
 
@@ -259,27 +259,71 @@ fn labels(job: &str) -> String {
 /// The push body for `chunks`, before snappy: a `PushRequest` of one
 /// `StreamAdapter`, labelled `job`.
 pub fn body(job: &str, chunks: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    body_into(job, chunks, &mut out);
+    out
+}
+
+/// [`body`] into `out` (cleared first).
+fn body_into(job: &str, chunks: &[&[u8]], out: &mut Vec<u8>) {
     use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
     let labels = labels(job);
     let entries: usize = chunks.iter().map(|c| c.len()).sum();
     let stream_len = 1 + encoded_len_varint(labels.len() as u64) + labels.len() + entries;
-    let mut out = Vec::with_capacity(stream_len + 16);
-    encode_key(1, WireType::LengthDelimited, &mut out);
-    encode_varint(stream_len as u64, &mut out);
-    encode_key(1, WireType::LengthDelimited, &mut out);
-    encode_varint(labels.len() as u64, &mut out);
+    out.clear();
+    out.reserve(stream_len + 16);
+    encode_key(1, WireType::LengthDelimited, out);
+    encode_varint(stream_len as u64, out);
+    encode_key(1, WireType::LengthDelimited, out);
+    encode_varint(labels.len() as u64, out);
     out.extend_from_slice(labels.as_bytes());
     for c in chunks {
         out.extend_from_slice(c);
     }
-    out
 }
 
 /// The body of a push of `chunks`, snappy-compressed as Loki reads it.
 pub fn compressed(job: &str, chunks: &[&[u8]]) -> io::Result<Vec<u8>> {
-    snap::raw::Encoder::new()
-        .compress_vec(&body(job, chunks))
-        .map_err(|e| io::Error::other(e.to_string()))
+    Compressor::default().compress(job, chunks)
+}
+
+/// Makes push bodies with buffers kept from one push to the next: a
+/// fresh body and a zero-filled output of snappy's worst case per push
+/// were a fifth of the worker's work per byte (BENCHMARKS.md "logstream").
+/// Only the compressed body, a fraction of the console bytes, is a new
+/// allocation.
+pub struct Compressor {
+    encoder: snap::raw::Encoder,
+    body: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Default for Compressor {
+    fn default() -> Self {
+        Compressor {
+            encoder: snap::raw::Encoder::new(),
+            body: Vec::new(),
+            out: Vec::new(),
+        }
+    }
+}
+
+impl Compressor {
+    pub fn compress(&mut self, job: &str, chunks: &[&[u8]]) -> io::Result<Vec<u8>> {
+        body_into(job, chunks, &mut self.body);
+        let most = snap::raw::max_compress_len(self.body.len());
+        if most == 0 {
+            return Err(io::Error::other("a push body too large for snappy"));
+        }
+        if self.out.len() < most {
+            self.out.resize(most, 0);
+        }
+        let n = self
+            .encoder
+            .compress(&self.body, &mut self.out)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(self.out[..n].to_vec())
+    }
 }
 
 /// What the in-flight file holds: the push under way.
@@ -642,6 +686,26 @@ mod tests {
             got[0].0 <= now && got[0].0 > now - 60_000_000_000,
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn kept_buffers_make_the_same_bodies_as_fresh_ones() {
+        // A large push, then a smaller one: nothing of the first may leak
+        // into the second through the kept buffers.
+        let mut f = Framer::new(0, Vec::new());
+        let mut framed = Vec::new();
+        let big: Vec<u8> = (0..20_000).flat_map(|i| format!("line {i}\n").into_bytes()).collect();
+        f.push(0, &big, &mut framed);
+        f.push(big.len() as u64, b"tail 1\ntail 2\n", &mut framed);
+        let (first, second) = framed.split_at(framed.len() - 1);
+        let mut c = Compressor::default();
+        for chunks in [first, second, first] {
+            let wires: Vec<&[u8]> = chunks.iter().map(|c| c.entries.as_slice()).collect();
+            let made = c.compress("tailstream", &wires).unwrap();
+            assert_eq!(made, compressed("tailstream", &wires).unwrap());
+            let raw = snap::raw::Decoder::new().decompress_vec(&made).unwrap();
+            assert_eq!(raw, body("tailstream", &wires));
+        }
     }
 
     #[test]

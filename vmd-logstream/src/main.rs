@@ -306,6 +306,7 @@ async fn run(
         framer,
         inflight,
         prepared: None,
+        compressor: Default::default(),
         progress: saved.unwrap_or_default(),
         reported_drop: follower.dropped,
         follower,
@@ -361,6 +362,8 @@ struct Worker {
     /// Loki: the next push's body, made while the previous one was out:
     /// for the first `n` chunks of the queue, the last ending at `end`.
     prepared: Option<(usize, u64, Vec<u8>)>,
+    /// Loki: makes every push's body (one set of buffers).
+    compressor: vmd_logstream::loki::Compressor,
     progress: Progress,
     /// Read, not yet sent; at most `--buffer-bytes` of console bytes: the
     /// rotated log is the buffer beyond that.
@@ -533,6 +536,20 @@ impl Worker {
             }
             _ => (self.batch_len(), None),
         };
+        // Loki's body is made here (with the worker's buffers), not by
+        // the sink.
+        let prepared = match (&self.output, prepared) {
+            (Output::Loki(loki), None) => {
+                let chunks: Vec<&[u8]> = self
+                    .queue
+                    .iter()
+                    .take(n)
+                    .map(|c| c.wire.as_slice())
+                    .collect();
+                self.compressor.compress(&loki.job, &chunks).ok()
+            }
+            (_, p) => p,
+        };
         // Out of the queue while it is sent, so that reading can go on;
         // still counted in `queued`, so the bound holds.
         let batch: Vec<Chunk> = self.queue.drain(..n).collect();
@@ -631,7 +648,7 @@ impl Worker {
             .take(n)
             .map(|c| c.wire.as_slice())
             .collect();
-        if let Ok(data) = vmd_logstream::loki::compressed(&loki.job, &chunks) {
+        if let Ok(data) = self.compressor.compress(&loki.job, &chunks) {
             self.prepared = Some((n, self.queue[n - 1].end, data));
         }
     }
