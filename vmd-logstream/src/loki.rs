@@ -694,7 +694,9 @@ mod tests {
         // into the second through the kept buffers.
         let mut f = Framer::new(0, Vec::new());
         let mut framed = Vec::new();
-        let big: Vec<u8> = (0..20_000).flat_map(|i| format!("line {i}\n").into_bytes()).collect();
+        let big: Vec<u8> = (0..20_000)
+            .flat_map(|i| format!("line {i}\n").into_bytes())
+            .collect();
         f.push(0, &big, &mut framed);
         f.push(big.len() as u64, b"tail 1\ntail 2\n", &mut framed);
         let (first, second) = framed.split_at(framed.len() - 1);

@@ -538,18 +538,7 @@ impl Worker {
         };
         // Loki's body is made here (with the worker's buffers), not by
         // the sink.
-        let prepared = match (&self.output, prepared) {
-            (Output::Loki(loki), None) => {
-                let chunks: Vec<&[u8]> = self
-                    .queue
-                    .iter()
-                    .take(n)
-                    .map(|c| c.wire.as_slice())
-                    .collect();
-                self.compressor.compress(&loki.job, &chunks).ok()
-            }
-            (_, p) => p,
-        };
+        let prepared = prepared.or_else(|| self.loki_body(n));
         // Out of the queue while it is sent, so that reading can go on;
         // still counted in `queued`, so the bound holds.
         let batch: Vec<Chunk> = self.queue.drain(..n).collect();
@@ -635,22 +624,28 @@ impl Worker {
     /// Loki: makes the next push's body now, while Loki works on the one
     /// out (the two overlap instead of taking turns).
     fn prepare_next(&mut self) {
-        let Output::Loki(loki) = &self.output else {
-            return;
-        };
         let n = self.batch_len();
         if self.prepared.is_some() || n == 0 {
             return;
         }
+        if let Some(data) = self.loki_body(n) {
+            self.prepared = Some((n, self.queue[n - 1].end, data));
+        }
+    }
+
+    /// Loki: the push body of the queue's first `n` chunks, made with the
+    /// worker's kept buffers (`None` for other outputs).
+    fn loki_body(&mut self, n: usize) -> Option<Vec<u8>> {
+        let Output::Loki(loki) = &self.output else {
+            return None;
+        };
         let chunks: Vec<&[u8]> = self
             .queue
             .iter()
             .take(n)
             .map(|c| c.wire.as_slice())
             .collect();
-        if let Ok(data) = self.compressor.compress(&loki.job, &chunks) {
-            self.prepared = Some((n, self.queue[n - 1].end, data));
-        }
+        self.compressor.compress(&loki.job, &chunks).ok()
     }
 
     /// A chunk was delivered (`unheard`: published to nobody).

@@ -137,17 +137,6 @@ impl PeerCalls {
             })
             .inc();
     }
-
-    /// How many calls ended so (for tests and `vmd ctl`).
-    pub fn count(&self, module: &str, method: &str, outcome: PeerOutcome) -> u64 {
-        self.calls
-            .get_or_create(&PeerCallLabels {
-                module: module.to_owned(),
-                method: method.to_owned(),
-                outcome,
-            })
-            .get()
-    }
 }
 
 /// What the start-up reconciliation did to a VM or service.

@@ -74,8 +74,7 @@ pub fn spawn(
         loop {
             let started = Instant::now();
             let reached = pass(&manager, &locks, &provision, period, retry_after).await;
-            let work = &manager.telemetry().work;
-            work.pass(reached, started.elapsed());
+            manager.telemetry().work.pass(reached, started.elapsed());
             let pause = if reached {
                 backoff = Duration::ZERO;
                 period.saturating_sub(started.elapsed())
