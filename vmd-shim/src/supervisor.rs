@@ -310,6 +310,7 @@ impl Shim {
                     };
                     // The console and events drain before anything restarts.
                     vmm.drain_pumps().await;
+                    vmm.release_taps().await;
                     told.unwrap_or_else(|| {
                         let exit = vmm.classify(&status);
                         self.announce(&exit);
