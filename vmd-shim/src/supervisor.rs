@@ -310,12 +310,14 @@ impl Shim {
                     };
                     // The console and events drain before anything restarts.
                     vmm.drain_pumps().await;
-                    vmm.release_taps().await;
-                    told.unwrap_or_else(|| {
+                    let exit = told.unwrap_or_else(|| {
                         let exit = vmm.classify(&status);
                         self.announce(&exit);
                         exit
-                    })
+                    });
+                    // After the exit is announced, whichever way it was.
+                    vmm.release_taps().await;
+                    exit
                 }
             };
             if let Some(code) = self.after_exit(exit).await {
@@ -551,6 +553,7 @@ impl Shim {
                 s.reason = Some(how.clone());
             });
         say(format!("stopped: {how}"));
+        vmm.release_taps().await;
         self.after_stop(stop).await
     }
 
