@@ -247,14 +247,20 @@ macro_rules! interface {
                 }
             }
 
-            /// Runs the call on `m`. Whatever happens, the output is one a
-            /// Go stub takes: method failures and panics are `Output.Error`
-            /// beside the zero value of the result.
-            pub async fn call<M: VmModule>(self, m: &M) -> Output {
+            /// The call on `m`, to be run. Whatever happens, the output is
+            /// one a Go stub takes: method failures and panics are
+            /// `Output.Error` beside the zero value of the result.
+            ///
+            /// Each method's future is boxed on its own: one future over
+            /// the whole match would be as large as the largest method's
+            /// (`Run`'s), and every quick `Exists` would allocate and copy
+            /// that much (about 11 000 instructions of `memcpy` a call,
+            /// callgrind; BENCHMARKS.md).
+            pub fn call<M: VmModule>(self, m: Arc<M>) -> Call {
                 match self {
-                    $(VmCall::$variant { $($arg),* } => {
-                        answer(Method::$variant, m.$fn($($arg),*)).await
-                    })*
+                    $(VmCall::$variant { $($arg),* } => Box::pin(async move {
+                        Ok(answer(Method::$variant, m.$fn($($arg),*)).await)
+                    }),)*
                 }
             }
         }
@@ -426,10 +432,9 @@ fn failed(method: Method, message: String) -> Output {
 impl<M: VmModule> Service for ModuleService<M> {
     fn dispatch(&self, method: &str, inputs: Vec<ByteBuf>) -> Result<Dispatch, String> {
         let call = VmCall::decode(method, &inputs)?;
-        let m = Arc::clone(&self.0);
         Ok(Dispatch {
             access: call.access(),
-            call: Box::pin(async move { Ok(call.call(&*m).await) }),
+            call: call.call(Arc::clone(&self.0)),
         })
     }
 

@@ -28,8 +28,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// What every in-flight list of `queue` starts with. Queues always contain
 /// `@`; nothing a caller could name ends with this by accident.
 fn prefix_of(queue: &str) -> String {
-    format!("{queue}:inflight:")
+    format!("{queue}{INFLIGHT}")
 }
+
+/// What follows the queue's name in the name of each of its in-flight lists.
+const INFLIGHT: &str = ":inflight:";
 
 /// The `SCAN MATCH` pattern of the in-flight lists of `queue`: its name with
 /// the glob's special characters escaped, then anything.
@@ -85,14 +88,10 @@ impl Takes {
     /// The in-flight list of the next take from `queue`.
     pub(super) fn next(&self, queue: &str) -> TakeList {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let taken_ms = unix_millis(SystemTime::now());
         TakeList {
-            name: format!(
-                "{}{}:{}.{seq:x}",
-                prefix_of(queue),
-                unix_millis(SystemTime::now()),
-                self.process
-            )
-            .into(),
+            name: format!("{queue}{INFLIGHT}{taken_ms}:{}.{seq:x}", self.process).into(),
+            taken_ms,
         }
     }
 }
@@ -101,13 +100,19 @@ impl Takes {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct TakeList {
     name: Arc<str>,
+    /// When the take began, as its name says (kept apart so that serving a
+    /// take does not parse its own name again).
+    taken_ms: u64,
 }
 
 impl TakeList {
     /// The list of `queue` called `name`, if it is one (found by a scan).
     pub(super) fn parse(queue: &str, name: &str) -> Option<TakeList> {
-        taken_ms(queue, name)?;
-        Some(TakeList { name: name.into() })
+        let taken_ms = taken_ms(queue, name)?;
+        Some(TakeList {
+            name: name.into(),
+            taken_ms,
+        })
     }
 
     pub(super) fn name(&self) -> &str {
@@ -115,8 +120,8 @@ impl TakeList {
     }
 
     /// Its elements as entries: every one is a request as its caller sent it.
-    pub(super) fn entries(&self, queue: &str, stored: Vec<Vec<u8>>) -> Vec<Entry> {
-        let taken_ms = taken_ms(queue, &self.name).unwrap_or(0);
+    pub(super) fn entries(&self, stored: Vec<Vec<u8>>) -> Vec<Entry> {
+        let taken_ms = self.taken_ms;
         stored
             .into_iter()
             .map(|stored| Entry {
@@ -189,7 +194,7 @@ mod tests {
         assert_eq!(TakeList::parse(Q, a.name()), Some(a.clone()));
         // A payload may hold any byte, ':' and ' ' included.
         let payload = b"\x85\xa2ID: x y\x00:".to_vec();
-        let e = a.entries(Q, vec![payload.clone()]).remove(0);
+        let e = a.entries(vec![payload.clone()]).remove(0);
         assert_eq!(e.payload(), &payload[..]);
         assert_eq!(e.stored(), &payload[..]);
         assert_eq!(&*e.list, a.name());

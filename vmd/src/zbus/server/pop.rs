@@ -169,7 +169,7 @@ pub(super) async fn pop_loop(
                 continue;
             }
             backoff.reset();
-            let entries = list.entries(&queue, stored);
+            let entries = list.entries(stored);
             serve_taken(
                 &shared,
                 &inflight,
@@ -291,7 +291,7 @@ async fn recover_left(
             }
             Err(e) => return Err(e),
         };
-        for entry in list.entries(queue, stored) {
+        for entry in list.entries(stored) {
             let age = entry.age(now);
             if matches!(recover, Recover::All) && age > shared.replay_max_age {
                 // Its caller gave up long ago: serving it now would apply a
