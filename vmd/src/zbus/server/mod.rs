@@ -411,65 +411,43 @@ async fn answer(
             dispatch.call.await
         }
         Access::Read => on_pool(shared, service, object, method, dispatch.call).await,
-        // Boxed: its locks and records make its future large, and
-        // every quick call's future would otherwise be as large.
+        // Boxed: its locks and records make its future large, and every
+        // quick call's future would otherwise be as large.
         Access::Change(keys) => {
-            return Box::pin(change(
-                shared,
-                service,
-                object,
-                method,
-                dispatch.call,
-                keys,
-                id,
-                replay,
-            ))
-            .await
+            let call = dispatch.call;
+            return Box::pin(async move {
+                let Ok(_slot) = Arc::clone(&shared.changes).try_acquire_owned() else {
+                    warn!(id = %Clipped(id), method = %method, max = shared.max_changes, "too many changes in flight; refused");
+                    let msg = format!(
+                        "vmd is busy: {} changes are in flight already; try again later",
+                        shared.max_changes
+                    );
+                    return (
+                        Response::from_call(id, Ok(service.refuse(&method, msg))),
+                        true,
+                    );
+                };
+                let _counted = shared.stats.change_started();
+                let _held = shared.locks.lock_all(keys).await;
+                // An earlier run may have applied it and died before its reply
+                // went out: that reply, not a second application.
+                if replay {
+                    if let Some(recorded) = shared.applied.recorded(id).await {
+                        info!(id = %Clipped(id), method = %method, "answering a replay with the reply it had");
+                        return (recorded, false);
+                    }
+                }
+                let result = on_pool(shared, service, object, method, call).await;
+                let response = Response::from_call(id, result);
+                // Before the keys are let go: the next change of these VMs
+                // starts after this one is on record.
+                shared.applied.record(&response).await;
+                (response, false)
+            })
+            .await;
         }
     };
     (Response::from_call(id, result), false)
-}
-
-/// A change: its slot among the changes in flight, its VMs' locks, then
-/// the recorded reply of a replay or the call's, recorded.
-#[allow(clippy::too_many_arguments)]
-async fn change(
-    shared: &Shared,
-    service: &dyn Service,
-    object: ObjectId,
-    method: String,
-    call: Call,
-    keys: Vec<String>,
-    id: &str,
-    replay: bool,
-) -> (Response, bool) {
-    let Ok(_slot) = Arc::clone(&shared.changes).try_acquire_owned() else {
-        warn!(id = %Clipped(id), method = %method, max = shared.max_changes, "too many changes in flight; refused");
-        let msg = format!(
-            "vmd is busy: {} changes are in flight already; try again later",
-            shared.max_changes
-        );
-        return (
-            Response::from_call(id, Ok(service.refuse(&method, msg))),
-            true,
-        );
-    };
-    let _counted = shared.stats.change_started();
-    let _held = shared.locks.lock_all(keys).await;
-    // An earlier run may have applied it and died before its reply
-    // went out: that reply, not a second application.
-    if replay {
-        if let Some(recorded) = shared.applied.recorded(id).await {
-            info!(id = %Clipped(id), method = %method, "answering a replay with the reply it had");
-            return (recorded, false);
-        }
-    }
-    let result = on_pool(shared, service, object, method, call).await;
-    let response = Response::from_call(id, result);
-    // Before the keys are let go: the next change of these VMs
-    // starts after this one is on record.
-    shared.applied.record(&response).await;
-    (response, false)
 }
 
 /// Runs `call` on the pool, shown as running, and waits for it. A call that
