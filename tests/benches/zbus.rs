@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use vmd::stub::VmdStub;
 use vmd::zbus::broker::Broker;
-use vmd_tests::vm::cpu_ticks;
+use vmd_tests::vm::cpu_time;
 use vmd_tests::{RedisServer, VmdProcess};
 
 const ECHO_QUEUE: &str = "bench.echo@1.0";
@@ -199,12 +199,6 @@ where
     n as f64 / el.as_secs_f64()
 }
 
-fn clock_ticks_per_sec() -> u32 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    u32::try_from(t).ok().filter(|t| *t > 0).unwrap_or(100)
-}
-
 fn us(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
@@ -228,14 +222,15 @@ async fn bench(dur: Duration) {
     let mut ec = EchoClient::new(&broker).await;
     let bare = sequential!(ec.self_round_trip().await);
     // vmd and the echo answer alternately, so that both see the same
-    // moments of a noisy machine; each server's CPU time is read from /proc.
+    // moments of a noisy machine; each server's CPU time is the scheduler's
+    // (`/proc/<pid>/task/*/schedstat`).
     let n = sequential_count();
     for _ in 0..WARMUP {
         ec.call().await;
         assert!(!stub.exists("bench-vm").await.unwrap());
     }
     let (mut raw, mut ours) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    let cpu0 = (cpu_ticks(echo.id() as i32), cpu_ticks(vmd.pid() as i32));
+    let cpu0 = (cpu_time(echo.id() as i32), cpu_time(vmd.pid() as i32));
     for i in 0..n {
         let echo_first = i % 2 == 0;
         if echo_first {
@@ -252,9 +247,8 @@ async fn bench(dur: Duration) {
             raw.push(t.elapsed());
         }
     }
-    let tick = Duration::from_secs(1) / clock_ticks_per_sec();
-    let echo_cpu = tick * (cpu_ticks(echo.id() as i32) - cpu0.0) as u32 / n as u32;
-    let vmd_cpu = tick * (cpu_ticks(vmd.pid() as i32) - cpu0.1) as u32 / n as u32;
+    let echo_cpu = (cpu_time(echo.id() as i32) - cpu0.0) / n as u32;
+    let vmd_cpu = (cpu_time(vmd.pid() as i32) - cpu0.1) / n as u32;
     let (raw, ours) = (summarise(raw), summarise(ours));
 
     let raw_tput = {

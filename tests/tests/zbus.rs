@@ -538,8 +538,28 @@ async fn a_reply_address_naming_a_key_of_another_type_delays_no_one() {
         .query_async(&mut conn)
         .await
         .unwrap();
+    // A refused reply is not a broken connection: vmd keeps its own.
+    c.exists("a").await.unwrap();
+    let connections = |info: String| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("INFO stats has total_connections_received")
+    };
+    let info = || {
+        let mut c = redis::cmd("INFO");
+        c.arg("stats");
+        c
+    };
+    let before = connections(info().query_async(&mut conn).await.unwrap());
     for round in 0..3 {
-        raw_exists(&redis, &format!("hostile-{round}"), "a-string", "a").await;
+        let hostile = raw_request(&format!("hostile-{round}"), "a-string", "Exists", "a");
+        let _: () = redis::cmd("RPUSH")
+            .arg("vmd.manager@0.0.1")
+            .arg(hostile)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         let t0 = Instant::now();
         c.exists("a").await.unwrap();
         assert!(
@@ -548,6 +568,8 @@ async fn a_reply_address_naming_a_key_of_another_type_delays_no_one() {
             t0.elapsed()
         );
     }
+    let after = connections(info().query_async(&mut conn).await.unwrap());
+    assert_eq!(after, before, "vmd reconnected after a refused reply");
     // No honest reply went out twice (a failed batch sent again would leave
     // the second copy behind), the string is untouched and nothing is left
     // in flight.

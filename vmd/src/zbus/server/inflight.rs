@@ -1,7 +1,7 @@
 //! Requests taken but not yet answered, kept in Redis.
 //!
 //! A request is never popped: it is moved, atomically, from its queue to an
-//! in-flight list, and the transaction that pushes its reply removes it.
+//! in-flight list, and the write that pushes its reply removes it.
 //! Whatever a process held when it died is still in Redis, and the next one
 //! serves it (see [`Entry::age`] for how long that is worth doing).
 //!
@@ -89,8 +89,18 @@ impl Takes {
     pub(super) fn next(&self, queue: &str) -> TakeList {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let taken_ms = unix_millis(SystemTime::now());
+        // `<queue>:inflight:<ms>:<process>.<seq>`, written piece by piece:
+        // `format!` was 5 % of the work of an `Exists` (callgrind).
+        let (mut ms, mut sq) = (itoa::Buffer::new(), itoa::Buffer::new());
+        let (ms, sq) = (ms.format(taken_ms), sq.format(seq));
+        let mut name = String::with_capacity(
+            queue.len() + INFLIGHT.len() + ms.len() + self.process.len() + sq.len() + 2,
+        );
+        for part in [queue, INFLIGHT, ms, ":", &self.process, ".", sq] {
+            name.push_str(part);
+        }
         TakeList {
-            name: format!("{queue}{INFLIGHT}{taken_ms}:{}.{seq:x}", self.process).into(),
+            name: name.into(),
             taken_ms,
         }
     }

@@ -19,9 +19,9 @@
 //!     │          its reply recorded (`applied`) before the keys are let go
 //!     ▼
 //!  replier (own connection, one task) ── other replies, pipelined: per
-//!     reply one transaction that removes the request's in-flight entry and
-//!     pushes the reply (RPUSH + EXPIRE 300); retried across reconnects by a
-//!     script, then only while the request is still in flight
+//!     reply the push (RPUSH + EXPIRE 300) and the removal of the request's
+//!     in-flight entry, in one write (`reply`); retried across reconnects
+//!     by a script, then only while the request is still in flight
 //!  status popper (own connection) ── vmd.zbus@1.0 the same way, answered here
 //!
 //!  pool: multi-thread runtime — changes (which may wait on guests, fsync,
@@ -130,6 +130,15 @@ const POP_TIMEOUT_SECS: u64 = 5;
 const POP_BATCH: usize = 64;
 /// How long a reply is retried while Redis is away before it is given up.
 const REPLY_RETRY_FOR: Duration = Duration::from_secs(60);
+
+/// A command with room for `args` arguments of `bytes` bytes in all, numbers
+/// included: `redis::cmd` grows its buffers argument by argument, a few
+/// reallocations per command on the path of every call.
+fn command(name: &'static str, args: usize, bytes: usize) -> redis::Cmd {
+    let mut c = redis::Cmd::with_capacity(args + 1, name.len() + bytes);
+    c.arg(name);
+    c
+}
 
 pub struct ServerConfig {
     /// Module name: queues are `<module>.<object>@<version>`.

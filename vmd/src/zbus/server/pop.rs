@@ -17,8 +17,8 @@ use super::super::broker::Broker;
 use super::super::codec;
 use super::super::wire::{Request, Response};
 use super::inflight::{pattern_of, Entry, TakeList, TAKE};
-use super::reply::{load_deliver, Outgoing};
-use super::{serve, Backoff, Shared, POP_BATCH, POP_TIMEOUT_SECS};
+use super::reply::{add_deliveries, load_deliver, settle, Outgoing};
+use super::{command, serve, Backoff, Shared, POP_BATCH, POP_TIMEOUT_SECS};
 
 /// How the popper takes: the newest way the broker supports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,10 +60,9 @@ pub(super) async fn pop_loop(
     let mut backoff = Backoff::new();
     let mut wait = Wait::Blmove;
     let mut recover = Recover::All;
-    // How many requests the next take tries to move: one more than the last
-    // one got, doubled while takes come back full. Each try that finds the
-    // queue empty costs a command, so it follows the load.
-    let mut batch = 1usize;
+    // How many requests the next take tries to move, and how many takes
+    // in a row got their one request (see `next_batch`).
+    let (mut batch, mut singles) = (1usize, 0usize);
     // Replies of quick calls answered inline: they go out in the pipeline of
     // the next take, one write for both, as an echo server would send them.
     let mut ready: Vec<Outgoing> = Vec::new();
@@ -137,16 +136,25 @@ pub(super) async fn pop_loop(
                     return;
                 }
             };
-            let stored = match taken {
-                // Delivered: their room is free again.
-                Ok(stored) => {
-                    drop(sending);
-                    stored
+            let took = match taken {
+                Ok(answers) => {
+                    // Delivered (their room is free again) or refused: those
+                    // to send again go to the replier, with their room.
+                    settle(sending, &answers.counts, &answers.sent)
+                        .into_iter()
+                        .for_each(|o| shared.replier.push(o));
+                    answers.took
                 }
                 Err(e) => {
                     sending
                         .into_iter()
                         .for_each(|o| shared.replier.push(o.checked()));
+                    Err(e)
+                }
+            };
+            let stored = match took {
+                Ok(stored) => stored,
+                Err(e) => {
                     // The moves may have run: find what they took.
                     recover = Recover::Take(list);
                     if wait == Wait::Blmove && unknown_command(&e) {
@@ -159,12 +167,7 @@ pub(super) async fn pop_loop(
                     continue 'connect;
                 }
             };
-            batch = if stored.len() >= tries {
-                batch * 2
-            } else {
-                stored.len() + 1
-            }
-            .clamp(1, POP_BATCH);
+            batch = next_batch(&mut singles, tries, stored.len());
             if stored.is_empty() {
                 continue;
             }
@@ -181,6 +184,34 @@ pub(super) async fn pop_loop(
         }
     }
 }
+
+/// How many requests a take after one that tried `tries` and got `got`
+/// tries to move: doubled while takes come back full, one more than the
+/// last got while there were several, one while calls come one at a time.
+/// Each try that finds the queue empty costs a command on the path of a
+/// call, for Redis and for vmd's parser, so a take of one request tries
+/// a second move only every [`PROBE_EVERY`]th time, to find out whether
+/// requests now wait behind each other.
+fn next_batch(singles: &mut usize, tries: usize, got: usize) -> usize {
+    if tries == 1 && got == 1 {
+        *singles += 1;
+        if *singles < PROBE_EVERY {
+            return 1;
+        }
+    }
+    *singles = 0;
+    let next = if got >= tries {
+        tries * 2
+    } else if got <= 1 {
+        1
+    } else {
+        got + 1
+    };
+    next.clamp(1, POP_BATCH)
+}
+
+/// See [`next_batch`].
+const PROBE_EVERY: usize = 8;
 
 /// The scripts of a connection, by SHA1.
 struct Scripts {
@@ -214,50 +245,104 @@ struct Take<'a> {
 }
 
 impl Take<'_> {
+    /// Sends `replies` and the take in one write. `Err`: the connection
+    /// failed, and nothing is known of what was sent.
     async fn run(
         &self,
         conn: &mut MultiplexedConnection,
         replies: &[Outgoing],
-    ) -> redis::RedisResult<Vec<Vec<u8>>> {
+    ) -> redis::RedisResult<Answers> {
         let mut pipe = redis::pipe();
-        for r in replies {
-            r.add_to(&mut pipe, &self.scripts.deliver);
-        }
+        let counts = add_deliveries(&mut pipe, replies, &self.scripts.deliver);
+        let delivered: usize = counts.iter().sum();
         let (q, list) = (self.queue, self.list.name());
-        match self.wait {
+        let take = match self.wait {
             Wait::Blmove => {
-                pipe.cmd("BLMOVE")
-                    .arg(q)
+                let names = q.len() + list.len() + "LEFTRIGHT".len();
+                let mut wait = command("BLMOVE", 5, names + 20);
+                wait.arg(q)
                     .arg(list)
                     .arg("LEFT")
                     .arg("RIGHT")
                     .arg(POP_TIMEOUT_SECS);
+                pipe.add_command(wait);
                 for _ in 1..self.tries {
-                    pipe.cmd("LMOVE").arg(q).arg(list).arg("LEFT").arg("RIGHT");
+                    let mut more = command("LMOVE", 4, names);
+                    more.arg(q).arg(list).arg("LEFT").arg("RIGHT");
+                    pipe.add_command(more);
                 }
-                let moved: Vec<Option<Vec<u8>>> = pipe.query_async(conn).await?;
-                // A move that finds the queue empty does not end the batch:
-                // a caller's push may come between two moves, and what a
-                // later one moved is in flight and must be served.
-                Ok(moved.into_iter().flatten().collect())
+                self.tries
             }
             Wait::Brpoplpush => {
-                pipe.cmd("BRPOPLPUSH")
-                    .arg(q)
-                    .arg(q)
-                    .arg(POP_TIMEOUT_SECS)
-                    .ignore();
+                pipe.cmd("BRPOPLPUSH").arg(q).arg(q).arg(POP_TIMEOUT_SECS);
                 pipe.cmd("EVALSHA")
                     .arg(&self.scripts.take)
                     .arg(2)
                     .arg(q)
                     .arg(list)
                     .arg(self.room);
-                let (stored,): (Vec<Vec<u8>>,) = pipe.query_async(conn).await?;
-                Ok(stored)
+                2
+            }
+        };
+        let mut sent = conn
+            .send_packed_commands(&pipe, 0, delivered + take)
+            .await?;
+        let took = sent.split_off(delivered.min(sent.len()));
+        Ok(Answers {
+            counts,
+            sent,
+            took: self.moved(&took),
+        })
+    }
+
+    /// What the take's commands moved; `Err`: the broker refused them.
+    fn moved(&self, took: &[redis::Value]) -> redis::RedisResult<Vec<Vec<u8>>> {
+        match self.wait {
+            // A move that finds the queue empty does not end the batch: a
+            // caller's push may come between two moves, and what a later
+            // one moved is in flight and must be served.
+            Wait::Blmove => {
+                let moved: Vec<Option<Vec<u8>>> =
+                    took.iter().map(value).collect::<Result<_, _>>()?;
+                Ok(moved.into_iter().flatten().collect())
+            }
+            // `BRPOPLPUSH` only waits (what it rotated stays queued); the
+            // script moved the batch.
+            Wait::Brpoplpush => {
+                let [waited, script] = took else {
+                    return Err(unexpected(took.len()));
+                };
+                value::<Option<Vec<u8>>>(waited)?;
+                value(script)
             }
         }
     }
+}
+
+/// The answers to a take's write.
+struct Answers {
+    /// How many answers each reply sent with it has, in order.
+    counts: Vec<usize>,
+    /// The replies' answers.
+    sent: Vec<redis::Value>,
+    /// What the take moved, or the broker's error.
+    took: redis::RedisResult<Vec<Vec<u8>>>,
+}
+
+/// An answer as `T`; the broker's error as an error.
+fn value<T: redis::FromRedisValue>(v: &redis::Value) -> redis::RedisResult<T> {
+    match v {
+        redis::Value::ServerError(e) => Err(e.clone().into()),
+        v => redis::from_redis_value(v),
+    }
+}
+
+fn unexpected(answers: usize) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::ResponseError,
+        "unexpected number of answers to a take",
+        answers.to_string(),
+    ))
 }
 
 /// Serves what an earlier run left in flight (at the first connection), or
@@ -450,4 +535,53 @@ async fn handle(
     }
     let response = serve(&shared, req.object, req.method, req.inputs, &req.id, replay).await;
     Outgoing::reply(req.reply_to, &response, entry, room)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tries of `takes` takes in a row, each getting what the queue
+    /// holds then (at most what it tried).
+    fn tries_against(waiting: impl Fn(usize) -> usize, takes: usize) -> Vec<usize> {
+        let (mut batch, mut singles) = (1, 0);
+        (0..takes)
+            .map(|i| {
+                let tried = batch;
+                batch = next_batch(&mut singles, tried, waiting(i).min(tried));
+                tried
+            })
+            .collect()
+    }
+
+    #[test]
+    fn calls_one_at_a_time_try_a_second_move_once_in_eight_takes() {
+        let tries = tries_against(|_| 1, 32);
+        assert_eq!(tries.iter().filter(|t| **t > 1).count(), 3, "{tries:?}");
+        assert!(tries.iter().all(|t| *t <= 2), "{tries:?}");
+    }
+
+    #[test]
+    fn a_backlog_is_found_within_eight_takes_and_taken_in_batches() {
+        let tries = tries_against(|_| 100, 16);
+        let first_batch = tries.iter().position(|t| *t > 1).unwrap();
+        assert!(first_batch <= PROBE_EVERY, "{tries:?}");
+        assert!(
+            tries[first_batch..].windows(2).all(|w| w[1] >= w[0]),
+            "{tries:?}"
+        );
+        assert_eq!(*tries.last().unwrap(), POP_BATCH, "{tries:?}");
+    }
+
+    #[test]
+    fn takes_follow_a_steady_load_with_one_try_to_spare() {
+        let tries = tries_against(|_| 5, 24);
+        assert_eq!(&tries[tries.len() - 4..], &[6, 6, 6, 6], "{tries:?}");
+    }
+
+    #[test]
+    fn when_the_load_ends_takes_go_back_to_one_move() {
+        let tries = tries_against(|i| if i < 12 { 30 } else { 1 }, 16);
+        assert_eq!(&tries[13..], &[1, 1, 1], "{tries:?}");
+    }
 }

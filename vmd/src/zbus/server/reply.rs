@@ -1,7 +1,8 @@
-//! Sending replies: each pushed in the transaction that takes its request
-//! off the in-flight list; pipelined, retried across reconnects (then by a
-//! script, only if the request is still in flight), bounded in time. Quick calls' replies
-//! ride with the popper's next take instead (see `pop`).
+//! Sending replies: each pushed in the write that takes its request off the
+//! in-flight list (see [`ONE_WRITE`]); pipelined, retried across reconnects
+//! (then by a script, only if the request is still in flight), bounded in
+//! time. Quick calls' replies ride with the popper's next take instead (see
+//! `pop`).
 
 use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -12,10 +13,10 @@ use super::super::broker::Broker;
 use super::super::codec;
 use super::super::wire::Response;
 use super::inflight::Entry;
-use super::{Backoff, REPLY_RETRY_FOR, REPLY_TTL_SECS};
+use super::{command, Backoff, REPLY_RETRY_FOR, REPLY_TTL_SECS};
 
-/// Delivers one reply again (a first delivery is a transaction, see
-/// [`Outgoing::add_to`]): removes the request's entry from its in-flight
+/// Delivers one reply again (a first delivery is plain commands, see
+/// [`ONE_WRITE`]): removes the request's entry from its in-flight
 /// list and pushes the reply (with its `EXPIRE`), as one script, so the
 /// entry leaves if and only if the reply is in the caller's list, and
 /// nothing is pushed if the entry is gone already (a retry must not answer
@@ -88,55 +89,140 @@ impl Outgoing {
         }
     }
 
-    /// Adds its delivery to `pipe` (its answer ignored); `deliver` is the
-    /// SHA1 of [`DELIVER`] as [`load_scripts`] returned it.
-    pub(super) fn add_to(&self, pipe: &mut redis::Pipeline, deliver: &str) {
-        // A first delivery: a transaction of plain commands (a script costs
-        // about 15 µs on the path of every call: BENCHMARKS.md). `EXEC` runs
-        // all of it or, if the connection drops before it, none. A reply
-        // list of another type fails its `RPUSH` alone, inside the `EXEC`.
-        if !self.checked {
-            pipe.cmd("MULTI").ignore();
-            if let Some((to, payload)) = &self.reply {
-                pipe.cmd("RPUSH")
-                    .arg(to)
-                    .arg(payload)
-                    .ignore()
-                    .cmd("EXPIRE")
-                    .arg(to)
-                    .arg(REPLY_TTL_SECS)
-                    .ignore();
+    /// How many bytes its delivery puts on the wire, about.
+    fn size(&self) -> usize {
+        let reply = self
+            .reply
+            .as_ref()
+            .map_or(0, |(to, p)| 2 * to.len() + p.len());
+        reply + self.entry.list.len() + self.entry.stored().len()
+    }
+
+    /// Adds its delivery to `pipe`; the number of answers it gets back.
+    /// `deliver` is the SHA1 of [`DELIVER`] as [`load_deliver`] returned it.
+    /// `atomic`: a first delivery as a transaction (see [`add_deliveries`]).
+    fn add_to(&self, pipe: &mut redis::Pipeline, deliver: &str, atomic: bool) -> usize {
+        if self.checked {
+            let (keys, reply, to): (usize, &[u8], Option<&str>) = match &self.reply {
+                Some((to, payload)) => (2, payload, Some(to)),
+                None => (1, &[], None),
+            };
+            pipe.cmd("EVALSHA")
+                .arg(deliver)
+                .arg(keys)
+                .arg(&*self.entry.list);
+            if let Some(to) = to {
+                pipe.arg(to);
             }
-            pipe.cmd("LREM")
-                .arg(&*self.entry.list)
-                .arg(1)
-                .arg(self.entry.stored())
-                .ignore()
-                .cmd("EXEC")
-                .ignore();
-            return;
+            pipe.arg(self.entry.stored()).arg(reply).arg(REPLY_TTL_SECS);
+            return 1;
         }
-        let (keys, reply, to): (usize, &[u8], Option<&str>) = match &self.reply {
-            Some((to, payload)) => (2, payload, Some(to)),
-            None => (1, &[], None),
-        };
-        pipe.cmd("EVALSHA")
-            .arg(deliver)
-            .arg(keys)
-            .arg(&*self.entry.list);
-        if let Some(to) = to {
-            pipe.arg(to);
+        // A first delivery: plain commands, no script (a script costs about
+        // 15 µs on the path of every call: BENCHMARKS.md). The reply before
+        // the removal, so that a delivery cut short can only leave the
+        // request in flight, to be answered again (checked), never drop it.
+        let mut answers = 0;
+        if atomic {
+            pipe.cmd("MULTI");
+            answers += 1;
         }
-        pipe.arg(self.entry.stored())
-            .arg(reply)
-            .arg(REPLY_TTL_SECS)
-            .ignore();
+        if let Some((to, payload)) = &self.reply {
+            let mut push = command("RPUSH", 2, to.len() + payload.len());
+            push.arg(to).arg(payload);
+            let mut expire = command("EXPIRE", 2, to.len() + 20);
+            expire.arg(to).arg(REPLY_TTL_SECS);
+            pipe.add_command(push).add_command(expire);
+            answers += 2;
+        }
+        let (list, stored) = (&*self.entry.list, self.entry.stored());
+        let mut remove = command("LREM", 3, list.len() + 1 + stored.len());
+        remove.arg(list).arg(1).arg(stored);
+        pipe.add_command(remove);
+        answers += 1;
+        if atomic {
+            pipe.cmd("EXEC");
+            answers += 1;
+        }
+        answers
+    }
+
+    /// What its answers say: `None` if it is done with (delivered, or
+    /// refused for good), else itself to deliver again.
+    fn settled_by(self, answers: &[redis::Value]) -> Option<Outgoing> {
+        let refused = answers.iter().find_map(server_error);
+        let reply_to = self.reply.as_ref().map_or("", |(r, _)| r.as_str());
+        // The caller's word: a reply address naming a string, a stream...
+        // That reply is dropped; its request's entry went with it (`RPUSH`
+        // fails alone; [`DELIVER`] says -1).
+        let not_a_list = refused
+            .as_ref()
+            .is_some_and(|e| e.code() == Some("WRONGTYPE"))
+            || (self.checked && matches!(answers, [redis::Value::Int(-1)]));
+        if not_a_list {
+            warn!(reply_to = %Clipped(reply_to), "a reply address names a key that is not a list; its reply is dropped");
+            return None;
+        }
+        let e = refused?;
+        error!(reply_to = %Clipped(reply_to), error = %e,
+               "the broker refused a reply; sending it again while its request is in flight");
+        Some(self.checked())
     }
 
     /// Marks it as possibly delivered already.
     pub(super) fn checked(mut self) -> Outgoing {
         self.checked = true;
         self
+    }
+}
+
+/// Pipelines larger than this are written as one transaction per reply.
+/// A smaller one goes out in a single `write(2)` on a connection with
+/// nothing else in flight (its answers are awaited before the next), so
+/// Redis gets all of it or none, and plain commands are as safe as a
+/// transaction — at about a third of the work for Redis and for vmd's
+/// parser (BENCHMARKS.md). A larger one may be written in parts, and a
+/// death between them must not leave a reply pushed with its request
+/// still in flight (the next run would answer it a second time).
+const ONE_WRITE: usize = 4096;
+
+/// Adds the deliveries of `batch` to `pipe`; the number of answers each
+/// gets back, for [`settle`].
+pub(super) fn add_deliveries(
+    pipe: &mut redis::Pipeline,
+    batch: &[Outgoing],
+    deliver: &str,
+) -> Vec<usize> {
+    let atomic = batch.iter().map(Outgoing::size).sum::<usize>() > ONE_WRITE;
+    batch
+        .iter()
+        .map(|o| o.add_to(pipe, deliver, atomic))
+        .collect()
+}
+
+/// Reads the answers of the deliveries of `batch` (as many as
+/// [`add_deliveries`] said, in order); what must be delivered again.
+pub(super) fn settle(
+    batch: Vec<Outgoing>,
+    counts: &[usize],
+    answers: &[redis::Value],
+) -> Vec<Outgoing> {
+    let mut at = 0;
+    let mut again = Vec::new();
+    for (o, n) in batch.into_iter().zip(counts) {
+        let mine = answers.get(at..at + n).unwrap_or(&[]);
+        at += n;
+        again.extend(o.settled_by(mine));
+    }
+    again
+}
+
+/// The first error in an answer (a transaction's answer holds its
+/// commands' answers).
+fn server_error(v: &redis::Value) -> Option<redis::RedisError> {
+    match v {
+        redis::Value::ServerError(e) => Some(e.clone().into()),
+        redis::Value::Array(items) => items.iter().find_map(server_error),
+        _ => None,
     }
 }
 
@@ -217,14 +303,19 @@ async fn reply_loop(broker: Broker, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
             }
         };
         let mut pipe = redis::pipe();
-        for o in &batch {
-            o.add_to(&mut pipe, deliver);
-        }
-        let sent: redis::RedisResult<()> = pipe.query_async(c).await;
-        match sent {
-            Ok(()) => {
-                batch.clear();
-                backoff.reset();
+        let counts = add_deliveries(&mut pipe, &batch, deliver);
+        let total = counts.iter().sum();
+        match c.send_packed_commands(&pipe, 0, total).await {
+            Ok(answers) => {
+                batch = settle(std::mem::take(&mut batch), &counts, &answers);
+                if batch.is_empty() {
+                    backoff.reset();
+                } else {
+                    // Refused by the broker (out of memory, no disk for
+                    // its snapshot): not at once again.
+                    give_up_expired(&mut batch);
+                    backoff.wait().await;
+                }
             }
             Err(e) => {
                 warn!(error = %e, replies = batch.len(), "reply failed, reconnecting");
