@@ -345,3 +345,91 @@ fn give_up_expired(batch: &mut Vec<Outgoing>) {
         keep
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::inflight::Takes;
+    use super::*;
+    use redis::Value;
+
+    /// A reply of `bytes` bytes of message to the request `stored`.
+    fn outgoing(stored: &[u8], bytes: usize) -> Outgoing {
+        let list = Takes::new().next("vmd.manager@0.0.1");
+        let entry = list.entries(vec![stored.to_vec()]).remove(0);
+        let response = Response::protocol_error("id", "x".repeat(bytes));
+        Outgoing::reply("reply-list".into(), &response, entry, None).unwrap()
+    }
+
+    fn packed(batch: &[Outgoing]) -> (String, Vec<usize>) {
+        let mut pipe = redis::pipe();
+        let counts = add_deliveries(&mut pipe, batch, "sha");
+        (
+            String::from_utf8_lossy(&pipe.get_packed_pipeline()).into_owned(),
+            counts,
+        )
+    }
+
+    #[test]
+    fn a_small_write_is_plain_commands_a_large_one_a_transaction_per_reply() {
+        let (small, counts) = packed(&[outgoing(b"req-1", 100), outgoing(b"req-2", 100)]);
+        assert!(!small.contains("MULTI"), "{small}");
+        assert_eq!(small.matches("RPUSH").count(), 2);
+        assert_eq!(counts, [3, 3]);
+        // The reply first: a write cut short leaves its request in flight.
+        assert!(small.find("RPUSH").unwrap() < small.find("LREM").unwrap());
+
+        let (large, counts) = packed(&[outgoing(b"req-1", 100), outgoing(b"req-2", ONE_WRITE)]);
+        assert_eq!(large.matches("MULTI").count(), 2, "{large}");
+        assert_eq!(large.matches("EXEC").count(), 2);
+        assert_eq!(counts, [5, 5]);
+    }
+
+    fn error(text: &str) -> Value {
+        redis::parse_redis_value(format!("-{text}\r\n").as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_refused_reply_goes_again_checked_one_to_a_key_of_another_type_is_dropped() {
+        let batch = vec![outgoing(b"a", 10), outgoing(b"b", 10), outgoing(b"c", 10)];
+        let (_, counts) = packed(&batch);
+        let answers = [
+            // Delivered.
+            Value::Int(1),
+            Value::Int(1),
+            Value::Int(1),
+            // The caller named a string.
+            error("WRONGTYPE Operation against a key holding the wrong kind of value"),
+            Value::Int(1),
+            Value::Int(1),
+            // Redis out of memory.
+            error("OOM command not allowed when used memory > 'maxmemory'."),
+            Value::Int(0),
+            Value::Int(1),
+        ];
+        let again = settle(batch, &counts, &answers);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].entry.stored(), b"c");
+        assert!(again[0].checked, "sent again only while still in flight");
+
+        // Checked, by the script: -1 is its word for a key of another type.
+        let retried = vec![outgoing(b"d", 10).checked(), outgoing(b"e", 10).checked()];
+        let (script, counts) = packed(&retried);
+        assert!(script.contains("EVALSHA") && !script.contains("RPUSH"));
+        assert_eq!(counts, [1, 1]);
+        assert!(settle(retried, &counts, &[Value::Int(-1), Value::Int(0)]).is_empty());
+    }
+
+    #[test]
+    fn a_refused_transaction_goes_again() {
+        let batch = vec![outgoing(b"a", ONE_WRITE)];
+        let (_, counts) = packed(&batch);
+        let answers = [
+            Value::Okay,
+            error("OOM command not allowed when used memory > 'maxmemory'."),
+            Value::SimpleString("QUEUED".into()),
+            Value::SimpleString("QUEUED".into()),
+            error("EXECABORT Transaction discarded because of previous errors."),
+        ];
+        assert_eq!(settle(batch, &counts, &answers).len(), 1);
+    }
+}
