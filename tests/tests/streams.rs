@@ -789,3 +789,43 @@ async fn a_worker_drops_root_and_reads_only_its_own_vms_log() {
     env.stub.delete("theirs").await.unwrap();
     env.assert_nothing_left().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_a_new_stream_starts_is_recorded_for_its_worker_to_read() {
+    // vmd (root) records where a new stream starts before zinit runs the
+    // worker, which resumes from it. The worker runs as its own uid: a
+    // record of root's, 0600, is one it cannot read, and a worker that
+    // starts late (killed before its first save, say) then starts at a
+    // later tail, and what the VM printed in between is never sent. A
+    // worker that exits at once (`/bin/false`) leaves vmd's record as vmd
+    // wrote it.
+    if skip() || unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let env = Env::start(&["--logstream", "/bin/false"]).await;
+    env.flooding_vm("rec", 0, 100_000).await;
+    env.stub
+        .stream_create(
+            "rec",
+            &Stream {
+                id: "rec-s".into(),
+                namespace: String::new(),
+                output: "ws://127.0.0.1:9/".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let record = env.vmd.runtime().join("streams/progress/rec-s.progress");
+    let md = std::fs::metadata(&record).expect("vmd recorded where the stream starts");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        md.uid(),
+        1879179264,
+        "the record is not the worker's to read"
+    );
+    assert_eq!(md.mode() & 0o777, 0o600);
+    env.stub.stream_delete("rec-s").await.unwrap();
+    env.stub.delete("rec").await.unwrap();
+    env.assert_nothing_left().await;
+}

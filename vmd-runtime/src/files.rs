@@ -14,7 +14,13 @@ use std::path::{Path, PathBuf};
 /// Writes `data` to `path` whole with permissions `mode` (temp file in the
 /// same directory, fsync, rename, fsync of the directory).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    write_whole(path, data, mode, true, None)
+    write_whole(path, data, mode, true, None, None)
+}
+
+/// [`write_atomic`], the file owned by `uid` from the moment it appears (a
+/// file another, unprivileged process must read at `mode` 0600).
+pub fn write_atomic_as(path: &Path, data: &[u8], mode: u32, uid: u32) -> io::Result<()> {
+    write_whole(path, data, mode, true, Some(uid), None)
 }
 
 /// Replaces `path` with `data` atomically for readers, without waiting for
@@ -23,12 +29,12 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
 /// every rotation, beside a log nobody syncs either: syncing it there cost a
 /// third of the console throughput) and the tap counters `Metrics` keeps.
 pub fn replace(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    write_whole(path, data, mode, false, None)
+    write_whole(path, data, mode, false, None, None)
 }
 
 /// [`replace`], the new file in group `gid` before it appears.
 pub fn replace_in_group(path: &Path, data: &[u8], mode: u32, gid: Option<u32>) -> io::Result<()> {
-    write_whole(path, data, mode, false, gid)
+    write_whole(path, data, mode, false, None, gid)
 }
 
 fn write_whole(
@@ -36,6 +42,7 @@ fn write_whole(
     data: &[u8],
     mode: u32,
     durable: bool,
+    uid: Option<u32>,
     gid: Option<u32>,
 ) -> io::Result<()> {
     let tmp = temp_path(path);
@@ -45,8 +52,8 @@ fn write_whole(
         .truncate(true)
         .mode(mode)
         .open(&tmp)?;
-    if let Some(g) = gid {
-        std::os::unix::fs::fchown(&f, None, Some(g))?;
+    if uid.is_some() || gid.is_some() {
+        std::os::unix::fs::fchown(&f, uid, gid)?;
     }
     f.write_all(data)?;
     if durable {

@@ -68,6 +68,16 @@ fn prepare_progress_dir(p: &vmd_runtime::HostPaths, uid: Option<u32>) -> std::io
             own(&to)?;
         }
     }
+    // Where a new stream starts, as an earlier vmd recorded it as root's
+    // own file: its worker could not read it (see `Progress::save_for`).
+    for e in std::fs::read_dir(&dir)?.flatten() {
+        if e.file_name()
+            .to_str()
+            .is_some_and(|n| n.ends_with(".progress"))
+        {
+            own(&e.path())?;
+        }
+    }
     Ok(())
 }
 

@@ -240,7 +240,7 @@ impl Manager {
                     ..Default::default()
                 };
                 start
-                    .save(&progress)
+                    .save_for(&progress, host.stream_uid)
                     .what(|| format!("cannot write the progress of stream {id}"))?;
             }
         }
