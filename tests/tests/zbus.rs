@@ -408,13 +408,17 @@ fn raw_request(id: &str, reply_to: &str, method: &str, name: &str) -> Vec<u8> {
 }
 
 /// Sends a raw request for `Exists(name)` with the given reply address.
-async fn raw_exists(redis: &RedisServer, id: &str, reply_to: &str, name: &str) {
+async fn raw_exists(
+    c: &mut redis::aio::MultiplexedConnection,
+    id: &str,
+    reply_to: &str,
+    name: &str,
+) {
     let payload = raw_request(id, reply_to, "Exists", name);
-    let mut c = redis.broker().connect().await.unwrap();
     let _: () = redis::cmd("RPUSH")
         .arg("vmd.manager@0.0.1")
         .arg(payload)
-        .query_async(&mut c)
+        .query_async(c)
         .await
         .unwrap();
 }
@@ -553,13 +557,7 @@ async fn a_reply_address_naming_a_key_of_another_type_delays_no_one() {
     };
     let before = connections(info().query_async(&mut conn).await.unwrap());
     for round in 0..3 {
-        let hostile = raw_request(&format!("hostile-{round}"), "a-string", "Exists", "a");
-        let _: () = redis::cmd("RPUSH")
-            .arg("vmd.manager@0.0.1")
-            .arg(hostile)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        raw_exists(&mut conn, &format!("hostile-{round}"), "a-string", "a").await;
         let t0 = Instant::now();
         c.exists("a").await.unwrap();
         assert!(
@@ -675,7 +673,7 @@ async fn a_take_whose_answer_was_lost_with_its_connection_is_served_after_reconn
     let mut c = redis.broker().connect().await.unwrap();
     // Served at all (its popper is connected and waiting) before the cut.
     stub(&redis).exists("before").await.unwrap();
-    raw_exists(&redis, "lost-take-id", "lost-take-reply", "a").await;
+    raw_exists(&mut c, "lost-take-id", "lost-take-reply", "a").await;
     let r = reply_of(&mut c, "lost-take-reply", 10.0)
         .await
         .expect("the request of the lost take was answered");

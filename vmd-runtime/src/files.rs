@@ -17,10 +17,10 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     write_whole(path, data, mode, true, None, None)
 }
 
-/// [`write_atomic`], the file owned by `uid` from the moment it appears (a
-/// file another, unprivileged process must read at `mode` 0600).
-pub fn write_atomic_as(path: &Path, data: &[u8], mode: u32, uid: u32) -> io::Result<()> {
-    write_whole(path, data, mode, true, Some(uid), None)
+/// [`write_atomic`], the file owned by `uid`, if given, from the moment it
+/// appears (a file another, unprivileged process must read at `mode` 0600).
+pub fn write_atomic_as(path: &Path, data: &[u8], mode: u32, uid: Option<u32>) -> io::Result<()> {
+    write_whole(path, data, mode, true, uid, None)
 }
 
 /// Replaces `path` with `data` atomically for readers, without waiting for

@@ -34,20 +34,14 @@ impl Progress {
 
     /// Durably: a position saved is a position resumed from.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        let data = serde_json::to_vec(self).map_err(std::io::Error::other)?;
-        crate::files::write_atomic(path, &data, 0o600)
+        self.save_for(path, None)
     }
 
     /// [`Progress::save`] for a worker that runs as `uid` (vmd, as root,
     /// records where a new stream starts): a file of root's, 0600, is one
     /// the worker cannot read, and it would start at a later tail instead.
     pub fn save_for(&self, path: &Path, uid: Option<u32>) -> std::io::Result<()> {
-        match uid {
-            Some(uid) => {
-                let data = serde_json::to_vec(self).map_err(std::io::Error::other)?;
-                crate::files::write_atomic_as(path, &data, 0o600, uid)
-            }
-            None => self.save(path),
-        }
+        let data = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        crate::files::write_atomic_as(path, &data, 0o600, uid)
     }
 }

@@ -55,27 +55,26 @@ pub fn service_of(name: &VmName) -> zinit::ServiceName {
 fn prepare_progress_dir(p: &vmd_runtime::HostPaths, uid: Option<u32>) -> std::io::Result<()> {
     let dir = p.progress_dir();
     files::create_dir(&dir, 0o700)?;
-    let own = |path: &std::path::Path| match uid {
-        Some(u) => std::os::unix::fs::chown(path, Some(u), None),
-        None => Ok(()),
-    };
-    own(&dir)?;
-    for e in std::fs::read_dir(p.streams_dir())?.flatten() {
-        let name = e.file_name();
-        if name.to_str().is_some_and(|n| n.ends_with(".progress")) {
-            let to = dir.join(&name);
-            std::fs::rename(e.path(), &to)?;
-            own(&to)?;
-        }
-    }
-    // Where a new stream starts, as an earlier vmd recorded it as root's
-    // own file: its worker could not read it (see `Progress::save_for`).
-    for e in std::fs::read_dir(&dir)?.flatten() {
-        if e.file_name()
+    let is_progress = |e: &std::fs::DirEntry| {
+        e.file_name()
             .to_str()
             .is_some_and(|n| n.ends_with(".progress"))
-        {
-            own(&e.path())?;
+    };
+    for e in std::fs::read_dir(p.streams_dir())?.flatten() {
+        if is_progress(&e) {
+            std::fs::rename(e.path(), dir.join(e.file_name()))?;
+        }
+    }
+    let Some(uid) = uid else {
+        return Ok(());
+    };
+    std::os::unix::fs::chown(&dir, Some(uid), None)?;
+    // What was moved in, and where a new stream starts as an earlier vmd
+    // recorded it, as root's own file: its worker could not read it (see
+    // `Progress::save_for`).
+    for e in std::fs::read_dir(&dir)?.flatten() {
+        if is_progress(&e) {
+            std::os::unix::fs::chown(e.path(), Some(uid), None)?;
         }
     }
     Ok(())
