@@ -262,13 +262,23 @@ mod tests {
     }
 
     fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
         let p = dir.join(name);
-        // Written to a temp name and renamed: a running executable cannot be
-        // opened for writing (ETXTBSY), and this is how upgrades land.
+        // The body is written here but the executable by `install`, in a
+        // process of its own: a test of this binary that forks while this
+        // thread holds a file open for writing gives the child that
+        // descriptor until it execs, and executing the file meanwhile fails
+        // with ETXTBSY (CI saw it). The executable is renamed into place, as
+        // upgrades land: a running one cannot be opened for writing.
+        let src = dir.join(format!(".{name}.body"));
+        std::fs::write(&src, format!("#!/bin/sh\n{body}\n")).unwrap();
         let tmp = dir.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let status = std::process::Command::new("install")
+            .args(["-m", "0755"])
+            .arg(&src)
+            .arg(&tmp)
+            .status()
+            .unwrap();
+        assert!(status.success(), "install: {status}");
         std::fs::rename(&tmp, &p).unwrap();
         p
     }
