@@ -21,7 +21,10 @@
 //!   against the same with no VM (nothing polls: both should be ~0).
 //! * VMM exit → `crashed` received by a subscriber of the events channel,
 //!   p50/p99 over 200 kill -9 of a VMM (each of another VM); baseline: a raw `PUBLISH` → the same
-//!   kind of subscriber (the transport floor).
+//!   kind of subscriber (the transport floor). Split in two: kill → the VMM
+//!   gone (the kernel's exit, as a thread of the bench blocked on the VMM's
+//!   pidfd sees it) and from there → the event (the shim's, vmd's and the
+//!   broker's part).
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -83,6 +86,63 @@ fn vmm_pid(runtime: &std::path::Path, name: &str) -> Option<i32> {
 
 /// VMMs killed for the event latency (a p99 needs more than 50).
 const KILLS: usize = 200;
+
+/// When a process is gone, as its parent (the shim) can learn it: a thread
+/// of the bench blocked on the process's pidfd. The kill is sent only once
+/// that thread sleeps in `poll`, so its clock reads the wake-up that the
+/// exit causes, not a late look at a pidfd that was already readable. What
+/// the kernel does between the SIGKILL and that moment (tearing down the
+/// VMM's memory, threads and files) is no watcher's doing.
+struct ExitWatch(std::thread::JoinHandle<Instant>);
+
+impl ExitWatch {
+    fn start(pid: i32) -> Self {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        use std::sync::atomic::{AtomicI32, Ordering};
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        assert!(
+            fd >= 0,
+            "pidfd_open({pid}): {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a new fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let tid = Arc::new(AtomicI32::new(0));
+        let published = tid.clone();
+        let thread = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            published.store(nix::unistd::gettid().as_raw(), Ordering::SeqCst);
+            let mut p = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut p, 1, 30_000) };
+            let at = Instant::now();
+            assert_eq!(n, 1, "the VMM {pid} did not exit within 30 s");
+            at
+        });
+        // Asleep: the only wait that thread has after publishing its id.
+        loop {
+            let t = tid.load(Ordering::SeqCst);
+            let state = (t != 0)
+                .then(|| std::fs::read_to_string(format!("/proc/self/task/{t}/stat")).ok())
+                .flatten()
+                .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('S')));
+            if state == Some(true) {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        ExitWatch(thread)
+    }
+
+    fn exited(self) -> Instant {
+        self.0.join().expect("the exit watch panicked")
+    }
+}
 
 fn main() {
     let vms: usize = vmd_tests::knob("VMD_BENCH_VMS", 1000);
@@ -341,9 +401,11 @@ async fn bench(n_vms: usize) {
         .await
         .unwrap();
     let mut to_event = Vec::new();
+    let (mut kill_to_exit, mut exit_to_event) = (Vec::new(), Vec::new());
     for i in 0..KILLS.min(n_vms) {
         let name = format!("many-{i}");
         let pid = vmm_pid(&vmd.runtime(), &name).expect("a running VMM");
+        let exit = ExitWatch::start(pid);
         let t = Instant::now();
         // SAFETY: kill has no memory effects.
         unsafe {
@@ -355,7 +417,11 @@ async fn bench(n_vms: usize) {
                 .expect("no event within 10 s")
                 .expect("subscription ended");
             if e.name == name && e.event == "crashed" {
-                to_event.push(t.elapsed());
+                let at = Instant::now();
+                to_event.push(at - t);
+                let exited = exit.exited();
+                kill_to_exit.push(exited.saturating_duration_since(t));
+                exit_to_event.push(at.saturating_duration_since(exited));
                 break;
             }
         }
@@ -464,6 +530,18 @@ async fn bench(n_vms: usize) {
     println!(
         "| VMM exit → `crashed` at a subscriber p99 | {} | {} (raw p99) | | ≤ 5 ms |",
         ms(pct(&to_event, 99)),
+        ms(pct(&raw, 99))
+    );
+    println!(
+        "| of which kill → VMM gone (the kernel's exit) p50 / p99 | {} / {} | | | |",
+        ms(pct(&kill_to_exit, 50)),
+        ms(pct(&kill_to_exit, 99))
+    );
+    println!(
+        "| VMM gone → `crashed` at a subscriber p50 / p99 | {} / {} | {} / {} (raw PUBLISH) | | p99 ≤ 5 ms |",
+        ms(pct(&exit_to_event, 50)),
+        ms(pct(&exit_to_event, 99)),
+        ms(pct(&raw, 50)),
         ms(pct(&raw, 99))
     );
     println!(

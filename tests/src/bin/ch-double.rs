@@ -782,6 +782,14 @@ impl Vmm {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos() as u64 ^ std::process::id() as u64)
             % 10_000_000;
+        // A guest's serial output arrives as it is printed: at a set rate,
+        // about 10 ms of it per write (at least a line), not 64 KiB bursts
+        // that a slow rate would space out by seconds; as fast as possible,
+        // 64 KiB writes.
+        let step = match bps {
+            0 => 64 * 1024,
+            bps => (bps / 100).clamp(64, 64 * 1024) as usize,
+        };
         let mut sent = 0u64;
         let mut seq = 0u64;
         let t0 = Instant::now();
@@ -793,8 +801,8 @@ impl Vmm {
             // 64-byte lines: "FLOOD <12-digit seq> b<7-digit boot id> xxx…\n":
             // the boot id tells the lines of two boots apart. (A bare LF: a
             // double-only knob whose layout the tests parse as bytes.)
-            let mut chunk = Vec::with_capacity(64 * 1024);
-            while chunk.len() < 64 * 1024 && sent + (chunk.len() as u64) < limit {
+            let mut chunk = Vec::with_capacity(step);
+            while chunk.len() < step && sent + (chunk.len() as u64) < limit {
                 seq += 1;
                 let _ = write!(chunk, "FLOOD {seq:012} b{boot:07} ");
                 chunk.extend_from_slice(&[b'x'; 35]);
