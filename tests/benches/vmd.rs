@@ -34,7 +34,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use vmd::api::{Vm, VmIface};
 use vmd::events::subscribe::{Filter, Subscription};
 use vmd::stub::VmdStub;
-use vmd_tests::vm::{cpu_ticks, exec_time, rss_kib, settled_memory_kib};
+use vmd_tests::vm::{cpu_ticks, exec_time, proc_state, rss_kib, settled_memory_kib};
 use vmd_tests::{bin, ms, pct, RedisServer, Supervisor, VmdProcess};
 
 fn now_ns() -> u128 {
@@ -97,8 +97,7 @@ struct ExitWatch(std::thread::JoinHandle<Instant>);
 
 impl ExitWatch {
     fn start(pid: i32) -> Self {
-        use std::os::fd::{FromRawFd, OwnedFd};
-        use std::sync::atomic::{AtomicI32, Ordering};
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         assert!(
@@ -108,11 +107,9 @@ impl ExitWatch {
         );
         // SAFETY: a new fd that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let tid = Arc::new(AtomicI32::new(0));
-        let published = tid.clone();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            published.store(nix::unistd::gettid().as_raw(), Ordering::SeqCst);
+            let _ = tid_tx.send(nix::unistd::gettid().as_raw());
             let mut p = libc::pollfd {
                 fd: fd.as_raw_fd(),
                 events: libc::POLLIN,
@@ -124,16 +121,10 @@ impl ExitWatch {
             assert_eq!(n, 1, "the VMM {pid} did not exit within 30 s");
             at
         });
-        // Asleep: the only wait that thread has after publishing its id.
-        loop {
-            let t = tid.load(Ordering::SeqCst);
-            let state = (t != 0)
-                .then(|| std::fs::read_to_string(format!("/proc/self/task/{t}/stat")).ok())
-                .flatten()
-                .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('S')));
-            if state == Some(true) {
-                break;
-            }
+        // Asleep: the only wait that thread has after sending its id.
+        let tid = tid_rx.recv().expect("the exit watch started");
+        let stat = format!("/proc/self/task/{tid}/stat");
+        while proc_state(&stat) != Some('S') {
             std::thread::yield_now();
         }
         ExitWatch(thread)

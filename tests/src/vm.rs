@@ -366,12 +366,15 @@ impl Drop for LineClock {
 
 /// Whether `pid` exists (and is not a zombie).
 pub fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
-        Err(_) => false,
-    }
+    proc_state(&format!("/proc/{pid}/stat")).is_some_and(|s| s != 'Z')
+}
+
+/// The state letter (`R`, `S`, `Z`…) in a `stat` file of `/proc`, a
+/// process's or a thread's (`/proc/self/task/<tid>/stat`); None if it is
+/// gone.
+pub fn proc_state(stat: &str) -> Option<char> {
+    let text = std::fs::read_to_string(stat).ok()?;
+    text.rsplit_once(") ")?.1.chars().next()
 }
 
 /// A field of `/proc/<pid>/status`, e.g. `NoNewPrivs`.

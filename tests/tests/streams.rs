@@ -15,6 +15,9 @@ use vmd_tests::{gunzip, until, RedisServer};
 /// 10 MB of console output: 64-byte lines.
 const FLOOD: u64 = 10_000_000;
 
+/// The uid stream workers drop to: vmd's `--stream-uid` by default.
+const WORKER_UID: u32 = 1879179264;
+
 /// The stack, with console logs big enough that nothing is rotated away
 /// during a test.
 struct Env(Stack);
@@ -774,7 +777,7 @@ async fn a_worker_drops_root_and_reads_only_its_own_vms_log() {
     );
     assert_eq!(
         status("Uid"),
-        "1879179264\t1879179264\t1879179264\t1879179264"
+        format!("{WORKER_UID}\t{WORKER_UID}\t{WORKER_UID}\t{WORKER_UID}")
     );
     assert_eq!(status("Gid"), format!("{mine}\t{mine}\t{mine}\t{mine}"));
     assert_eq!(status("Groups"), "");
@@ -821,7 +824,7 @@ async fn where_a_new_stream_starts_is_recorded_for_its_worker_to_read() {
     use std::os::unix::fs::MetadataExt;
     assert_eq!(
         md.uid(),
-        1879179264,
+        WORKER_UID,
         "the record is not the worker's to read"
     );
     assert_eq!(md.mode() & 0o777, 0o600);
